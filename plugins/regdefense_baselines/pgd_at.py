@@ -1,0 +1,68 @@
+"""PGD adversarial training (Madry et al., ICLR 2018).
+
+min_θ E[ max_{‖δ‖≤ε} CE(f_θ(x + δ), y) ]: the inner maximisation is projected gradient ascent with a
+random start (L∞ sign steps or L2 normalised steps); the outer loss is cross-entropy on the
+adversarial batch, or with ``clean_weight = w`` the mixed objective
+(1 − w)·CE(f(x_adv), y) + w·CE(f(x), y) (w = 0.5 is a clean ∪ adversarial batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn.functional as F
+
+from regdefense import hookimpl, option
+from regdefense.attacks import pgd, resolve_attack
+
+
+class PGDAT:
+    """PGD-AT: train on projected-gradient adversarial examples."""
+
+    name = "pgd_at"
+
+    @dataclass
+    class Config:
+        eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
+        alpha: float | None = option(None, "step size (none: 2.5·ε/steps, Madry et al.)", gt=0)
+        steps: int = option(10, "PGD iterations", ge=1)
+        norm: Literal["linf", "l2"] | None = option(None, "perturbation norm (none: the run's threat.norm)")
+        random_start: bool = option(True, "start from a uniform draw in the ε-ball")
+        attack_mode: Literal["eval", "train"] = option("eval", "BN/dropout mode of the model during the attack")
+        clean_weight: float = option(0.0, "weight of clean CE: 0 trains on adversarial batches only, "
+                                          "0.5 on mixed clean+adversarial batches", ge=0, le=1)
+        attack: str = option("", "use a library attack instead of the built-in PGD, "
+                                 "e.g. torchattacks:PGD(eps=8/255,alpha=2/255,steps=10) (ignores the ε ramp)")
+
+        def __post_init__(self) -> None:
+            if self.attack:
+                resolve_attack(self.attack)  # fail at configuration time, not at the first batch
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or self.Config()
+        self._library_attack = resolve_attack(self.config.attack,
+                                              train_mode=self.config.attack_mode == "train") if self.config.attack else None
+
+    @hookimpl
+    def regdefense_make_adversarial(self, trainer, step, model):
+        c = self.config
+        if self._library_attack is not None:
+            return self._library_attack(model, step.inputs, step.targets)
+        eps = trainer.ramp(c.eps) if c.eps is not None else trainer.eps
+        alpha = c.alpha if c.alpha is not None else 2.5 * eps / c.steps
+        if eps == 0:
+            return step.inputs
+        with trainer.autocast():
+            return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
+                       norm=c.norm or trainer.norm, start="uniform" if c.random_start else None,
+                       train_mode=c.attack_mode == "train")
+
+    @hookimpl(wrapper=True)
+    def regdefense_compute_loss(self, trainer, step, model, phase):
+        terms = yield
+        w = self.config.clean_weight
+        if w > 0 and "task" in terms:
+            terms["task"] = (1 - w) * terms["task"]
+            terms["clean"] = w * F.cross_entropy(model(step.inputs), step.targets)
+        return terms

@@ -1,0 +1,247 @@
+"""One door to every attack: library attacks by spec string, and our shared inner maximisation.
+
+A spec names a library and an attack class with keyword arguments::
+
+    torchattacks:PGD(eps=8/255, alpha=2/255, steps=10)
+    art:ProjectedGradientDescent(eps=0.3, eps_step=0.01, max_iter=40)
+
+:func:`resolve_attack` turns it into a callable ``attack(model, x, y) -> x_adv`` with x and x_adv
+in [0,1]. The adapter owns model-mode discipline (eval during the attack unless asked otherwise,
+the previous mode restored after) and device placement.
+
+:func:`pgd` is the projected-gradient maximiser that defenses with a non-standard inner objective
+(TRADES' KL, dynamic labels, prior-guided starts) share, instead of writing their own loop.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from regdefense.config import safe_eval
+from regdefense.errors import ConfigError, unknown
+
+LIBRARIES = ("torchattacks", "art")
+
+
+@contextmanager
+def model_mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
+    """Put ``model`` in train or eval mode for a block and restore every submodule's mode after."""
+    before = [m.training for m in model.modules()]
+    model.train(train)
+    try:
+        yield model
+    finally:
+        for m, mode in zip(model.modules(), before):
+            m.training = mode
+
+
+# --- the shared inner maximisation ------------------------------------------------------------
+
+
+def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def project(delta: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+    """Project ``delta`` onto the ε-ball of ``norm`` and keep ``x + delta`` in [0, 1]."""
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.dim() - 1))
+        delta = delta * (eps / n).clamp(max=1.0)
+    return (x + delta).clamp(0, 1) - x
+
+
+def random_start(x: Tensor, eps: float, norm: str) -> Tensor:
+    """A uniform draw in the L∞ ball, or a uniform-radius random direction in the L2 ball."""
+    if norm == "linf":
+        return torch.empty_like(x).uniform_(-eps, eps)
+    d = torch.randn_like(x)
+    d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+    r = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *[1] * (x.dim() - 1))
+    return d * r * eps
+
+
+def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+        loss_fn: Callable[[Tensor, Any], Tensor] | None = None, start: Tensor | str | None = "uniform",
+        train_mode: bool = False) -> Tensor:
+    """Maximise ``loss_fn(model(x + δ), y)`` over ``‖δ‖ ≤ eps`` with ``x + δ`` in [0,1].
+
+    :param loss_fn: summed over the batch, so each sample's step does not depend on the batch size
+        (default: cross-entropy against ``y``). TRADES passes a KL to the clean prediction.
+    :param start: ``"uniform"`` (random start in the ball), ``None`` (start at x), or a tensor δ0.
+    :param train_mode: run the model in train mode during the attack (BN batch statistics).
+    :return: the adversarial inputs, detached. Parameter gradients are left untouched.
+    """
+    if norm not in ("linf", "l2"):
+        raise ConfigError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    loss_fn = loss_fn or _ce_sum
+    x = x.detach()
+    if isinstance(start, Tensor):
+        delta = project(start.detach().clone(), x, eps, norm)
+    elif start == "uniform":
+        delta = project(random_start(x, eps, norm), x, eps, norm)
+    else:
+        delta = torch.zeros_like(x)
+    with model_mode(model, train_mode), torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = loss_fn(model(x + delta), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                if norm == "linf":
+                    step = grad.sign()
+                else:
+                    step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+                delta = project(delta.detach() + alpha * step, x, eps, norm)
+    return (x + delta).detach()
+
+
+# --- library attacks by spec ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    library: str
+    name: str
+    kwargs: dict[str, Any]
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.library}:{self.name}({args})"
+
+
+def parse_spec(spec: str) -> AttackSpec:
+    """``"torchattacks:PGD(eps=8/255, steps=10)"`` → AttackSpec; syntax errors raise ConfigError."""
+    library, sep, rest = spec.strip().partition(":")
+    if not sep:
+        raise ConfigError(f"attack spec '{spec}' must start with a library: "
+                          f"{', '.join(l + ':Name(...)' for l in LIBRARIES)}")
+    if library not in LIBRARIES:
+        raise ConfigError(unknown("attack library", library, LIBRARIES) + f" (in '{spec}')")
+    try:
+        node = ast.parse(rest.strip(), mode="eval").body
+    except SyntaxError:
+        raise ConfigError(f"attack spec '{spec}' is not Name(key=value, ...)") from None
+    if isinstance(node, ast.Name):
+        return AttackSpec(library, node.id, {})
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        raise ConfigError(f"attack spec '{spec}' must look like Name(key=value, ...) with keyword arguments only")
+    kwargs = {}
+    for kw in node.keywords:
+        try:
+            kwargs[kw.arg] = safe_eval(kw.value)
+        except (ValueError, ZeroDivisionError, TypeError):
+            raise ConfigError(f"attack spec '{spec}': value of {kw.arg} must be a literal "
+                              f"(number, string, bool, list), got {ast.unparse(kw.value)}") from None
+    return AttackSpec(library, node.func.id, kwargs)
+
+
+def _check_common(spec: AttackSpec) -> None:
+    for key in ("eps", "alpha", "eps_step"):
+        value = spec.kwargs.get(key)
+        if isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"attack {spec}: {key} must be >= 0, got {value}")
+    steps = spec.kwargs.get("steps", spec.kwargs.get("max_iter"))
+    if isinstance(steps, int) and steps < 0:
+        raise ConfigError(f"attack {spec}: the number of steps must be >= 0, got {steps}")
+
+
+def _check_kwargs(spec: AttackSpec, cls: type, skip: tuple[str, ...]) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [p for p in params if p not in ("self",) + skip and params[p].kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in spec.kwargs:
+        if key not in valid:
+            raise ConfigError(f"attack {spec.library}:{spec.name} has no argument '{key}'; valid: {', '.join(valid)}")
+
+
+def torchattacks_names() -> list[str]:
+    import torchattacks
+
+    base = torchattacks.attack.Attack
+    return sorted(n for n, c in vars(torchattacks).items()
+                  if isinstance(c, type) and issubclass(c, base) and c is not base and n not in ("MultiAttack",))
+
+
+def art_names() -> list[str]:
+    import art.attacks.evasion as ev
+    from art.attacks.attack import EvasionAttack
+
+    return sorted(n for n, c in vars(ev).items() if isinstance(c, type) and issubclass(c, EvasionAttack))
+
+
+class LibraryAttack:
+    """A resolved spec: ``attack(model, x, y) -> x_adv``; library objects are built once per model."""
+
+    def __init__(self, spec: AttackSpec, cls: type, train_mode: bool = False) -> None:
+        self.spec, self.cls, self.train_mode = spec, cls, train_mode
+        self._model: nn.Module | None = None
+        self._obj: Any = None
+
+    def __repr__(self) -> str:
+        return f"LibraryAttack({self.spec})"
+
+    def _build(self, model: nn.Module, x: Tensor) -> Any:
+        if self.spec.library == "torchattacks":
+            try:
+                return self.cls(model, **self.spec.kwargs)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"attack {self.spec}: {exc}") from None
+        from art.estimators.classification import PyTorchClassifier
+
+        with torch.no_grad(), model_mode(model, False):
+            nb_classes = int(model(x[:1]).shape[1])
+        estimator = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                                      nb_classes=nb_classes, clip_values=(0.0, 1.0),
+                                      device_type="gpu" if x.is_cuda else "cpu")
+        kwargs = dict(self.spec.kwargs)
+        if "verbose" in inspect.signature(self.cls.__init__).parameters:
+            kwargs.setdefault("verbose", False)
+        try:
+            return self.cls(estimator, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"attack {self.spec}: {exc}") from None
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if self._model is not model:
+            self._obj, self._model = self._build(model, x), model
+        with model_mode(model, self.train_mode):
+            if self.spec.library == "torchattacks":
+                if self.train_mode:
+                    self._obj.set_model_training_mode(model_training=True, batchnorm_training=True)
+                return self._obj(x, y).detach()
+            adv = self._obj.generate(x=x.detach().cpu().numpy(), y=y.detach().cpu().numpy())
+            return torch.as_tensor(adv, dtype=x.dtype, device=x.device).clamp_(0, 1)
+
+
+def resolve_attack(spec: str | AttackSpec, *, train_mode: bool = False) -> LibraryAttack:
+    """Turn a spec into a callable attack; unknown names and arguments raise ConfigError listing valid ones."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    _check_common(spec)
+    if spec.library == "torchattacks":
+        import torchattacks
+
+        names = torchattacks_names()
+        if spec.name not in names:
+            raise ConfigError(unknown("torchattacks attack", spec.name, names))
+        cls = getattr(torchattacks, spec.name)
+        _check_kwargs(spec, cls, ("model",))
+    else:
+        import art.attacks.evasion as ev
+
+        names = art_names()
+        if spec.name not in names:
+            raise ConfigError(unknown("ART evasion attack", spec.name, names))
+        cls = getattr(ev, spec.name)
+        _check_kwargs(spec, cls, ("estimator", "classifier"))
+    return LibraryAttack(spec, cls, train_mode)

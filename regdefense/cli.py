@@ -1,0 +1,167 @@
+"""The ``regdefense`` command line (click)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from regdefense import __version__
+from regdefense.errors import UserError
+
+
+class _UserFacing(click.ClickException):
+    """A UserError shown as one line, exit status 2."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise _UserFacing(str(exc)) from None
+
+
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from regdefense.plugins import catalogue
+
+    click.echo(f"regdefense {__version__}")
+    dists = sorted({(i.dist, i.version) for i in catalogue().values()})
+    for dist, version in dists:
+        click.echo(f"  {dist} {version}")
+    ctx.exit()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version of regdefense and of every defense distribution.")
+def cli() -> None:
+    """Train image classifiers that resist adversarial examples, with stackable defenses."""
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]], pct: tuple[str, ...] = ()) -> str:
+    cells = [[h for _, h in columns]] + [[_fmt(r.get(k), k in pct) for k, _ in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v, pct: bool = False) -> str:
+    if isinstance(v, float):
+        return f"{100 * v:.2f}%" if pct else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML run file.")
+@click.option("--defense", "defenses", multiple=True, metavar="NAME",
+              help="Activate a defense (repeat to stack, in order); 'none' trains without one.")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Set a config value, e.g. -o train.epochs=5 -o pgd_at.steps=7.")
+@click.option("--dataset", help="Dataset name or folder (shortcut for -o data.name=...).")
+@click.option("--model", help="Architecture (shortcut for -o model.name=...).")
+@click.option("--epochs", type=int, help="Shortcut for -o train.epochs=...")
+@click.option("--data-dir", help="Where torchvision datasets live (-o data.data_dir=...).")
+@click.option("--download", is_flag=True, default=None, help="Download a missing torchvision dataset.")
+@click.option("--pretrained", is_flag=True, default=None, help="Start torchvision architectures from ImageNet weights.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N (-o train.device=...).")
+@click.option("--seed", type=int, help="Random seed (-o train.seed=...).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: a new one under runs/).")
+@click.option("--resume", type=click.Path(), help="Continue the run in RUN_DIR (or from a checkpoint file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final table as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, download, pretrained, device, seed, out,
+          resume, as_json, quiet) -> None:
+    """Train a defense stack; with no arguments, PGD-AT on the embedded digits."""
+    from regdefense.run import train as run_train
+
+    overrides = list(overrides)
+    for key, value in (("data.name", dataset), ("model.name", model), ("train.epochs", epochs),
+                       ("data.data_dir", data_dir), ("data.download", download), ("model.pretrained", pretrained),
+                       ("train.device", device), ("train.seed", seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if quiet:
+        overrides.append("train.progress=false")
+    stack = None
+    if defenses:
+        stack = [] if list(defenses) == ["none"] else list(defenses)
+    echo = (lambda s: click.echo(s, err=True)) if as_json else click.echo
+    result = run_train(config_file, defenses=stack, overrides=overrides, out=out, resume=resume, echo=echo)
+    if as_json:
+        click.echo(json.dumps({"run_dir": str(result.run_dir), "table": result.table,
+                               "wall_seconds": result.wall_seconds}, indent=2))
+        return
+    last = result.history[-1] if result.history else {}
+    click.echo("")
+    click.echo(_table(result.table, [("model", "model"), ("clean", "clean acc"), ("robust", "robust acc"),
+                                     ("attack", "attack"), ("n", "test samples")],
+                      pct=("clean", "robust")))
+    if last:
+        click.echo(f"\nfinal epoch: held-out clean {_fmt(last.get('val_clean'), True)}, PGD {_fmt(last.get('val_robust'), True)}")
+    click.echo(f"run directory: {result.run_dir}   (metrics.jsonl, curves.png, checkpoints/)")
+    click.echo(f"wall time: {result.wall_seconds:.1f} s")
+
+
+@cli.group(cls=_Group, invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """List installed defenses (built-in and third-party)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from regdefense.plugins import catalogue
+
+    infos = [i.to_dict() for i in catalogue().values()]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    rows = [{"name": i["name"], "dist": f"{i['distribution']} {i['version']}",
+             "status": "ok" if i["status"] == "ok" else f"BROKEN: {i['error']}",
+             "hooks": ", ".join(h.removeprefix("regdefense_") for h in i["hooks"])} for i in infos]
+    click.echo(_table(rows, [("name", "defense"), ("dist", "distribution"), ("status", "status"), ("hooks", "hooks")]))
+
+
+@plugins.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins_show(name: str, as_json: bool) -> None:
+    """Show a defense: its description, config fields (type, default, help) and hooks."""
+    import inspect
+
+    from regdefense.config import describe
+    from regdefense.hookspecs import EXCLUSIVE
+    from regdefense.plugins import get
+
+    info = get(name)
+    doc = inspect.getdoc(sys.modules[info.cls.__module__]) or inspect.getdoc(info.cls) or ""
+    fields = describe(info.cls.Config)
+    if as_json:
+        click.echo(json.dumps({**info.to_dict(), "doc": doc, "config": fields}, indent=2, default=str))
+        return
+    click.echo(f"{name}  ({info.dist} {info.version}, {info.value})\n")
+    if doc:
+        click.echo(doc + "\n")
+    click.echo("hooks: " + ", ".join(h + (" (exclusive)" if h in EXCLUSIVE else "") for h in info.hooks))
+    click.echo(f"\nconfig fields (set with -o {name}.KEY=VALUE or [defense.{name}] in a run file):")
+    click.echo(_table(fields, [("name", "field"), ("type", "type"), ("default", "default"), ("help", "help")]))
+
+
+@cli.command()
+def models() -> None:
+    """List the architectures of the model zoo."""
+    from regdefense.models import _REGISTRY, list_models
+
+    for name in list_models():
+        doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()
+        click.echo(f"{name:18s} {doc[0] if doc else ''}")
+
+
+def main() -> None:
+    cli(prog_name="regdefense")

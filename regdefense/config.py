@@ -1,0 +1,355 @@
+"""Run configuration: dataclasses, TOML run files and ``-o section.key=value`` overrides.
+
+A run file looks like::
+
+    defenses = ["pgd_at"]          # the stack, in activation order
+
+    [train]
+    epochs = 30
+    lr = 0.05
+
+    [defense.pgd_at]
+    steps = 10
+
+Every field carries a help string and its limits in ``metadata`` (see :func:`option`); unknown
+sections and keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import operator
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from regdefense.errors import ConfigError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MISSING = dataclasses.MISSING
+
+
+def option(default: Any = MISSING, help: str = "", *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, default_factory: Any = MISSING) -> Any:
+    """A dataclass field with a help string and optional numeric limits (``ge``, ``gt``, ``le``)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- the core sections ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(30, "number of training epochs", ge=1)
+    batch_size: int = option(128, "training batch size", ge=1)
+    optimizer: Literal["sgd", "adam"] = option("sgd", "optimizer")
+    lr: float = option(0.1, "peak learning rate", gt=0)
+    momentum: float = option(0.9, "SGD momentum", ge=0, le=1)
+    nesterov: bool = option(False, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-4, "L2 weight decay", ge=0)
+    schedule: Literal["constant", "multistep", "cosine", "onecycle"] = option("cosine", "learning-rate schedule")
+    milestones: list[float] = option(default_factory=lambda: [0.5, 0.75],
+                                     help="multistep: when to decay, in epochs (>= 1) or fractions of training (< 1)")
+    gamma: float = option(0.1, "multistep: decay factor", gt=0)
+    schedule_step: Literal["epoch", "iter"] = option("iter", "step the schedule once per epoch or once per batch")
+    eps_warmup_epochs: float = option(0.0, "ramp ε linearly from 0 to its full value over this many epochs", ge=0)
+    grad_clip: float | None = option(None, "clip the gradient norm to this value (none: no clipping)", gt=0)
+    device: str = option("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    amp: Literal["off", "bf16", "fp16"] = option("off", "mixed precision on CUDA (fp16 uses a GradScaler)")
+    channels_last: bool | None = option(None, "channels_last memory format (none: on for CUDA)")
+    compile: bool = option(False, "torch.compile the model")
+    seed: int = option(0, "random seed")
+    deterministic: bool = option(False, "use deterministic algorithms only (bit-exact resume)")
+    out_dir: str = option("runs", "where run directories are created")
+    save_every: int = option(0, "also keep checkpoints/epoch-N.pt every N epochs (0: only last and best)", ge=0)
+    progress: bool = option(True, "show progress bars")
+
+
+@dataclass
+class DataConfig:
+    name: str = option("digits", "dataset: digits (embedded), mnist, fashion_mnist, cifar10, cifar100, svhn, "
+                                 "or a folder with train.npz/test.npz or train/ and test/ image folders")
+    data_dir: str = option("data", "where torchvision datasets are stored")
+    download: bool = option(False, "download torchvision datasets that are missing")
+    val_fraction: float = option(0.1, "fraction of the training split held out for per-epoch evaluation", ge=0, le=0.5)
+    augment: Literal["auto", "none", "crop", "crop_flip"] = option(
+        "auto", "training augmentation (auto: crop_flip for CIFAR, crop for SVHN, none otherwise)")
+    image_size: int | None = option(None, "resize image-folder datasets to this size", ge=1)
+    limit: int | None = option(None, "use only the first N training samples (quick experiments)", ge=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("auto", "architecture (see `regdefense models`); auto picks one for the dataset")
+    pretrained: bool = option(False, "torchvision architectures: start from ImageNet weights (needs a network)")
+    normalize: bool = option(False, "put the dataset's mean/std normalisation inside the model as buffers")
+    depth: int | None = option(None, "wideresnet: depth (e.g. 34)", ge=10)
+    widen: int | None = option(None, "wideresnet: widen factor (e.g. 10)", ge=1)
+
+
+@dataclass
+class ThreatConfig:
+    norm: Literal["linf", "l2"] = option("linf", "perturbation norm of the threat model")
+    eps: float | None = option(None, "perturbation budget in [0,1] pixel units (none: the dataset's default)", ge=0)
+
+
+@dataclass
+class EvalConfig:
+    pgd_steps: int = option(20, "PGD steps of the per-epoch and final robustness checks", ge=1)
+    val_samples: int | None = option(512, "at most this many held-out samples in the per-epoch check", ge=1)
+    test_samples: int | None = option(None, "at most this many test samples in the final table", ge=1)
+    batch_size: int = option(256, "evaluation batch size", ge=1)
+
+
+SECTIONS: dict[str, type] = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig,
+                             "threat": ThreatConfig, "eval": EvalConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``defense`` maps each active defense to its config instance."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    threat: ThreatConfig = field(default_factory=ThreatConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    defenses: list[str] = field(default_factory=lambda: ["pgd_at"])
+    defense: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["defenses"] = list(self.defenses)
+        out["defense"] = {n: dataclasses.asdict(c) for n, c in self.defense.items()}
+        return out
+
+
+# --- values -----------------------------------------------------------------------------------
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.Pow: operator.pow, ast.FloorDiv: operator.floordiv}
+
+
+def safe_eval(node_or_text: ast.AST | str) -> Any:
+    """Evaluate a literal (numbers, strings, booleans, None, lists, tuples, dicts) with +-*/ arithmetic.
+
+    ``"8/255"`` gives ``0.0313...``; names other than true/false/none are rejected, so nothing is executed.
+    """
+    node = ast.parse(node_or_text.strip(), mode="eval").body if isinstance(node_or_text, str) else node_or_text
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name) and node.id.lower() in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[node.id.lower()]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = safe_eval(node.operand)
+        return -value if isinstance(node.op, ast.USub) else +value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](safe_eval(node.left), safe_eval(node.right))
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [safe_eval(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict):
+        return {safe_eval(k): safe_eval(v) for k, v in zip(node.keys, node.values)}
+    raise ValueError(f"not a literal value: {ast.unparse(node)}")
+
+
+def _parse_text(text: str) -> Any:
+    try:
+        return safe_eval(text)
+    except (ValueError, SyntaxError, ZeroDivisionError, TypeError):
+        return text  # a bare string such as cosine or runs/x
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from TOML, JSON or a ``-o`` string) to the field type ``tp`` or raise ConfigError."""
+    if isinstance(value, str) and tp is not str:
+        value = _parse_text(value)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return coerce(value, opt, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key} must be one of {_type_name(tp)}, got {value!r}{did_you_mean(value, map(str, typing.get_args(tp)))}")
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [_parse_text(v) for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [coerce(v, item, key) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [coerce(value, item, key)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("yes", "on", "1", "no", "off", "0"):
+            return value.lower() in ("yes", "on", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+def check_limits(cfg: Any, prefix: str) -> None:
+    """Apply the ``ge``/``gt``/``le`` limits of every field of dataclass instance ``cfg``."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        meta = f.metadata
+        key = f"{prefix}.{f.name}"
+        if meta.get("ge") is not None and value < meta["ge"]:
+            raise ConfigError(f"{key} must be >= {meta['ge']}, got {value}")
+        if meta.get("gt") is not None and value <= meta["gt"]:
+            raise ConfigError(f"{key} must be > {meta['gt']}, got {value}")
+        if meta.get("le") is not None and value > meta["le"]:
+            raise ConfigError(f"{key} must be <= {meta['le']}, got {value}")
+
+
+def build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``: unknown keys, wrong types and bad values raise ConfigError."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{prefix}] must be a table of key = value pairs, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}.{key}'{did_you_mean(key, names)}; "
+                              f"valid keys of [{prefix}]: {', '.join(names)}")
+    kwargs = {k: coerce(v, hints[k], f"{prefix}.{k}") for k, v in values.items()}
+    try:
+        cfg = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"[{prefix}] {exc}") from None
+    check_limits(cfg, prefix)
+    return cfg
+
+
+def replace(cfg: Any, values: dict[str, Any], prefix: str) -> Any:
+    """A copy of dataclass instance ``cfg`` with ``values`` applied (validated like :func:`build`)."""
+    merged = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    merged.update(values)
+    return build(type(cfg), merged, prefix)
+
+
+def describe(cls: type) -> list[dict[str, Any]]:
+    """Field name, type, default and help of a config dataclass, for ``plugins show`` and docs."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)
+        rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
+                     "help": f.metadata.get("help", "")})
+    return rows
+
+
+# --- run files and overrides ------------------------------------------------------------------
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML run file, with a clear error for a missing or malformed one."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.epochs=5", "pgd_at.eps=8/255"]`` → ``{"train": {"epochs": "5"}, "pgd_at": {"eps": "8/255"}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key.startswith("defense."):
+            key = key[len("defense."):]
+        section, dot, name = key.rpartition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.epochs=5)")
+        out.setdefault(section, {})[name] = value.strip()
+    return out
+
+
+def resolve(raw: dict[str, Any], defenses: list[str] | None, overrides: dict[str, dict[str, Any]],
+            config_classes: dict[str, type]) -> RunConfig:
+    """Merge a run file's table, the stack and overrides into a validated :class:`RunConfig`.
+
+    :param raw: the parsed TOML (possibly empty).
+    :param defenses: the stack given on the command line (replaces the file's ``defenses``), or None.
+    :param overrides: from :func:`parse_overrides`.
+    :param config_classes: ``{defense name: Config dataclass}`` of the active stack.
+    """
+    raw = dict(raw)
+    allowed = set(SECTIONS) | {"defenses", "defense"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"unknown section '{key}' in the run file{did_you_mean(key, allowed)}; "
+                              f"valid: {', '.join(sorted(allowed))}")
+    stack = list(defenses) if defenses is not None else list(raw.get("defenses", ["pgd_at"]))
+    sections = {name: dict(raw.get(name, {})) for name in SECTIONS}
+    defense_tables = {k: dict(v) for k, v in raw.get("defense", {}).items()}
+    for section, values in overrides.items():
+        if section in SECTIONS:
+            sections[section].update(values)
+        elif section in config_classes:
+            defense_tables.setdefault(section, {}).update(values)
+        else:
+            valid = sorted(set(SECTIONS) | set(config_classes))
+            raise ConfigError(f"unknown section '{section}' in override{did_you_mean(section, valid)}; "
+                              f"valid: {', '.join(valid)} (a defense's section exists only when it is active)")
+    for name in defense_tables:
+        if name not in config_classes:
+            raise ConfigError(f"[defense.{name}] configures a defense that is not in the stack {stack}; "
+                              f"add --defense {name} or remove the table")
+    cfg = RunConfig(**{name: build(cls, sections[name], name) for name, cls in SECTIONS.items()},
+                    defenses=stack)
+    cfg.defense = {name: build(cls, defense_tables.get(name, {}), name) for name, cls in config_classes.items()}
+    return cfg

@@ -1,0 +1,269 @@
+"""Datasets: the embedded default, torchvision sets, and a user's own folders or arrays.
+
+Everything is held in memory as a tensor (uint8 when the source is 8-bit, else float in [0,1]),
+laid out N×C×H×W, and served by :class:`BatchLoader`, which yields ``(x, y, index)`` with ``x`` a
+float tensor in [0,1] and ``index`` the sample's position in its split (for per-sample state).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from regdefense.config import DataConfig
+from regdefense.errors import DataError, unknown
+
+#: default L∞ budget per dataset, in [0,1] pixel units
+DEFAULT_EPS = {"digits": 0.2, "mnist": 0.3, "fashion_mnist": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255,
+               "svhn": 8 / 255}
+TORCHVISION_SETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
+SPLIT_SEED = 0  # fixed: the digits test split and every validation split do not depend on the run seed
+
+
+@dataclass
+class Split:
+    x: Tensor  #: N×C×H×W, uint8 (0..255) or float (0..1)
+    y: Tensor  #: N, int64
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def floats(self, idx: Tensor | None = None) -> Tensor:
+        x = self.x if idx is None else self.x[idx]
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def subset(self, idx: Tensor) -> "Split":
+        return Split(self.x[idx], self.y[idx])
+
+
+@dataclass
+class Data:
+    """A dataset ready for training: train/val/test splits and what the model and attacks need to know."""
+
+    name: str
+    train: Split
+    val: Split | None
+    test: Split
+    num_classes: int
+    default_eps: float
+    augment: str = "none"
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+
+class BatchLoader:
+    """Iterate over a split in batches of ``(x, y, index)``; reshuffled per epoch from ``(seed, epoch)``.
+
+    The permutation depends only on the seed and the epoch, so a resumed run sees exactly the batches
+    an uninterrupted one would have. ``augment`` is applied on whole batches with tensor ops.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 augment: str = "none", drop_last: bool = False) -> None:
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.augment, self.drop_last, self.epoch = augment, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.split)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            gen, order = None, torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.split.floats(idx)
+            if self.augment != "none":
+                x = augment_batch(x, self.augment, gen)
+            yield x, self.split.y[idx], idx
+
+
+def augment_batch(x: Tensor, mode: str, gen: torch.Generator | None, pad: int = 4) -> Tensor:
+    """Random crop from a zero-padded image (``crop``), plus a horizontal flip (``crop_flip``)."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w + 2 * pad)
+    x = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
+    x = x.gather(3, cols)
+    if mode == "crop_flip":
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def _digits() -> tuple[Split, Split]:
+    """scikit-learn's 8×8 handwritten digits (1797 images, 16 grey levels), shipped inside the package."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test = 360
+    return Split(x[order[n_test:]], y[order[n_test:]]), Split(x[order[:n_test]], y[order[:n_test]])
+
+
+def _torchvision(name: str, root: str, download: bool) -> tuple[Split, Split]:
+    import torchvision.datasets as tvd
+
+    def load(train: bool):
+        try:
+            if name == "svhn":
+                ds = tvd.SVHN(root, split="train" if train else "test", download=download)
+                return torch.as_tensor(ds.data), torch.as_tensor(ds.labels, dtype=torch.long)
+            cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
+                   "cifar100": tvd.CIFAR100}[name]
+            ds = cls(root, train=train, download=download)
+        except RuntimeError as exc:
+            if download:
+                raise DataError(f"could not download {name} into {root}: {exc}") from None
+            raise DataError(f"{name} was not found under '{root}'; pass --download to fetch it (needs a network) "
+                            f"or --data-dir to point at a copy") from None
+        except OSError as exc:
+            raise DataError(f"could not get {name} into '{root}': {exc}") from None
+        data = torch.as_tensor(np.asarray(ds.data))
+        data = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+        return data.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
+
+    (xtr, ytr), (xte, yte) = load(True), load(False)
+    return Split(xtr, ytr), Split(xte, yte)
+
+
+def _array_to_nchw(x: np.ndarray, where: str) -> Tensor:
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"{where}: x must have shape (N,H,W), (N,H,W,C) or (N,C,H,W), got {x.shape}")
+    if x.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{where}: x must be uint8 or float in [0,1], got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: x contains NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise DataError(f"{where}: float pixels must lie in [0,1], found [{lo:g}, {hi:g}]; "
+                        f"divide 8-bit images by 255 or store them as uint8")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _npz(path: Path) -> Split:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                raise DataError(f"{path} must hold arrays 'x' and 'y', found {sorted(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable .npz file: {exc}") from None
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: y must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+    if len(y) != len(x):
+        raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{path}: labels must be >= 0, found {y.min()}")
+    return Split(_array_to_nchw(x, str(path)), torch.from_numpy(y.astype(np.int64)))
+
+
+def _image_folder(root: Path, classes: list[str] | None, size: int | None) -> tuple[Split, list[str]]:
+    from PIL import Image
+
+    classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        folder = root / cls
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"):
+                continue
+            img = Image.open(f)
+            img = img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB")
+            if size:
+                img = img.resize((size, size))
+            images.append(np.asarray(img))
+            labels.append(label)
+    extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:
+        raise DataError(f"{root} has classes {extra} that the training folder does not have")
+    if not images:
+        raise DataError(f"{root} holds no images")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise DataError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; "
+                        f"set data.image_size to resize them")
+    rgb = any(im.ndim == 3 for im in images)
+    arr = np.stack([np.repeat(im[..., None], 3, -1) if rgb and im.ndim == 2 else im for im in images])
+    return Split(_array_to_nchw(arr, str(root)), torch.tensor(labels, dtype=torch.long)), classes
+
+
+def _folder(path: Path, cfg: DataConfig) -> tuple[Split, Split]:
+    if (path / "train.npz").exists() and (path / "test.npz").exists():
+        return _npz(path / "train.npz"), _npz(path / "test.npz")
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        train, classes = _image_folder(path / "train", None, cfg.image_size)
+        test, _ = _image_folder(path / "test", classes, cfg.image_size)
+        return train, test
+    raise DataError(f"{path} must hold train.npz and test.npz, or train/ and test/ image folders")
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> Data:
+    """Load the dataset ``cfg.name`` with its held-out validation split."""
+    name = cfg.name
+    if name == "digits":
+        train, test = _digits()
+    elif name in TORCHVISION_SETS:
+        train, test = _torchvision(name, os.path.expanduser(cfg.data_dir), cfg.download)
+    elif os.sep in name or "/" in name or Path(name).exists():
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise DataError(f"dataset folder '{name}' does not exist")
+        train, test = _folder(path, cfg)
+    else:
+        raise DataError(unknown("dataset", name, ("digits",) + TORCHVISION_SETS) + ", or a folder path")
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"dataset '{name}' has an empty train or test split")
+    if train.x.shape[1:] != test.x.shape[1:]:
+        raise DataError(f"train images are {tuple(train.x.shape[1:])} but test images are {tuple(test.x.shape[1:])}")
+    num_classes = int(max(train.y.max(), test.y.max())) + 1
+    if cfg.limit:
+        train = train.subset(torch.arange(min(cfg.limit, len(train))))
+    val = None
+    n_val = int(round(cfg.val_fraction * len(train)))
+    if n_val > 0:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED + 1))
+        val, train = train.subset(order[:n_val]), train.subset(order[n_val:])
+    augment = cfg.augment
+    if augment == "auto":
+        augment = {"cifar10": "crop_flip", "cifar100": "crop_flip", "svhn": "crop"}.get(name, "none")
+    sample = train.floats(torch.arange(min(len(train), 2048)))
+    mean = sample.mean(dim=(0, 2, 3)).tolist()
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    return Data(name=name, train=train, val=val, test=test, num_classes=num_classes,
+                default_eps=DEFAULT_EPS.get(name, 8 / 255), augment=augment, mean=mean, std=std)

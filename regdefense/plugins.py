@@ -1,0 +1,158 @@
+"""Discovery and activation of defenses.
+
+Every defense, built-in or third-party, is an entry point in group ``regdefense`` whose name is the
+defense name and whose value points at the defense class (``module:Class``). Installed is not
+active: :func:`catalogue` lists what is installed, :func:`activate` builds a plugin manager for the
+stack a run asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as md
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from regdefense import hookspecs
+from regdefense.errors import PluginError, unknown
+
+GROUP = "regdefense"
+
+
+@dataclass
+class PluginInfo:
+    """One installed defense, as listed by ``regdefense plugins``."""
+
+    name: str
+    value: str  #: the entry point's ``module:Class``
+    dist: str
+    version: str
+    cls: type | None = None
+    error: str | None = None  #: why it cannot be used (import failure, not a defense class, ...)
+
+    @property
+    def builtin(self) -> bool:
+        return self.dist == "regdefense"
+
+    @property
+    def hooks(self) -> list[str]:
+        if self.cls is None:
+            return []
+        return sorted(n for n in dir(self.cls) if n.startswith("regdefense_"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "distribution": self.dist, "version": self.version, "entry_point": self.value,
+                "builtin": self.builtin, "hooks": self.hooks, "status": "broken" if self.error else "ok",
+                "error": self.error}
+
+
+def _check_defense_class(cls: Any) -> str | None:
+    if not isinstance(cls, type):
+        return f"entry point does not name a class (got {type(cls).__name__})"
+    config = getattr(cls, "Config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return "defense class has no Config dataclass"
+    if not any(n.startswith("regdefense_") for n in dir(cls)):
+        return "defense class implements no regdefense_* hook"
+    return None
+
+
+def catalogue() -> dict[str, PluginInfo]:
+    """All installed defenses by name. A defense that fails to import is listed with ``error`` set."""
+    found: dict[str, PluginInfo] = {}
+    for ep in md.entry_points(group=GROUP):
+        dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        info = PluginInfo(name=ep.name, value=ep.value, dist=dist, version=version)
+        if ep.name in found and found[ep.name].dist != dist:
+            info.error = f"name '{ep.name}' is also provided by {found[ep.name].dist}; uninstall one of them"
+            found[ep.name] = info
+            continue
+        try:
+            info.cls = ep.load()
+        except Exception as exc:  # a broken third-party plugin must not break the listing
+            info.error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
+        else:
+            info.error = _check_defense_class(info.cls)
+        found[ep.name] = info
+    return found
+
+
+def get(name: str, cat: dict[str, PluginInfo] | None = None) -> PluginInfo:
+    """The usable defense ``name``, or a PluginError saying why not."""
+    cat = catalogue() if cat is None else cat
+    if name not in cat:
+        raise PluginError(unknown("defense", name, cat) + " (see `regdefense plugins`)")
+    info = cat[name]
+    if info.error:
+        raise PluginError(f"defense '{name}' from {info.dist} {info.version} is broken: {info.error}")
+    return info
+
+
+def config_classes(names: list[str]) -> dict[str, type]:
+    """``{name: Config dataclass}`` for a stack of defense names (validated)."""
+    cat = catalogue()
+    return {name: get(name, cat).cls.Config for name in names}
+
+
+def new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("regdefense")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.PluginManager:
+    """Build a plugin manager with ``core`` plus the stack, in order.
+
+    :param stack: defense names (looked up in the catalogue) or ready-made defense objects (with a
+        ``name`` attribute; handy in tests and notebooks).
+    :param configs: ``{name: Config instance}``; a missing entry gets the defaults.
+    :raises PluginError: unknown or broken names, a name given twice, hooks that do not match
+        the specs, or two defenses providing the same exclusive hook.
+    """
+    from regdefense.trainer import CorePlugin
+
+    configs = configs or {}
+    pm = new_manager()
+    pm.register(CorePlugin(), name="core")
+    cat = None
+    for item in stack:
+        if isinstance(item, str):
+            cat = catalogue() if cat is None else cat
+            info = get(item, cat)
+            name, origin = item, f"{info.dist} {info.version}"
+            try:
+                plugin = info.cls(configs.get(item) or info.cls.Config())
+            except (TypeError, ValueError) as exc:
+                raise PluginError(f"defense '{item}' could not be created: {exc}") from None
+        else:
+            plugin, name, origin = item, getattr(item, "name", type(item).__name__), "an object"
+        if pm.get_plugin(name) is not None or name == "core":
+            raise PluginError(f"defense '{name}' is in the stack twice; list each defense once")
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"defense '{name}' ({origin}) does not fit this regdefense: {exc}") from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"unknown hook: {exc}") from None
+    check_conflicts(pm)
+    return pm
+
+
+def providers(pm: pluggy.PluginManager, hook: str) -> list[str]:
+    """Names of the active plugins other than ``core`` that provide ``hook`` (wrappers excluded)."""
+    impls = getattr(pm.hook, hook).get_hookimpls()
+    return [i.plugin_name for i in impls if i.plugin_name != "core" and not (i.wrapper or i.hookwrapper)]
+
+
+def check_conflicts(pm: pluggy.PluginManager) -> None:
+    """Raise PluginError if two active defenses provide the same exclusive hook."""
+    for hook in hookspecs.EXCLUSIVE:
+        names = providers(pm, hook)
+        if len(names) > 1:
+            both = " and ".join(f"'{n}'" for n in names)
+            raise PluginError(f"{both} both provide {hook}; activate only one of them")

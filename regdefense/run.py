@@ -1,0 +1,193 @@
+"""A run from start to finish: resolve the config, make the run directory, train, measure, report.
+
+``regdefense train`` and :func:`train` both come here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from regdefense import checkpoint
+from regdefense.config import RunConfig, load_toml, parse_overrides, resolve
+from regdefense.errors import ConfigError, UserError
+from regdefense.plugins import config_classes
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    table: list[dict[str, Any]]
+    wall_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_config(config_file: str | None = None, defenses: list[str] | None = None,
+                overrides: list[str] | dict[str, dict[str, Any]] | None = None,
+                raw: dict[str, Any] | None = None) -> RunConfig:
+    """Resolve a run file (or an already parsed table), a stack and overrides into a RunConfig."""
+    raw = dict(raw) if raw is not None else (load_toml(config_file) if config_file else {})
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    stack = list(defenses) if defenses is not None else raw.get("defenses", ["pgd_at"])
+    if not isinstance(stack, list) or not all(isinstance(s, str) for s in stack):
+        raise ConfigError(f"defenses must be a list of defense names, got {stack!r}")
+    return resolve(raw, stack, ov, config_classes(stack))
+
+
+def _stack_label(cfg: RunConfig) -> str:
+    return "+".join(cfg.defenses) or "clean"
+
+
+def make_run_dir(cfg: RunConfig, out: str | Path | None = None) -> Path:
+    """Create a fresh run directory and check that it is writable before any training starts."""
+    if out is not None:
+        path = Path(out)
+        if (path / "checkpoints").exists():
+            raise UserError(f"{path} already holds a run; pass --resume {path} to continue it or choose another --out")
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(cfg.train.out_dir) / f"{stamp}-{_stack_label(cfg)}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(cfg.train.out_dir) / f"{stamp}-{_stack_label(cfg)}-{n}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {path}: {exc.strerror or exc}; choose another --out") from None
+    return path
+
+
+def locate_resume(target: str | Path) -> tuple[Path, Path]:
+    """``RUN_DIR`` (resumes ``checkpoints/last.pt``) or a checkpoint file → (run_dir, checkpoint)."""
+    target = Path(target)
+    if target.is_dir():
+        ckpt = target / "checkpoints" / "last.pt"
+        if not ckpt.exists():
+            raise UserError(f"{target} holds no checkpoints/last.pt to resume from")
+        return target, ckpt
+    if target.is_file():
+        return target.parent.parent, target
+    raise UserError(f"nothing to resume at {target}: give a run directory or a checkpoint file")
+
+
+def write_config(trainer, path: Path) -> None:
+    from regdefense.trainer import versions
+
+    data = trainer.config.to_dict()
+    data["resolved"] = {"device": str(trainer.device), "eps": trainer.eps_full, "dataset_classes": trainer.data.num_classes,
+                        "input_shape": list(trainer.data.input_shape), "model": type(trainer.raw_model).__name__}
+    data["versions"] = versions()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def final_table(trainer) -> list[dict[str, Any]]:
+    """Clean and PGD accuracy on the test split for the last and (if different) the best epoch.
+
+    The PGD here is torchattacks' (through the adapter), not the loop's own, so the number does not
+    rest on the same code that trained the model.
+    """
+    import torch
+
+    from regdefense.attacks import resolve_attack
+    from regdefense.evaluate import accuracy
+
+    cfg = trainer.config
+    steps, eps = cfg.eval.pgd_steps, trainer.eps_full
+    name = "PGD" if trainer.norm == "linf" else "PGDL2"
+    attack = resolve_attack(f"torchattacks:{name}(eps={eps!r}, alpha={2.5 * eps / steps!r}, steps={steps})")
+    test = trainer.data.test
+    n = min(len(test), cfg.eval.test_samples or len(test))
+    idx = torch.arange(n)
+    x, y = test.floats(idx), test.y[idx]
+    kw = {"batch_size": cfg.eval.batch_size, "device": trainer.device}
+
+    def row(label: str) -> dict[str, Any]:
+        model = trainer.hook.regdefense_eval_model(trainer=trainer)
+        return {"model": label, "clean": accuracy(model, x, y, **kw), "robust": accuracy(model, x, y, attack, **kw),
+                "attack": f"PGD-{steps} ({trainer.norm}, eps={eps:.4g}, torchattacks)", "n": n}
+
+    last_epoch = trainer.state.epoch
+    rows = [row(f"last (epoch {last_epoch})")]
+    best = trainer.state.best_epoch + 1
+    best_file = trainer.run_dir / "checkpoints" / "best.pt" if trainer.run_dir else None
+    if best_file is not None and best_file.exists() and best != last_epoch:
+        trainer._restore(checkpoint.load(best_file))
+        rows.append(row(f"best (epoch {best})"))
+    return rows
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss terms and held-out accuracies against epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in sorted(k for k in history[0] if k.startswith("loss_")):
+        a.plot(epochs, [h[key] for h in history], label=key[5:])
+    a.set(title="training loss terms", xlabel="epoch", ylabel="loss")
+    a.legend()
+    for key, label in (("val_clean", "clean"), ("val_robust", "PGD")):
+        if key in history[0]:
+            b.plot(epochs, [100 * h[key] for h in history], marker="o", ms=3, label=label)
+    b.set(title="held-out accuracy", xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100))
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(config: RunConfig | str | None = None, *, defenses: list[str] | None = None,
+          overrides: list[str] | dict | None = None, out: str | Path | None = None, resume: str | Path | None = None,
+          echo: Callable[[str], None] = print) -> RunResult:
+    """Train a defense stack and measure it.
+
+    :param config: a RunConfig, a TOML run file, or None for the defaults (PGD-AT on the embedded digits).
+    :param defenses: the stack, e.g. ``["pgd_at"]`` (overrides the file's ``defenses``).
+    :param overrides: ``["train.epochs=5", "pgd_at.steps=7"]`` or ``{"train": {"epochs": 5}}``.
+    :param out: the run directory (default: a new one under ``train.out_dir``).
+    :param resume: a run directory or checkpoint to continue; the run's saved config is used.
+    :return: the run directory, the final table and the wall time.
+    """
+    from regdefense.trainer import Trainer
+
+    started = time.perf_counter()
+    if resume is not None:
+        run_dir, ckpt = locate_resume(resume)
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {run_dir / 'config.json'} to resume: {exc}") from None
+        saved = {k: v for k, v in saved.items() if k not in ("versions", "resolved")}
+        cfg = load_config(raw=saved, overrides=overrides)
+        trainer = Trainer(cfg, run_dir=run_dir)
+        trainer.resume_from(ckpt)
+        echo(f"resuming {run_dir} from {ckpt.name}")
+    else:
+        cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
+        run_dir = make_run_dir(cfg, out)
+        trainer = Trainer(cfg, run_dir=run_dir)
+        echo(f"run directory: {run_dir}")
+    write_config(trainer, run_dir / "config.json")
+    trainer.fit()
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if history:
+        plot_curves(history, run_dir / "curves.png")
+    table = final_table(trainer)
+    wall = time.perf_counter() - started
+    summary = {"stack": cfg.defenses, "dataset": cfg.data.name, "table": table, "wall_seconds": wall,
+               "epochs": trainer.state.epoch}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(run_dir, table, wall, history)

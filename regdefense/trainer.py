@@ -1,0 +1,386 @@
+"""The training loop, read top to bottom in :meth:`Trainer.fit`, and the ``core`` default hooks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import regdefense
+from regdefense import checkpoint, hookimpl
+from regdefense.attacks import pgd
+from regdefense.config import RunConfig
+from regdefense.data import BatchLoader, Data, load_data
+from regdefense.errors import ConfigError, DataError, UserError
+from regdefense.evaluate import accuracy
+from regdefense.models import create_model, default_model
+from regdefense.plugins import activate
+from regdefense.step import Step
+
+
+class CorePlugin:
+    """The loop's own defaults, registered first as ``core`` and run last (``trylast``)."""
+
+    name = "core"
+
+    @hookimpl(trylast=True)
+    def regdefense_make_adversarial(self, step: Step) -> Tensor:
+        return step.inputs  # no attack: plain training
+
+    @hookimpl(trylast=True)
+    def regdefense_compute_loss(self, step: Step, model: nn.Module) -> dict[str, Tensor]:
+        logits = model(step.adv_inputs)
+        step.outputs["adv"] = logits
+        return {"task": F.cross_entropy(logits, step.targets)}
+
+    @hookimpl(trylast=True)
+    def regdefense_forward_backward(self, trainer: "Trainer", step: Step) -> Tensor:
+        step.losses = trainer.loss_terms(step, trainer.model, "train")
+        loss = sum(step.losses.values())
+        trainer.backward(loss)
+        return loss.detach()
+
+    @hookimpl(trylast=True)
+    def regdefense_eval_model(self, trainer: "Trainer") -> nn.Module:
+        return trainer.model
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  #: the next epoch to run
+    global_step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device asks for CUDA but no GPU is available; use train.device=auto or cpu")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class Trainer:
+    """One run: a model, a defense stack (a pluggy manager), data, optimizer and schedule.
+
+    Plugins reach everything through the trainer: ``model``, ``modules`` (extra networks),
+    ``optimizer``, ``device``, ``data``, ``eps`` (the current, ramped ε) and ``norm``, ``state``,
+    ``config``, ``autocast()``, ``backward()`` and ``loss_terms()``.
+    """
+
+    def __init__(self, config: RunConfig, *, pm=None, data: Data | None = None, model: nn.Module | None = None,
+                 run_dir: str | Path | None = None) -> None:
+        self.config = config
+        t = config.train
+        self.pm = pm if pm is not None else activate(config.defenses, config.defense)
+        self.hook = self.pm.hook
+        self.device = resolve_device(t.device)
+        if t.amp != "off" and self.device.type != "cuda":
+            raise ConfigError(f"train.amp={t.amp} needs a CUDA device; use train.amp=off on {self.device.type}")
+        seed_everything(t.seed, t.deterministic)
+        self.data = data if data is not None else load_data(config.data, t.seed)
+        self.eps_full = config.threat.eps if config.threat.eps is not None else self.data.default_eps
+        self.norm = config.threat.norm
+        self.eps_factor = 1.0
+        self.raw_model = model if model is not None else self._build_model()
+        self._check_model()
+        self.modules: dict[str, nn.Module] = {}
+        for extra in self.hook.regdefense_add_modules(trainer=self):
+            for name, module in (extra or {}).items():
+                if name in self.modules:
+                    raise UserError(f"two defenses add a module named '{name}'")
+                self.modules[name] = module
+        channels_last = t.channels_last if t.channels_last is not None else self.device.type == "cuda"
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for net in [self.raw_model, *self.modules.values()]:
+            net.to(self.device, memory_format=fmt)
+        self.model = torch.compile(self.raw_model) if t.compile else self.raw_model
+        self.optimizer = self._build_optimizer()
+        self.train_loader = BatchLoader(self.data.train, t.batch_size, seed=t.seed, augment=self.data.augment)
+        self.train_size = len(self.data.train)
+        self.scheduler = self._build_scheduler()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
+        self.state = TrainState()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.should_stop = False
+        self.history: list[dict[str, Any]] = []
+        self._resume_payload: dict[str, Any] | None = None
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train. Per batch: batch_start → make_adversarial → forward_backward (→ compute_loss) →
+        unscale, clip → before_optimizer_step → optimizer step → batch_end; per epoch:
+        epoch_start, the batches, eval_model + held-out check, epoch_end, checkpoint."""
+        hook, t = self.hook, self.config.train
+        hook.regdefense_fit_start(trainer=self)
+        if self._resume_payload is not None:
+            self._restore(self._resume_payload)
+        for epoch in range(self.state.epoch, t.epochs):
+            self.state.epoch = epoch
+            self.train_loader.set_epoch(epoch)
+            hook.regdefense_epoch_start(trainer=self, epoch=epoch)
+            started, sums = time.perf_counter(), {}
+            self.model.train()
+            for i, batch in enumerate(self._progress(self.train_loader, f"epoch {epoch + 1}/{t.epochs}")):
+                self._ramp_eps(epoch + i / len(self.train_loader))
+                step = Step.from_batch(batch, self.device)
+                hook.regdefense_batch_start(trainer=self, step=step)
+                step.adv_inputs = hook.regdefense_make_adversarial(trainer=self, step=step, model=self.model)
+                self.optimizer.zero_grad(set_to_none=True)
+                hook.regdefense_forward_backward(trainer=self, step=step)
+                self.scaler.unscale_(self.optimizer)
+                if t.grad_clip:
+                    nn.utils.clip_grad_norm_(self._trainable(), t.grad_clip)
+                hook.regdefense_before_optimizer_step(trainer=self, step=step)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if t.schedule_step == "iter":
+                    self.scheduler.step()
+                hook.regdefense_batch_end(trainer=self, step=step)
+                self._accumulate(sums, step)
+                self.state.global_step += 1
+            if t.schedule_step == "epoch":
+                self.scheduler.step()
+            metrics = self._train_metrics(epoch, sums, time.perf_counter() - started)
+            metrics.update(self.validate(hook.regdefense_eval_model(trainer=self)))
+            hook.regdefense_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
+            self.state.epoch = epoch + 1
+            self._log(metrics)
+            self.save_checkpoints(metrics)
+            if self.should_stop:
+                break
+        hook.regdefense_fit_end(trainer=self)
+        return self.history
+
+    # --- services for plugins -----------------------------------------------------------------
+
+    @property
+    def eps(self) -> float:
+        """The run's ε at this point of training (the threat ε times the warm-up ramp)."""
+        return self.eps_full * self.eps_factor
+
+    def ramp(self, value: float) -> float:
+        """Scale a defense's own ε by the warm-up ramp, as ``trainer.eps`` is."""
+        return value * self.eps_factor
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context of forwards (a no-op unless ``train.amp`` is bf16 or fp16)."""
+        amp = self.config.train.amp
+        if amp == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+    def backward(self, loss: Tensor) -> None:
+        """Back-propagate ``loss`` through the gradient scaler (a pass-through unless fp16)."""
+        self.scaler.scale(loss).backward()
+
+    def loss_terms(self, step: Step, model: nn.Module, phase: str = "train") -> dict[str, Tensor]:
+        """The active objective's named terms for ``step`` on ``model`` (under autocast)."""
+        with self.autocast():
+            terms = self.hook.regdefense_compute_loss(trainer=self, step=step, model=model, phase=phase)
+        if not terms:
+            raise UserError("the active defenses returned no loss terms from regdefense_compute_loss")
+        return terms
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def robust_attack(self, steps: int | None = None):
+        """The per-epoch check's attack: PGD with random start at the full threat ε."""
+        steps = steps or self.config.eval.pgd_steps
+        eps, norm = self.eps_full, self.norm
+        return lambda m, x, y: pgd(m, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Clean and PGD accuracy of ``model`` on (at most ``eval.val_samples`` of) the held-out split."""
+        split = self.data.val
+        if split is None or len(split) == 0:
+            return {}
+        n = min(len(split), self.config.eval.val_samples or len(split))
+        idx = torch.arange(n)
+        x, y = split.floats(idx), split.y[idx]
+        kw = {"batch_size": self.config.eval.batch_size, "device": self.device}
+        return {"val_clean": accuracy(model, x, y, **kw), "val_robust": accuracy(model, x, y, self.robust_attack(), **kw)}
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def state_payload(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        plugins = {}
+        for name, plugin in self.pm.list_name_plugin():
+            if name != "core" and hasattr(plugin, "state_dict"):
+                plugins[name] = plugin.state_dict()
+        return {
+            "format": checkpoint.FORMAT, "model": self.raw_model.state_dict(),
+            "modules": {n: m.state_dict() for n, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": self.state.epoch, "global_step": self.state.global_step,
+            "best_metric": self.state.best_metric, "best_epoch": self.state.best_epoch,
+            "rng": checkpoint.rng_state(), "plugins": plugins, "stack": list(self.config.defenses),
+            "metrics": json.loads(json.dumps(metrics or {})), "config": self.config.to_dict(),
+            "versions": versions(),
+        }
+
+    def save_checkpoints(self, metrics: dict[str, Any]) -> None:
+        """Write ``last.pt``, ``best.pt`` when the held-out metric improved, and ``epoch-N.pt`` if asked."""
+        score = metrics.get("val_robust", metrics.get("val_clean", -metrics.get("loss", math.inf)))
+        improved = score > self.state.best_metric
+        if improved:
+            self.state.best_metric, self.state.best_epoch = score, self.state.epoch - 1
+        if self.run_dir is None:
+            return
+        payload = self.state_payload(metrics)
+        ckpt = self.run_dir / "checkpoints"
+        checkpoint.save(payload, ckpt / "last.pt")
+        if improved:
+            checkpoint.save(payload, ckpt / "best.pt")
+        every = self.config.train.save_every
+        if every and self.state.epoch % every == 0:
+            checkpoint.save(payload, ckpt / f"epoch-{self.state.epoch}.pt")
+
+    def resume_from(self, path: str | Path) -> None:
+        """Load a checkpoint; :meth:`fit` restores it after ``fit_start`` and continues at its epoch."""
+        payload = checkpoint.load(path)
+        if payload.get("stack") != list(self.config.defenses):
+            raise UserError(f"checkpoint {path} was trained with the stack {payload.get('stack')}, "
+                            f"not {self.config.defenses}")
+        self._resume_payload = payload
+
+    def _restore(self, p: dict[str, Any]) -> None:
+        try:
+            self.raw_model.load_state_dict(p["model"])
+            for name, module in self.modules.items():
+                module.load_state_dict(p["modules"][name])
+        except (RuntimeError, KeyError) as exc:
+            raise UserError(f"the checkpoint does not match this model: {str(exc).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(p["optimizer"])
+        self.scheduler.load_state_dict(p["scheduler"])
+        self.scaler.load_state_dict(p["scaler"])
+        self.state = TrainState(p["epoch"], p["global_step"], p["best_metric"], p["best_epoch"])
+        for name, plugin in self.pm.list_name_plugin():
+            if name in p["plugins"] and hasattr(plugin, "load_state_dict"):
+                plugin.load_state_dict(p["plugins"][name])
+        checkpoint.set_rng_state(p["rng"])
+        self._resume_payload = None
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _build_model(self) -> nn.Module:
+        m = self.config.model
+        c, h, w = self.data.input_shape
+        name = default_model(self.data.name) if m.name == "auto" else m.name
+        norm = (self.data.mean, self.data.std) if m.normalize else None
+        return create_model(name, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w),
+                            pretrained=m.pretrained, normalize=norm, depth=m.depth, widen=m.widen)
+
+    def _check_model(self) -> None:
+        x = self.data.train.floats(torch.arange(min(2, len(self.data.train))))
+        try:
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                from regdefense.attacks import model_mode
+
+                stack.enter_context(model_mode(self.raw_model, False))
+                out = self.raw_model(x)
+        except RuntimeError as exc:
+            raise DataError(f"the model cannot take this dataset's inputs of shape {tuple(x.shape[1:])}: "
+                            f"{str(exc).splitlines()[0]}") from None
+        if out.ndim != 2 or out.shape[1] != self.data.num_classes:
+            raise DataError(f"the model returns shape {tuple(out.shape)} but the dataset has "
+                            f"{self.data.num_classes} classes; logits must be (N, {self.data.num_classes})")
+
+    def _trainable(self) -> list[nn.Parameter]:
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        for module in self.modules.values():
+            params += [p for p in module.parameters() if p.requires_grad]
+        return params
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        t = self.config.train
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(self._trainable(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                   nesterov=t.nesterov and t.momentum > 0)
+        return torch.optim.Adam(self._trainable(), lr=t.lr, weight_decay=t.weight_decay)
+
+    def _build_scheduler(self):
+        t = self.config.train
+        per_epoch = len(self.train_loader) if t.schedule_step == "iter" else 1
+        total = max(1, t.epochs * per_epoch)
+        sched = torch.optim.lr_scheduler
+        if t.schedule == "cosine":
+            return sched.CosineAnnealingLR(self.optimizer, T_max=total)
+        if t.schedule == "onecycle":
+            return sched.OneCycleLR(self.optimizer, max_lr=t.lr, total_steps=total)
+        milestones = [] if t.schedule == "constant" else sorted(
+            int(round((m * t.epochs if m < 1 else m) * per_epoch)) for m in t.milestones)
+        return sched.MultiStepLR(self.optimizer, milestones=milestones, gamma=t.gamma)
+
+    def _ramp_eps(self, progress: float) -> None:
+        warm = self.config.train.eps_warmup_epochs
+        self.eps_factor = 1.0 if warm <= 0 else min(1.0, progress / warm)
+
+    def _progress(self, iterable, desc: str):
+        if not self.config.train.progress:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+    @staticmethod
+    def _accumulate(sums: dict[str, Tensor], step: Step) -> None:
+        for name, value in step.losses.items():
+            value = value.detach().float()
+            sums[name] = sums[name] + value if name in sums else value
+        sums["_n"] = sums.get("_n", 0) + 1
+
+    def _train_metrics(self, epoch: int, sums: dict[str, Any], seconds: float) -> dict[str, Any]:
+        n = sums.pop("_n", 0) or 1
+        terms = {k: float(v) / n for k, v in sums.items()}  # one host sync per epoch
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if bad:
+            raise UserError(f"loss term(s) {', '.join(bad)} became non-finite in epoch {epoch + 1}; "
+                            f"lower train.lr or check the data (last good checkpoint: "
+                            f"{self.run_dir / 'checkpoints' / 'last.pt' if self.run_dir else 'none'})")
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                                   "loss": sum(terms.values()), "eps": self.eps, "epoch_seconds": seconds}
+        metrics.update({f"loss_{k}": v for k, v in terms.items()})
+        return metrics
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """regdefense, torch and every defense distribution's version, for provenance."""
+    import importlib.metadata as md
+
+    out = {"regdefense": regdefense.__version__, "torch": str(torch.__version__)}
+    for ep in md.entry_points(group="regdefense"):
+        if ep.dist is not None:
+            out[ep.dist.metadata["Name"]] = ep.dist.version
+    return out
