@@ -126,6 +126,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.state = TrainState()
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.should_stop = False
         self.history: list[dict[str, Any]] = []
         self._resume_payload: dict[str, Any] | None = None
@@ -159,6 +161,7 @@ class Trainer:
                 hook.regdefense_before_optimizer_step(trainer=self, step=step)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                lr = self.optimizer.param_groups[0]["lr"]
                 if t.schedule_step == "iter":
                     self.scheduler.step()
                 hook.regdefense_batch_end(trainer=self, step=step)
@@ -167,6 +170,7 @@ class Trainer:
             if t.schedule_step == "epoch":
                 self.scheduler.step()
             metrics = self._train_metrics(epoch, sums, time.perf_counter() - started)
+            metrics["lr"] = lr  # the rate the epoch's last batch used
             metrics.update(self.validate(hook.regdefense_eval_model(trainer=self)))
             hook.regdefense_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
             self.state.epoch = epoch + 1
@@ -363,8 +367,7 @@ class Trainer:
             raise UserError(f"loss term(s) {', '.join(bad)} became non-finite in epoch {epoch + 1}; "
                             f"lower train.lr or check the data (last good checkpoint: "
                             f"{self.run_dir / 'checkpoints' / 'last.pt' if self.run_dir else 'none'})")
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
-                                   "loss": sum(terms.values()), "eps": self.eps, "epoch_seconds": seconds}
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": sum(terms.values()), "eps": self.eps, "epoch_seconds": seconds}
         metrics.update({f"loss_{k}": v for k, v in terms.items()})
         return metrics
 
