@@ -11,6 +11,41 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 ROOT = Path(__file__).resolve().parent.parent
 
+NOISE_PLUGIN = '''
+"""Gaussian-noise augmentation: a throwaway third-party defense for tests."""
+from dataclasses import dataclass
+import torch
+from regdefense import hookimpl, option
+
+class GaussNoise:
+    name = "gauss_noise"
+
+    @dataclass
+    class Config:
+        sigma: float = option(0.1, "noise std", ge=0)
+
+    def __init__(self, config):
+        self.config = config
+        self.calls = 0
+
+    @hookimpl
+    def regdefense_make_adversarial(self, step):
+        self.calls += 1
+        return (step.inputs + self.config.sigma * torch.randn_like(step.inputs)).clamp(0, 1)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+'''
+
+
+@pytest.fixture
+def gauss_dist(make_dist):
+    """A third-party distribution 'regdefense-gauss' providing the defense 'gauss_noise'."""
+    return make_dist("regdefense-gauss", {"thirdparty_gauss": NOISE_PLUGIN}, {"gauss_noise": "thirdparty_gauss:GaussNoise"})
+
 
 @pytest.fixture
 def make_dist(tmp_path, monkeypatch):

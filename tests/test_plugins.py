@@ -10,34 +10,6 @@ from regdefense import hookimpl
 from regdefense.errors import PluginError
 from regdefense.plugins import activate, catalogue, providers
 
-NOISE_PLUGIN = '''
-"""Gaussian-noise augmentation: a throwaway third-party defense for tests."""
-from dataclasses import dataclass
-import torch
-from regdefense import hookimpl
-
-class GaussNoise:
-    name = "gauss_noise"
-
-    @dataclass
-    class Config:
-        sigma: float = option(0.1, "noise std", ge=0)
-
-    def __init__(self, config):
-        self.config = config
-        self.calls = 0
-
-    @hookimpl
-    def regdefense_make_adversarial(self, step):
-        self.calls += 1
-        return (step.inputs + self.config.sigma * torch.randn_like(step.inputs)).clamp(0, 1)
-
-    def state_dict(self):
-        return {"calls": self.calls}
-
-    def load_state_dict(self, state):
-        self.calls = state["calls"]
-'''
 
 
 def test_catalogue_lists_builtin_pgd_at_with_distribution():
@@ -55,8 +27,7 @@ def test_plugins_json_lists_pgd_at(tmp_path):
     assert rows["pgd_at"]["version"] and rows["pgd_at"]["status"] == "ok"
 
 
-def test_third_party_distribution_is_listed_activated_and_trained_with(make_dist, tiny_trainer, tmp_path):
-    make_dist("regdefense-gauss", {"thirdparty_gauss": NOISE_PLUGIN}, {"gauss_noise": "thirdparty_gauss:GaussNoise"})
+def test_third_party_distribution_is_listed_activated_and_trained_with(gauss_dist, tiny_trainer, tmp_path):
     info = catalogue()["gauss_noise"]
     assert info.dist == "regdefense-gauss" and info.version == "1.0" and not info.builtin and info.error is None
     trainer = tiny_trainer(["gauss_noise"], ["gauss_noise.sigma=0.2"], run_dir=tmp_path)
