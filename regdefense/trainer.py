@@ -108,6 +108,7 @@ class Trainer:
         self.eps_factor = 1.0
         self.raw_model = model if model is not None else self._build_model()
         self._check_model()
+        self.model = self.raw_model  # replaced by its compiled form below when train.compile is set
         self.modules: dict[str, nn.Module] = {}
         for extra in self.hook.regdefense_add_modules(trainer=self):
             for name, module in (extra or {}).items():
