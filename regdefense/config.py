@@ -109,6 +109,8 @@ class EvalConfig:
     val_samples: int | None = option(512, "at most this many held-out samples in the per-epoch check", ge=1)
     test_samples: int | None = option(None, "at most this many test samples in the final table", ge=1)
     batch_size: int = option(256, "evaluation batch size", ge=1)
+    select: Literal["auto", "robust", "clean"] = option(
+        "auto", "held-out metric that picks best.pt (auto: robust when a defense makes adversarial inputs, else clean)")
 
 
 SECTIONS: dict[str, type] = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig,

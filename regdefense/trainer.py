@@ -24,7 +24,7 @@ from regdefense.data import BatchLoader, Data, load_data
 from regdefense.errors import ConfigError, DataError, UserError
 from regdefense.evaluate import accuracy
 from regdefense.models import create_model, default_model
-from regdefense.plugins import activate
+from regdefense.plugins import activate, providers
 from regdefense.step import Step
 
 
@@ -251,7 +251,10 @@ class Trainer:
 
     def save_checkpoints(self, metrics: dict[str, Any]) -> None:
         """Write ``last.pt``, ``best.pt`` when the held-out metric improved, and ``epoch-N.pt`` if asked."""
-        score = metrics.get("val_robust", metrics.get("val_clean", -metrics.get("loss", math.inf)))
+        select = self.config.eval.select
+        if select == "auto":
+            select = "robust" if providers(self.pm, "regdefense_make_adversarial") else "clean"
+        score = metrics.get(f"val_{select}", -metrics.get("loss", math.inf))
         improved = score > self.state.best_metric
         if improved:
             self.state.best_metric, self.state.best_epoch = score, self.state.epoch - 1

@@ -155,3 +155,11 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
 
     with pytest.raises(UserError, match="bad.*non-finite in epoch 1"):
         trainer.fit()
+
+
+def test_best_checkpoint_follows_clean_accuracy_without_an_adversary(tmp_path):
+    cfg = tiny_config([], ["train.epochs=3", "eval.pgd_steps=1"])
+    trainer = Trainer(cfg, pm=activate([]), run_dir=tmp_path)
+    history = trainer.fit()
+    best = checkpoint.load(tmp_path / "checkpoints" / "best.pt")
+    assert best["metrics"]["val_clean"] == max(h["val_clean"] for h in history)
