@@ -165,3 +165,38 @@ def models() -> None:
 
 def main() -> None:
     cli(prog_name="regdefense")
+
+
+@cli.command()
+@click.argument("target", type=click.Path())
+@click.option("--attacks", "suites", multiple=True, metavar="SUITE_OR_SPEC",
+              help="quick (default), paper-001, paper-002, autoattack, autoattack-rand, or an attack spec such as "
+                   "'torchattacks:PGD(eps=0.1, alpha=0.01, steps=50)' or 'art:HopSkipJump'. Repeat for several.")
+@click.option("--eps", type=float, help="Perturbation budget (default: the run's threat ε; paper-001: 0.1).")
+@click.option("--n", "n", type=click.IntRange(min=1), help="Evaluate the first N test points.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the attacks' randomness.")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of a run directory.")
+@click.option("--arch", help="For a user's own model file: an architecture name (state_dict) or 'torchscript'.")
+@click.option("--dataset", help="Evaluate on this dataset's test split (default: the run's; digits for model files).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Starting batch size (halved automatically on GPU out-of-memory).")
+@click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
+@click.option("--out", type=click.Path(file_okay=False), help="Where to write the reports (default RUN_DIR/eval).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def evaluate(target, suites, eps, n, seed, which, arch, dataset, device, batch_size, no_checks, out, as_json,
+             quiet) -> None:
+    """Measure robustness of a run, checkpoint or model file; write report.json, report.md and plots."""
+    from regdefense.evaluate import evaluate as run_eval
+    from regdefense.report import markdown
+
+    report, files = run_eval(target, suites=list(suites) or None, eps=eps, n=n, seed=seed, which=which, arch=arch,
+                             dataset=dataset, device=device, batch_size=batch_size, checks=not no_checks, out=out,
+                             progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        return
+    click.echo(markdown(report).split("![")[0].rstrip())
+    click.echo("\nwrote " + ", ".join(str(p) for p in files.values()))

@@ -121,7 +121,7 @@ def final_table(trainer) -> list[dict[str, Any]]:
     best = trainer.state.best_epoch + 1
     best_file = trainer.run_dir / "checkpoints" / "best.pt" if trainer.run_dir else None
     if best_file is not None and best_file.exists() and best != last_epoch:
-        trainer._restore(checkpoint.load(best_file))
+        trainer.restore_state(checkpoint.load(best_file))
         rows.append(row(f"best (epoch {best})"))
     return rows
 

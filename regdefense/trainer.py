@@ -142,7 +142,7 @@ class Trainer:
         hook, t = self.hook, self.config.train
         hook.regdefense_fit_start(trainer=self)
         if self._resume_payload is not None:
-            self._restore(self._resume_payload)
+            self.restore_state(self._resume_payload)
         for epoch in range(self.state.epoch, t.epochs):
             self.state.epoch = epoch
             self.train_loader.set_epoch(epoch)
@@ -277,7 +277,8 @@ class Trainer:
                             f"not {self.config.defenses}")
         self._resume_payload = payload
 
-    def _restore(self, p: dict[str, Any]) -> None:
+    def restore_state(self, p: dict[str, Any]) -> None:
+        """Load a checkpoint payload: weights, extra modules, optimizer, schedule, scaler, RNG, defense states."""
         try:
             self.raw_model.load_state_dict(p["model"])
             for name, module in self.modules.items():

@@ -69,3 +69,21 @@ def make_dist(tmp_path, monkeypatch):
     yield make
     for name in [m for m in sys.modules if m.startswith("thirdparty_")]:
         del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def digits_models(tmp_path_factory):
+    """A PGD-AT and a clean digits_cnn trained on the embedded digits (about 20 s together), with the data."""
+    from regdefense.plugins import activate
+    from regdefense.run import load_config
+    from regdefense.trainer import Trainer
+
+    out = {}
+    for name, stack in (("pgd_at", ["pgd_at"]), ("clean", [])):
+        cfg = load_config(defenses=stack, overrides=["train.epochs=20", "train.progress=false", "train.device=cpu",
+                                                     "eval.val_samples=32", "eval.pgd_steps=1"])
+        trainer = Trainer(cfg, pm=activate(stack, cfg.defense))
+        trainer.fit()
+        out[name] = trainer.raw_model.eval()
+        out["data"] = trainer.data
+    return out

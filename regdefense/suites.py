@@ -1,0 +1,141 @@
+"""Named attack suites, built from library attacks through the adapter.
+
+Each suite is a list of :class:`SuiteAttack` (a label and a spec string). An attack without a
+``group`` attacks every point and reports its own accuracy; attacks that share a ``group`` (the
+AutoAttack protocols) run in order, each only on the points still robust, and the group reports the
+per-point worst case, as the official AutoAttack does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from regdefense.errors import ConfigError, unknown
+
+#: settings of the official AutoAttack "standard" version (Croce & Hein 2020, package `autoattack`),
+#: against which the `autoattack` suite is checked by the tests
+OFFICIAL_STANDARD = {
+    "apgd-ce": {"steps": 100, "n_restarts": 1, "loss": "ce", "rho": 0.75, "eot_iter": 1},
+    "apgd-t": {"steps": 100, "n_restarts": 1, "n_target_classes": 9, "rho": 0.75, "eot_iter": 1},
+    "fab-t": {"steps": 100, "n_restarts": 1, "n_target_classes": 9, "multi_targeted": True},
+    "square": {"n_queries": 5000, "n_restarts": 1, "p_init": 0.8, "resc_schedule": False},
+}
+#: the official "rand" version for randomized defenses: APGD-CE and APGD-DLR with 20 EOT samples
+OFFICIAL_RAND = {"apgd-ce": {"steps": 100, "n_restarts": 1, "loss": "ce", "eot_iter": 20},
+                 "apgd-dlr": {"steps": 100, "n_restarts": 1, "loss": "dlr", "eot_iter": 20}}
+
+
+@dataclass
+class SuiteAttack:
+    label: str
+    spec: str
+    black_box: bool = False
+    eot: bool = False
+    single_step: bool = False
+    group: str | None = None
+
+
+@dataclass
+class Suite:
+    name: str
+    attacks: list[SuiteAttack]
+    protocol: str = ""
+    eps: float = 0.0
+    norm: str = "linf"
+    notes: list[str] = field(default_factory=list)
+
+
+def _n(norm: str) -> str:
+    return "Linf" if norm == "linf" else "L2"
+
+
+def _pgd(norm: str, eps: float, steps: int, alpha: float | None = None) -> str:
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    name = "PGD" if norm == "linf" else "PGDL2"
+    return f"torchattacks:{name}(eps={eps!r}, alpha={alpha!r}, steps={steps}, random_start=True)"
+
+
+def autoattack(eps: float, norm: str, num_classes: int, seed: int) -> list[SuiteAttack]:
+    """The official standard AutoAttack, assembled from torchattacks' components with the official settings.
+
+    torchattacks' APGDT and FAB attack ``n_classes - 1`` target classes, so ``n_classes = min(K, 10)``
+    gives the official 9 targets (fewer when the dataset has fewer than 10 classes).
+    """
+    n, k = _n(norm), min(num_classes, 10)
+    a, t, f, s = (OFFICIAL_STANDARD[x] for x in ("apgd-ce", "apgd-t", "fab-t", "square"))
+    g = "AutoAttack"
+    return [
+        SuiteAttack("APGD-CE", f"torchattacks:APGD(norm='{n}', eps={eps!r}, steps={a['steps']}, "
+                               f"n_restarts={a['n_restarts']}, loss='ce', rho={a['rho']}, seed={seed})", group=g),
+        SuiteAttack("APGD-T", f"torchattacks:APGDT(norm='{n}', eps={eps!r}, steps={t['steps']}, "
+                              f"n_restarts={t['n_restarts']}, n_classes={k}, rho={t['rho']}, seed={seed})", group=g),
+        SuiteAttack("FAB-T", f"torchattacks:FAB(norm='{n}', eps={eps!r}, steps={f['steps']}, "
+                             f"n_restarts={f['n_restarts']}, multi_targeted=True, n_classes={k}, seed={seed})", group=g),
+        SuiteAttack("Square", f"torchattacks:Square(norm='{n}', eps={eps!r}, n_queries={s['n_queries']}, "
+                              f"n_restarts={s['n_restarts']}, p_init={s['p_init']}, loss='margin', "
+                              f"resc_schedule=False, seed={seed})", black_box=True, group=g),
+    ]
+
+
+def build_suite(name: str, *, eps: float | None, default_eps: float, norm: str, num_classes: int,
+                seed: int = 0) -> Suite:
+    """A named suite, or a single attack given as a spec (``torchattacks:...`` / ``art:...``)."""
+    if ":" in name:
+        from regdefense.attacks import parse_spec
+
+        spec = parse_spec(name)
+        return Suite(name=name, attacks=[SuiteAttack(spec.name, name)], protocol=f"one attack: {name}",
+                     eps=spec.kwargs.get("eps", eps or default_eps), norm=norm)
+    e = eps if eps is not None else default_eps
+    if name == "quick":
+        single = (f"torchattacks:FGSM(eps={e!r})" if norm == "linf"
+                  else f"torchattacks:PGDL2(eps={e!r}, alpha={e!r}, steps=1, random_start=False)")
+        return Suite("quick", [SuiteAttack("FGSM" if norm == "linf" else "FGM", single, single_step=True),
+                               SuiteAttack("PGD-20", _pgd(norm, e, 20))],
+                     protocol="independent attacks: FGSM and PGD-20 (step 2.5·ε/20, random start)", eps=e, norm=norm)
+    if name == "paper-001":
+        if norm != "linf":
+            raise ConfigError("suite paper-001 is L∞ only; use threat.norm=linf or another suite")
+        e = eps if eps is not None else 0.1
+        a = 2 / 255
+        return Suite("paper-001", [
+            SuiteAttack("FGSM", f"torchattacks:FGSM(eps={e!r})", single_step=True),
+            SuiteAttack("BIM", f"torchattacks:BIM(eps={e!r}, alpha={a!r}, steps=10)"),
+            SuiteAttack("PGD-100", f"torchattacks:PGD(eps={e!r}, alpha={a!r}, steps=100, random_start=True)"),
+            SuiteAttack("C&W", "torchattacks:CW(c=1.0, kappa=0, steps=100, lr=0.001)"),
+        ], protocol="seed 001 §5.2: FGSM, BIM (α=2/255, 10 steps), PGD (α=2/255, 100 steps) at ε "
+                    f"{e:.4g}; C&W-L2 (c=1, 100 steps, lr 0.001, unbounded)", eps=e, norm=norm,
+            notes=["C&W is an unbounded L2 attack: it returns the clean image where it fails; its accuracy is not "
+                   "an ε-ball number."])
+    if name == "paper-002":
+        if norm != "linf":
+            raise ConfigError("suite paper-002 is L∞ only; use threat.norm=linf or another suite")
+        a = e / 4  # 2/255 at ε = 8/255, as in the DYNAT evaluation
+        attacks = [SuiteAttack(f"PGD-{k}", _pgd(norm, e, k, a)) for k in (10, 20, 50)]
+        attacks.append(SuiteAttack("CW-Linf-20", f"torchattacks:UPGD(eps={e!r}, alpha={a!r}, steps=20, "
+                                                 f"random_start=True, loss='margin', decay=0.0)"))
+        attacks += autoattack(e, norm, num_classes, seed)
+        return Suite("paper-002", attacks, protocol=f"seed 002's columns: PGD-10/20/50 and C&W-L∞ (margin loss, 20 "
+                                                    f"steps), step ε/4, random start; and AutoAttack standard",
+                     eps=e, norm=norm)
+    if name == "autoattack":
+        return Suite("autoattack", autoattack(e, norm, num_classes, seed), eps=e, norm=norm,
+                     protocol="AutoAttack standard (official settings: APGD-CE 100 it; APGD-T DLR 9 targets 100 it; "
+                              "FAB-T 9 targets 100 it; Square 5000 queries; each on still-robust points; per-point "
+                              "worst case), torchattacks components")
+    if name == "autoattack-rand":
+        n = _n(norm)
+        return Suite("autoattack-rand", [
+            SuiteAttack("APGD-CE (EOT-20)", f"torchattacks:APGD(norm='{n}', eps={e!r}, steps=100, n_restarts=1, "
+                                            f"loss='ce', eot_iter=20, seed={seed})", eot=True,
+                        group="AutoAttack-rand"),
+            SuiteAttack("APGD-DLR (EOT-20)", f"torchattacks:APGD(norm='{n}', eps={e!r}, steps=100, n_restarts=1, "
+                                             f"loss='dlr', eot_iter=20, seed={seed})", eot=True,
+                        group="AutoAttack-rand"),
+        ], eps=e, norm=norm,
+            protocol="AutoAttack rand (official settings for randomized defenses: APGD-CE and APGD-DLR, 100 it, "
+                     "20 EOT samples; still-robust points; per-point worst case)")
+    raise ConfigError(unknown("attack suite", name, SUITES) + ", or an attack spec such as torchattacks:PGD(eps=0.1)")
+
+
+SUITES = ("quick", "paper-001", "paper-002", "autoattack", "autoattack-rand")
