@@ -198,7 +198,7 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
                 groups[a.group] = (robust, adv)
                 rows.append(make_row(f"{a.group}: after {a.label}", suite.name, "cascade step", robust, a, a.spec,
                                      seconds=time.perf_counter() - started))
-            example_rows.setdefault(a.label, adv[:8].clone())
+            example_rows.setdefault(a.label if len(built) == 1 else f"{suite.name}: {a.label}", adv[:8].clone())
         for group, (robust, adv) in groups.items():
             worst &= robust
             m = _row_metrics(model, x, y, adv, clean_scores, mask=clean_ok, **kw)

@@ -1,0 +1,46 @@
+"""Images per second of the `autoattack` suite on the default model (PGD-AT digits_cnn on the embedded digits).
+
+Trains the default model first (about 25 s on a 2-core CPU) unless --run points at an existing run, then
+runs the AutoAttack standard cascade on the test split and prints the time of each component.
+
+    python benchmarks/autoattack_speed.py
+    python benchmarks/autoattack_speed.py --run runs/20261121-210534-pgd_at --n 360
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from regdefense.evaluate import evaluate_model, load_target
+from regdefense.run import train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", help="an existing run directory (default: train the default model first)")
+    ap.add_argument("--n", type=int, default=None, help="test points (default: all 360)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    run = args.run
+    if run is None:
+        run = train(overrides=["train.progress=false"], echo=lambda s: None).run_dir
+    t = load_target(run, device=args.device)
+    x, y = (t.x[: args.n], t.y[: args.n]) if args.n else (t.x, t.y)
+    start = time.perf_counter()
+    report = evaluate_model(t.model, x, y, suites=["autoattack"], default_eps=t.default_eps, norm=t.norm,
+                            num_classes=t.num_classes, device=t.device, checks=False, progress=False)
+    total = time.perf_counter() - start
+    print(f"AutoAttack standard on {len(y)} test images ({t.meta['dataset']}, {t.meta['model']}, ε={t.default_eps:g}), "
+          f"device {t.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'component':28s} {'seconds':>8s} {'robust after':>13s}")
+    for r in report.rows:
+        if r.kind == "cascade step":
+            print(f"{r.label:28s} {r.seconds:8.1f} {100 * r.robust:12.2f}%")
+    print(f"{'total':28s} {total:8.1f} {100 * report.worst_case:12.2f}%   -> {len(y) / total:.1f} images/s")
+
+
+if __name__ == "__main__":
+    main()
