@@ -72,13 +72,16 @@ def random_start(x: Tensor, eps: float, norm: str) -> Tensor:
 
 def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float, steps: int, norm: str = "linf",
         loss_fn: Callable[[Tensor, Any], Tensor] | None = None, start: Tensor | str | None = "uniform",
-        train_mode: bool = False) -> Tensor:
+        train_mode: bool = False, info: dict | None = None, kappa_labels: Tensor | None = None) -> Tensor:
     """Maximise ``loss_fn(model(x + δ), y)`` over ``‖δ‖ ≤ eps`` with ``x + δ`` in [0,1].
 
     :param loss_fn: summed over the batch, so each sample's step does not depend on the batch size
         (default: cross-entropy against ``y``). TRADES passes a KL to the clean prediction.
     :param start: ``"uniform"`` (random start in the ball), ``None`` (start at x), or a tensor δ0.
     :param train_mode: run the model in train mode during the attack (BN batch statistics).
+    :param info: if given, receives ``info["kappa"]``: per sample, the number of iterations at whose
+        start the iterate was still classified as ``kappa_labels`` (default ``y``) — GAIRAT's geometry
+        value, counted from the attack's own forwards at no extra cost.
     :return: the adversarial inputs, detached. Parameter gradients are left untouched.
     """
     if norm not in ("linf", "l2"):
@@ -91,10 +94,15 @@ def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float,
         delta = project(random_start(x, eps, norm), x, eps, norm)
     else:
         delta = torch.zeros_like(x)
+    kappa_labels = kappa_labels if kappa_labels is not None else y
+    kappa = torch.zeros(len(x), dtype=torch.long, device=x.device) if info is not None else None
     with model_mode(model, train_mode), torch.enable_grad():
         for _ in range(steps):
             delta.requires_grad_(True)
-            loss = loss_fn(model(x + delta), y)
+            logits = model(x + delta)
+            if kappa is not None:
+                kappa += (logits.detach().argmax(1) == kappa_labels).long()
+            loss = loss_fn(logits, y)
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 if norm == "linf":
@@ -102,7 +110,27 @@ def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float,
                 else:
                     step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
                 delta = project(delta.detach() + alpha * step, x, eps, norm)
+    if info is not None:
+        info["kappa"], info["steps"] = kappa, steps
     return (x + delta).detach()
+
+
+def kl_pgd(model: nn.Module, x: Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
+           train_mode: bool = False, info: dict | None = None, kappa_labels: Tensor | None = None) -> Tensor:
+    """TRADES' inner maximisation: maximise KL(p(x) ‖ p(x')) from x + 0.001·N(0, I), label-free.
+
+    The clean distribution is computed once (in the attack's mode) and held fixed, as in TRADES'
+    reference code. Shared by ``trades``, ``lbgat`` and any defense that needs the KL adversary.
+    """
+    with torch.no_grad(), model_mode(model, train_mode):
+        p_clean = F.softmax(model(x), dim=1)
+
+    def kl_sum(logits: Tensor, _y: Any) -> Tensor:
+        return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+
+    start = 0.001 * torch.randn_like(x)
+    return pgd(model, x, None, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=kl_sum, start=start,
+               train_mode=train_mode, info=info, kappa_labels=kappa_labels)
 
 
 # --- library attacks by spec ------------------------------------------------------------------

@@ -109,6 +109,12 @@ class EvalConfig:
     val_samples: int | None = option(512, "at most this many held-out samples in the per-epoch check", ge=1)
     test_samples: int | None = option(None, "at most this many test samples in the final table", ge=1)
     batch_size: int = option(256, "evaluation batch size", ge=1)
+    co_guard: Literal["auto", "on", "off"] = option(
+        "auto", "catastrophic-overfitting guard: FGSM vs PGD accuracy on the held-out split each epoch "
+                "(auto: on when a single-step defense is active)")
+    co_threshold: float = option(0.2, "flag catastrophic overfitting when FGSM accuracy exceeds PGD accuracy by "
+                                      "more than this (a negative value flags every epoch)", ge=-1, le=1)
+    co_stop: bool = option(False, "stop training when catastrophic overfitting is flagged")
     select: Literal["auto", "robust", "clean"] = option(
         "auto", "held-out metric that picks best.pt (auto: robust when a defense makes adversarial inputs, else clean)")
 

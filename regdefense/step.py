@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -19,6 +19,11 @@ class Step:
     returned (a tensor, or a dict of tensors for defenses that train on several adversarial
     batches). ``outputs`` holds logits other hooks may reuse, ``losses`` the named loss terms of
     the last objective, and ``stash`` per-plugin scratch space keyed by plugin name.
+
+    ``info`` carries what the adversary learned per sample for modifiers to use (``info["kappa"]``:
+    GAIRAT's count of iterations still classified correctly). ``weighters`` are per-sample weighting
+    functions ``fn(step, adv_logits) -> weights`` that modifiers such as GAIRAT and MAIL register;
+    objectives apply them to their adversarial term through :meth:`Trainer.adv_mean`.
     """
 
     inputs: Tensor
@@ -29,6 +34,8 @@ class Step:
     outputs: dict[str, Tensor] = field(default_factory=dict)
     losses: dict[str, Tensor] = field(default_factory=dict)
     stash: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    weighters: list[Callable[["Step", Tensor], Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.targets is None:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,10 @@ class CorePlugin:
         return step.inputs  # no attack: plain training
 
     @hookimpl(trylast=True)
-    def regdefense_compute_loss(self, step: Step, model: nn.Module) -> dict[str, Tensor]:
+    def regdefense_compute_loss(self, trainer: "Trainer", step: Step, model: nn.Module) -> dict[str, Tensor]:
         logits = model(step.adv_inputs)
         step.outputs["adv"] = logits
-        return {"task": F.cross_entropy(logits, step.targets)}
+        return {"task": trainer.adv_mean(F.cross_entropy(logits, step.targets, reduction="none"), step, logits)}
 
     @hookimpl(trylast=True)
     def regdefense_forward_backward(self, trainer: "Trainer", step: Step) -> Tensor:
@@ -204,6 +205,21 @@ class Trainer:
         """Back-propagate ``loss`` through the gradient scaler (a pass-through unless fp16)."""
         self.scaler.scale(loss).backward()
 
+    def adv_mean(self, per_sample: Tensor, step: Step, adv_logits: Tensor) -> Tensor:
+        """Batch mean of a per-sample adversarial loss, reweighted by every registered weighter.
+
+        Objectives call this for their adversarial term, so per-sample reweighting defenses (GAIRAT,
+        MAIL) act on any objective: with weights ``w`` the result is ``Σ wᵢ·ℓᵢ / B``; the weights used
+        are left in ``step.info["weights"]`` for logging and tests.
+        """
+        if not step.weighters:
+            return per_sample.mean()
+        w = torch.ones_like(per_sample)
+        for fn in step.weighters:
+            w = w * fn(step, adv_logits.detach()).to(per_sample.dtype)
+        step.info["weights"] = w.detach()
+        return (w * per_sample).sum() / per_sample.shape[0]
+
     def loss_terms(self, step: Step, model: nn.Module, phase: str = "train") -> dict[str, Tensor]:
         """The active objective's named terms for ``step`` on ``model`` (under autocast)."""
         with self.autocast():
@@ -229,7 +245,31 @@ class Trainer:
         idx = torch.arange(n)
         x, y = split.floats(idx), split.y[idx]
         kw = {"batch_size": self.config.eval.batch_size, "device": self.device}
-        return {"val_clean": accuracy(model, x, y, **kw), "val_robust": accuracy(model, x, y, self.robust_attack(), **kw)}
+        out = {"val_clean": accuracy(model, x, y, **kw), "val_robust": accuracy(model, x, y, self.robust_attack(), **kw)}
+        if self._co_guard():
+            eps, norm = self.eps_full, self.norm
+            fgsm = lambda m, xb, yb: pgd(m, xb, yb, eps=eps, alpha=eps, steps=1, norm=norm, start=None)  # noqa: E731
+            out["val_fgsm"] = accuracy(model, x, y, fgsm, **kw)
+            out["co_gap"] = out["val_fgsm"] - out["val_robust"]
+            if out["co_gap"] > self.config.eval.co_threshold:
+                out["catastrophic_overfitting"] = True
+                self.echo(f"warning: catastrophic overfitting at epoch {self.state.epoch + 1}: held-out FGSM accuracy "
+                          f"{out['val_fgsm']:.1%} vs PGD {out['val_robust']:.1%}; best.pt keeps the best PGD epoch")
+                self.should_stop = self.should_stop or self.config.eval.co_stop
+        return out
+
+    def _co_guard(self) -> bool:
+        mode = self.config.eval.co_guard
+        if mode == "auto":
+            return any(getattr(p, "single_step", False) for _, p in self.pm.list_name_plugin())
+        return mode == "on"
+
+    @staticmethod
+    def echo(message: str) -> None:
+        """Print a message for the user without breaking progress bars."""
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
 
     # --- checkpoints --------------------------------------------------------------------------
 

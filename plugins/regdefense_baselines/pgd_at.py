@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.attacks import pgd, resolve_attack
+from regdefense_baselines._common import budget
 
 
 class PGDAT:
@@ -49,14 +50,13 @@ class PGDAT:
         c = self.config
         if self._library_attack is not None:
             return self._library_attack(model, step.inputs, step.targets)
-        eps = trainer.ramp(c.eps) if c.eps is not None else trainer.eps
-        alpha = c.alpha if c.alpha is not None else 2.5 * eps / c.steps
+        eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
         if eps == 0:
             return step.inputs
         with trainer.autocast():
             return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
                        norm=c.norm or trainer.norm, start="uniform" if c.random_start else None,
-                       train_mode=c.attack_mode == "train")
+                       train_mode=c.attack_mode == "train", info=step.info)
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step, model, phase):

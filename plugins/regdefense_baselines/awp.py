@@ -1,0 +1,79 @@
+"""AWP: adversarial weight perturbation (Wu et al., NeurIPS 2020), around whatever objective is active.
+
+Per batch (after the adversarial inputs are made at the current weights): copy the weights into a
+proxy, take one SGD step (``proxy_lr``) that *increases* the active objective on the proxy
+(``regdefense_compute_loss`` with ``phase="awp"``), and for every weight tensor with more than one
+dimension set v_l = γ·‖w_l‖·(w'_l − w_l)/‖w'_l − w_l‖. The model's loss and gradients are then computed
+at w + v, and the weights are restored exactly (copied back) before the optimizer step. AWP never names
+the objective it wraps, so AWP + PGD-AT and AWP + TRADES need no special case.
+
+Defaults: γ = 5e-3 and 10 warm-up epochs are TRADES-AWP's; AT-AWP uses γ = 1e-2 and no warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from regdefense import hookimpl, option
+
+
+def perturbable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The weight tensors AWP perturbs: parameters with more than one dimension (conv and linear weights)."""
+    return [(n, p) for n, p in model.named_parameters() if p.dim() > 1 and p.requires_grad]
+
+
+class AWP:
+    """Adversarial weight perturbation on a proxy copy, wrapping forward_backward."""
+
+    name = "awp"
+
+    @dataclass
+    class Config:
+        gamma: float = option(5e-3, "perturbation size relative to each layer's weight norm (TRADES-AWP 5e-3, "
+                                    "AT-AWP 1e-2)", ge=0)
+        warmup_epochs: int = option(10, "epochs before the perturbation starts (TRADES-AWP 10, AT-AWP 0)", ge=0)
+        proxy_lr: float = option(0.01, "learning rate of the proxy's ascent step", gt=0)
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or self.Config()
+        self.proxy: torch.nn.Module | None = None
+
+    @hookimpl
+    def regdefense_fit_start(self, trainer):
+        self.proxy = copy.deepcopy(trainer.raw_model)
+        self.proxy_opt = torch.optim.SGD(self.proxy.parameters(), lr=self.config.proxy_lr)
+
+    def perturbation(self, trainer, step) -> dict[str, torch.Tensor]:
+        """v per weight tensor: one ascent step of the active objective on the proxy, rescaled layer-wise."""
+        self.proxy.load_state_dict(trainer.raw_model.state_dict())
+        self.proxy.train()
+        terms = trainer.loss_terms(step, self.proxy, phase="awp")
+        self.proxy_opt.zero_grad(set_to_none=True)
+        (-sum(terms.values())).backward()
+        self.proxy_opt.step()
+        proxy = dict(self.proxy.named_parameters())
+        out = {}
+        for name, w in perturbable(trainer.raw_model):
+            d = proxy[name].detach() - w.detach()
+            out[name] = self.config.gamma * w.detach().norm() * d / (d.norm() + 1e-20)
+        return out
+
+    @hookimpl(wrapper=True)
+    def regdefense_forward_backward(self, trainer, step):
+        if self.config.gamma == 0 or trainer.state.epoch < self.config.warmup_epochs:
+            return (yield)
+        v = self.perturbation(trainer, step)
+        params = dict(perturbable(trainer.raw_model))
+        saved = {n: params[n].detach().clone() for n in v}
+        with torch.no_grad():
+            for n, dv in v.items():
+                params[n].add_(dv)
+        try:
+            return (yield)
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    params[n].copy_(w)

@@ -1,0 +1,40 @@
+"""Fast AT / FGSM-RS (Wong, Rice & Kolter, ICLR 2020).
+
+δ₀ ~ U(−ε, ε), one signed gradient step of α = 1.25·ε, projection onto the ε-ball and [0, 1]; train on
+CE(f(x + δ), y). The reference code keeps the model in train mode for the attack step. A single-step
+method: the loop's catastrophic-overfitting guard compares FGSM and PGD accuracy every epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from regdefense import hookimpl, option
+from regdefense.attacks import pgd
+from regdefense_baselines._common import budget
+
+
+class FastAT:
+    """FGSM with a random start (α = 1.25ε)."""
+
+    name = "fast_at"
+    single_step = True
+
+    @dataclass
+    class Config:
+        eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
+        alpha: float | None = option(None, "step size (none: 1.25·ε)", gt=0)
+        attack_mode: Literal["eval", "train"] = option("train", "BN/dropout mode during the attack step "
+                                                                "(train, as the reference code)")
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or self.Config()
+
+    @hookimpl
+    def regdefense_make_adversarial(self, trainer, step, model):
+        c = self.config
+        eps, alpha = budget(trainer, c.eps, c.alpha, 1, alpha_factor=1.25)
+        with trainer.autocast():
+            return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=1, norm="linf",
+                       start="uniform", train_mode=c.attack_mode == "train", info=step.info)

@@ -1,0 +1,70 @@
+"""GAIRAT (Zhang et al., ICLR 2021): geometry-aware instance-reweighted adversarial training.
+
+κᵢ = the number of attack iterations (of K) at whose start x'ᵢ was still classified correctly (counted
+by the adversary from its own forwards). Weight ω(κ) = ½(1 + tanh(λ + 5·(⌊K/2⌋ − κ)/⌊K/2⌋)) ("tanh";
+also "sigmoid" and "discrete" (K + 1 − κ)/(K + 1)), normalised to sum to the batch size, applied to the
+adversarial term of whatever objective is active (through ``trainer.adv_mean``). Reweighting starts after
+``burn_in_epochs``; λ is fixed or moves linearly from ``lambda_max`` to ``lambda_``.
+Defaults of the reference code: λ = −1, fixed, tanh, burn-in 60 of 120 epochs, K = 10.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from regdefense import hookimpl, option
+from regdefense.errors import PluginError
+
+
+def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") -> torch.Tensor:
+    """GAIRAT's per-sample weights from κ, normalised to sum to the batch size."""
+    kappa = kappa.float()
+    if fn == "discrete":
+        w = ((steps + 1) - kappa) / (steps + 1)
+    else:
+        half = max(1, steps // 2)
+        z = lam + (half - kappa) * 5 / half
+        w = (z.tanh() + 1) / 2 if fn == "tanh" else z.sigmoid()
+    return w * len(w) / w.sum()
+
+
+class GAIRAT:
+    """Reweights the adversarial term by how close each point is to the decision boundary."""
+
+    name = "gairat"
+
+    @dataclass
+    class Config:
+        burn_in_epochs: int = option(60, "epochs of plain training before reweighting (reference: 60 of 120)", ge=0)
+        lambda_: float = option(-1.0, "λ of the weight function (reference: -1)")
+        lambda_max: float = option(math.inf, "linear schedule: λ at the end of burn-in")
+        schedule: Literal["fixed", "linear"] = option("fixed", "λ schedule after burn-in")
+        weight_fn: Literal["tanh", "sigmoid", "discrete"] = option("tanh", "weight assignment function")
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or self.Config()
+
+    def current_lambda(self, trainer) -> float:
+        c = self.config
+        if c.schedule == "fixed" or not math.isfinite(c.lambda_max):
+            return c.lambda_
+        total = max(1, trainer.config.train.epochs - c.burn_in_epochs)
+        frac = min(1.0, (trainer.state.epoch - c.burn_in_epochs) / total)
+        return c.lambda_max + frac * (c.lambda_ - c.lambda_max)
+
+    def weights(self, step, adv_logits) -> torch.Tensor:
+        if "kappa" not in step.info:
+            raise PluginError("gairat needs an adversary that reports per-sample kappa (pgd_at, trades, mart, "
+                              "dynat); a library attack does not")
+        return gair_weights(step.info["kappa"], step.info["steps"], self._lam, self.config.weight_fn)
+
+    @hookimpl(wrapper=True)
+    def regdefense_compute_loss(self, trainer, step):
+        if trainer.state.epoch >= self.config.burn_in_epochs and self.weights not in step.weighters:
+            self._lam = self.current_lambda(trainer)
+            step.weighters.append(self.weights)
+        return (yield)

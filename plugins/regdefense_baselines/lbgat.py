@@ -1,0 +1,69 @@
+"""LBGAT (Cui et al., ICCV 2021): learnable boundary-guided adversarial training.
+
+A natural guide network f_n is trained jointly (same optimizer) on clean CE; the robust model f_r is
+pulled toward the guide's clean logits: L = MSE(f_r(x'), f_n(x)) + CE(f_n(x), y) + β·KL(p_r(x) ‖ p_r(x')),
+x' from TRADES' KL maximisation on f_r. The guide's logits are not detached (reference code).
+β = 0 ("LBGAT0", CIFAR-10), 6 for CIFAR-100. The guide is saved and restored with the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.nn.functional as F
+
+from regdefense import hookimpl, option
+from regdefense.attacks import kl_pgd
+from regdefense.losses import kl
+from regdefense.models import create_model, default_model
+from regdefense_baselines._common import budget
+
+
+class LBGAT:
+    """Boundary-guided AT: a clean guide network's logits are the robust model's targets."""
+
+    name = "lbgat"
+
+    @dataclass
+    class Config:
+        beta: float = option(0.0, "weight of the TRADES KL term (LBGAT0: 0 on CIFAR-10; 6 on CIFAR-100)", ge=0)
+        guide: str = option("auto", "architecture of the guide (auto: the run's model architecture)")
+        detach_guide: bool = option(False, "stop the MSE term's gradient into the guide")
+        eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
+        alpha: float | None = option(None, "attack step size (none: 2.5·ε/steps)", gt=0)
+        steps: int = option(10, "attack iterations", ge=1)
+        norm: Literal["linf", "l2"] | None = option(None, "perturbation norm (none: the run's)")
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or self.Config()
+
+    @hookimpl
+    def regdefense_add_modules(self, trainer):
+        c, h, w = trainer.data.input_shape
+        arch = self.config.guide
+        if arch == "auto":
+            arch = trainer.config.model.name
+            arch = default_model(trainer.data.name) if arch == "auto" else arch
+        return {"lbgat_guide": create_model(arch, in_channels=c, num_classes=trainer.data.num_classes,
+                                            image_size=min(h, w))}
+
+    @hookimpl
+    def regdefense_make_adversarial(self, trainer, step, model):
+        c = self.config
+        eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
+        with trainer.autocast():
+            return kl_pgd(model, step.inputs, eps=eps, alpha=alpha, steps=c.steps, norm=c.norm or trainer.norm,
+                          info=step.info, kappa_labels=step.targets)
+
+    @hookimpl
+    def regdefense_compute_loss(self, trainer, step, model):
+        guide = trainer.modules["lbgat_guide"](step.inputs)
+        target = guide.detach() if self.config.detach_guide else guide
+        adv = model(step.adv_inputs)
+        step.outputs.update(adv=adv, guide=guide)
+        terms = {"task": trainer.adv_mean((adv - target).pow(2).mean(dim=1), step, adv),
+                 "guide": F.cross_entropy(guide, step.labels)}
+        if self.config.beta:
+            terms["robust"] = self.config.beta * kl(model(step.inputs), adv).mean()
+        return terms

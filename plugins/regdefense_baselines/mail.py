@@ -1,0 +1,53 @@
+"""MAIL (Wang et al., NeurIPS 2021): probabilistic-margin-aware instance reweighting.
+
+PM(x') = max_{k≠y} p_k(x') − p_y(x') (detached, on the adversarial output); ω = sigmoid(s·(PM + b)),
+applied to the adversarial term of whatever objective is active (MAIL-AT: the adversarial CE; MAIL-TRADES:
+the per-example KL; MAIL-MART: the boosted CE). After ``burn_in_epochs`` of plain training.
+Defaults: MAIL-AT's b = −0.5, s = 10 (MAIL-TRADES: b = 0, s = 2); no renormalisation (reference code);
+burn-in 75 of 120 epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from regdefense import hookimpl, option
+
+
+def mail_weights(adv_logits: torch.Tensor, labels: torch.Tensor, bias: float, slope: float,
+                 normalize: bool = False) -> torch.Tensor:
+    """ω = sigmoid(slope·(max_{k≠y} p_k − p_y + bias)), optionally normalised to mean 1."""
+    p = F.softmax(adv_logits.float(), dim=1)
+    p_y = p.gather(1, labels[:, None]).squeeze(1)
+    p_other = p.scatter(1, labels[:, None], -1.0).amax(dim=1)
+    w = torch.sigmoid(slope * (p_other - p_y + bias))
+    return w * len(w) / w.sum() if normalize else w
+
+
+class MAIL:
+    """Reweights the adversarial term by the probabilistic margin of each adversarial point."""
+
+    name = "mail"
+
+    @dataclass
+    class Config:
+        burn_in_epochs: int = option(75, "epochs of plain training before reweighting (reference: 75 of 120)", ge=0)
+        bias: float = option(-0.5, "b (MAIL-AT -0.5; MAIL-TRADES 0)")
+        slope: float = option(10.0, "s (MAIL-AT 10; MAIL-TRADES 2)", ge=0)
+        normalize: bool = option(False, "rescale the weights to mean 1 per batch")
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or self.Config()
+
+    def weights(self, step, adv_logits) -> torch.Tensor:
+        c = self.config
+        return mail_weights(adv_logits, step.targets, c.bias, c.slope, c.normalize)
+
+    @hookimpl(wrapper=True)
+    def regdefense_compute_loss(self, trainer, step):
+        if trainer.state.epoch >= self.config.burn_in_epochs and self.weights not in step.weighters:
+            step.weighters.append(self.weights)
+        return (yield)
