@@ -62,3 +62,18 @@ def test_writing_plugins_example_works_as_written(make_dist, tiny_trainer, hook_
     namespace = {}
     exec(blocks[-1], namespace)  # the test shown in the doc, run against the plugin shown in the doc
     namespace["test_noise_trains"](tiny_trainer, hook_calls)
+
+
+def test_every_recipe_resolves_and_every_defense_has_a_page():
+    from regdefense.run import load_config
+
+    recipes = sorted((DOCS.parent / "recipes").rglob("*.toml"))
+    assert len(recipes) >= 20
+    for path in recipes:
+        cfg = load_config(str(path))  # unknown keys, bad values or inactive defense tables would raise
+        assert cfg.data.name in ("digits", "cifar10")
+    for name in catalogue():
+        if catalogue()[name].builtin:
+            page = DOCS / "defenses" / f"{name}.md"
+            assert page.exists(), f"docs/defenses/{name}.md is missing"
+            assert "**Computes.**" in page.read_text() and "**Cost.**" in page.read_text()
