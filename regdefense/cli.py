@@ -74,17 +74,19 @@ def _fmt(v, pct: bool = False) -> str:
 @click.option("--seed", type=int, help="Random seed (-o train.seed=...).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: a new one under runs/).")
 @click.option("--resume", type=click.Path(), help="Continue the run in RUN_DIR (or from a checkpoint file).")
+@click.option("--init", "init", type=click.Path(), help="Start from the weights of RUN_DIR (its best.pt) or a "
+                                                        "checkpoint, e.g. a clean-trained model (-o train.init=...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, download, pretrained, device, seed, out,
-          resume, as_json, quiet) -> None:
+          resume, init, as_json, quiet) -> None:
     """Train a defense stack; with no arguments, PGD-AT on the embedded digits."""
     from regdefense.run import train as run_train
 
     overrides = list(overrides)
     for key, value in (("data.name", dataset), ("model.name", model), ("train.epochs", epochs),
                        ("data.data_dir", data_dir), ("data.download", download), ("model.pretrained", pretrained),
-                       ("train.device", device), ("train.seed", seed)):
+                       ("train.device", device), ("train.seed", seed), ("train.init", init)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if quiet:
@@ -124,7 +126,8 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         return
     rows = [{"name": i["name"], "dist": f"{i['distribution']} {i['version']}",
              "status": "ok" if i["status"] == "ok" else f"BROKEN: {i['error']}",
-             "hooks": ", ".join(h.removeprefix("regdefense_") for h in i["hooks"])} for i in infos]
+             "hooks": ", ".join(h.removeprefix("regdefense_") + (" (wrapper)" if h in i["wrappers"] else "")
+                                for h in i["hooks"])} for i in infos]
     click.echo(_table(rows, [("name", "defense"), ("dist", "distribution"), ("status", "status"), ("hooks", "hooks")]))
 
 
@@ -148,7 +151,8 @@ def plugins_show(name: str, as_json: bool) -> None:
     click.echo(f"{name}  ({info.dist} {info.version}, {info.value})\n")
     if doc:
         click.echo(doc + "\n")
-    click.echo("hooks: " + ", ".join(h + (" (exclusive)" if h in EXCLUSIVE else "") for h in info.hooks))
+    click.echo("hooks: " + ", ".join(h + (" (wrapper)" if h in info.wrappers else " (exclusive)" if h in EXCLUSIVE else "")
+                                    for h in info.hooks))
     click.echo(f"\nconfig fields (set with -o {name}.KEY=VALUE or [defense.{name}] in a run file):")
     click.echo(_table(fields, [("name", "field"), ("type", "type"), ("default", "default"), ("help", "help")]))
 

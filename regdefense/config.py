@@ -69,6 +69,8 @@ class TrainConfig:
     channels_last: bool | None = option(None, "channels_last memory format (none: on for CUDA)")
     compile: bool = option(False, "torch.compile the model")
     seed: int = option(0, "random seed")
+    init: str = option("", "start from these weights: a run directory (its best.pt) or a checkpoint file; "
+                           "optimizer, schedule and epochs start fresh")
     deterministic: bool = option(False, "use deterministic algorithms only (bit-exact resume)")
     out_dir: str = option("runs", "where run directories are created")
     save_every: int = option(0, "also keep checkpoints/epoch-N.pt every N epochs (0: only last and best)", ge=0)

@@ -312,6 +312,7 @@ def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | Non
         overrides["data"] = {"name": dataset}
     cfg = load_config(raw=raw, overrides=overrides)
     trainer = Trainer(cfg)
+    trainer.hook.regdefense_fit_start(trainer=trainer)  # defenses build their state, then it is loaded into them
     trainer.restore_state(payload)
     model = trainer.hook.regdefense_eval_model(trainer=trainer)
     test = trainer.data.test

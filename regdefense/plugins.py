@@ -42,10 +42,15 @@ class PluginInfo:
             return []
         return sorted(n for n in dir(self.cls) if n.startswith("regdefense_"))
 
+    @property
+    def wrappers(self) -> list[str]:
+        """Hooks this defense implements as a wrapper (a modifier of another defense's job)."""
+        return [h for h in self.hooks if (getattr(getattr(self.cls, h), "regdefense_impl", None) or {}).get("wrapper")]
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "distribution": self.dist, "version": self.version, "entry_point": self.value,
-                "builtin": self.builtin, "hooks": self.hooks, "status": "broken" if self.error else "ok",
-                "error": self.error}
+                "builtin": self.builtin, "hooks": self.hooks, "wrappers": self.wrappers,
+                "status": "broken" if self.error else "ok", "error": self.error}
 
 
 def _check_defense_class(cls: Any) -> str | None:

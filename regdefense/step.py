@@ -23,7 +23,9 @@ class Step:
     ``info`` carries what the adversary learned per sample for modifiers to use (``info["kappa"]``:
     GAIRAT's count of iterations still classified correctly). ``weighters`` are per-sample weighting
     functions ``fn(step, adv_logits) -> weights`` that modifiers such as GAIRAT and MAIL register;
-    objectives apply them to their adversarial term through :meth:`Trainer.adv_mean`.
+    objectives apply them to their adversarial term through :meth:`Trainer.adv_mean`. ``logs`` holds
+    scalars to log per epoch (as ``log_<name>`` means in ``metrics.jsonl``) without adding them to the loss,
+    such as ATGR's raw penalty.
     """
 
     inputs: Tensor
@@ -35,6 +37,7 @@ class Step:
     losses: dict[str, Tensor] = field(default_factory=dict)
     stash: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    logs: dict[str, Tensor] = field(default_factory=dict)
     weighters: list[Callable[["Step", Tensor], Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -108,6 +108,8 @@ class Trainer:
         self.norm = config.threat.norm
         self.eps_factor = 1.0
         self.raw_model = model if model is not None else self._build_model()
+        if t.init:
+            self._load_init(t.init)
         self._check_model()
         self.model = self.raw_model  # replaced by its compiled form below when train.compile is set
         self.modules: dict[str, nn.Module] = {}
@@ -345,6 +347,17 @@ class Trainer:
         return create_model(name, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w),
                             pretrained=m.pretrained, normalize=norm, depth=m.depth, widen=m.widen)
 
+    def _load_init(self, target: str) -> None:
+        """Start from another run's weights (its best.pt, or a checkpoint file): the paper-001 fine-tuning flow."""
+        path = Path(target)
+        ckpt = path / "checkpoints" / "best.pt" if path.is_dir() else path
+        payload = checkpoint.load(ckpt)
+        try:
+            self.raw_model.load_state_dict(payload["model"])
+        except RuntimeError as exc:
+            raise UserError(f"train.init: the weights in {ckpt} do not fit this model: "
+                            f"{str(exc).splitlines()[0][:300]}") from None
+
     def _check_model(self) -> None:
         x = self.data.train.floats(torch.arange(min(2, len(self.data.train))))
         try:
@@ -399,21 +412,24 @@ class Trainer:
 
     @staticmethod
     def _accumulate(sums: dict[str, Tensor], step: Step) -> None:
-        for name, value in step.losses.items():
-            value = value.detach().float()
-            sums[name] = sums[name] + value if name in sums else value
+        for prefix, values in (("loss_", step.losses), ("log_", step.logs)):
+            for name, value in values.items():
+                key, value = prefix + name, value.detach().float()
+                sums[key] = sums[key] + value if key in sums else value
         sums["_n"] = sums.get("_n", 0) + 1
 
     def _train_metrics(self, epoch: int, sums: dict[str, Any], seconds: float) -> dict[str, Any]:
         n = sums.pop("_n", 0) or 1
-        terms = {k: float(v) / n for k, v in sums.items()}  # one host sync per epoch
-        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        means = {k: float(v) / n for k, v in sums.items()}  # one host sync per epoch
+        bad = [k.removeprefix("loss_") for k, v in means.items() if k.startswith("loss_") and not math.isfinite(v)]
         if bad:
             raise UserError(f"loss term(s) {', '.join(bad)} became non-finite in epoch {epoch + 1}; "
                             f"lower train.lr or check the data (last good checkpoint: "
                             f"{self.run_dir / 'checkpoints' / 'last.pt' if self.run_dir else 'none'})")
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "loss": sum(terms.values()), "eps": self.eps, "epoch_seconds": seconds}
-        metrics.update({f"loss_{k}": v for k, v in terms.items()})
+        metrics: dict[str, Any] = {"epoch": epoch + 1,
+                                   "loss": sum(v for k, v in means.items() if k.startswith("loss_")),
+                                   "eps": self.eps, "epoch_seconds": seconds}
+        metrics.update(means)
         return metrics
 
     def _log(self, metrics: dict[str, Any]) -> None:

@@ -67,3 +67,15 @@ def test_value_parsing():
     assert coerce("none", float | None, "k") is None
     assert coerce("yes", bool, "k") is True
     assert parse_overrides(["a.b=1", "defense.pgd_at.steps=2"]) == {"a": {"b": "1"}, "pgd_at": {"steps": "2"}}
+
+
+def test_every_defense_config_survives_the_saved_json():
+    """config.json and checkpoints store the config as JSON; reading it back must give the same config."""
+    from regdefense.plugins import catalogue
+
+    for name, info in catalogue().items():
+        if info.error:
+            continue
+        cfg = load_config(defenses=[name])
+        again = load_config(raw=json.loads(json.dumps(cfg.to_dict())))
+        assert again.to_dict() == cfg.to_dict(), name

@@ -255,3 +255,15 @@ def test_torchscript_model_file(tmp_path, digits_models):
 
     report, files = evaluate(path, arch="torchscript", n=32, checks=False, progress=False, out=tmp_path / "ev")
     assert report.clean > 0.8 and files["md"].exists()
+
+
+def test_evaluating_a_run_whose_defense_has_state(tmp_path):
+    """fgsm_pgk's buffers and ema's copy must be rebuilt (fit_start) before the checkpoint is loaded into them."""
+    from regdefense.evaluate import evaluate
+    from regdefense.run import train
+
+    result = train(defenses=["fgsm_pgk", "ema"], overrides=["train.epochs=1", "data.limit=128", "eval.pgd_steps=1",
+                                                            "eval.test_samples=16", "train.progress=false"],
+                   out=tmp_path / "run", echo=lambda s: None)
+    report, _ = evaluate(result.run_dir, n=32, checks=False, progress=False)
+    assert report.meta["stack"] == ["fgsm_pgk", "ema"] and 0 <= report.clean <= 1

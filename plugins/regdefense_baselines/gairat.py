@@ -10,7 +10,6 @@ Defaults of the reference code: λ = −1, fixed, tanh, burn-in 60 of 120 epochs
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,7 +40,7 @@ class GAIRAT:
     class Config:
         burn_in_epochs: int = option(60, "epochs of plain training before reweighting (reference: 60 of 120)", ge=0)
         lambda_: float = option(-1.0, "λ of the weight function (reference: -1)")
-        lambda_max: float = option(math.inf, "linear schedule: λ at the end of burn-in")
+        lambda_max: float | None = option(None, "linear schedule: λ at the end of burn-in (none: no schedule)")
         schedule: Literal["fixed", "linear"] = option("fixed", "λ schedule after burn-in")
         weight_fn: Literal["tanh", "sigmoid", "discrete"] = option("tanh", "weight assignment function")
 
@@ -50,7 +49,7 @@ class GAIRAT:
 
     def current_lambda(self, trainer) -> float:
         c = self.config
-        if c.schedule == "fixed" or not math.isfinite(c.lambda_max):
+        if c.schedule == "fixed" or c.lambda_max is None:
             return c.lambda_
         total = max(1, trainer.config.train.epochs - c.burn_in_epochs)
         frac = min(1.0, (trainer.state.epoch - c.burn_in_epochs) / total)
