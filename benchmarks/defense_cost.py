@@ -20,8 +20,9 @@ from regdefense.trainer import Trainer
 
 STACKS = [["pgd_at"], [], ["fast_at"], ["fgsm_pgk"], ["fgsm_pgk", "ema"], ["trades"], ["mart"], ["lbgat"],
           ["pgd_at", "awp"], ["trades", "awp"], ["pgd_at", "gairat"], ["pgd_at", "mail"], ["trades", "mail"],
-          ["pgd_at", "ema"]]
-FULL_POWER = {"awp": ["awp.warmup_epochs=0"], "gairat": ["gairat.burn_in_epochs=0"], "mail": ["mail.burn_in_epochs=0"]}
+          ["pgd_at", "ema"], ["fgsm_pgk", "regmix"], ["pgd_at", "atwr"], ["pgd_at", "atgr"], ["eatr"]]
+FULL_POWER = {"awp": ["awp.warmup_epochs=0"], "gairat": ["gairat.burn_in_epochs=0"], "mail": ["mail.burn_in_epochs=0"],
+              "eatr": ["eatr.pgd_steps=10", "eatr.cw_steps=20"]}  # EATR at the CPU recipes' sizes
 
 
 def make(stack: list[str], seed: int) -> Trainer:

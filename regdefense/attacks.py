@@ -81,7 +81,8 @@ def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float,
     :param train_mode: run the model in train mode during the attack (BN batch statistics).
     :param info: if given, receives ``info["kappa"]``: per sample, the number of iterations at whose
         start the iterate was still classified as ``kappa_labels`` (default ``y``) — GAIRAT's geometry
-        value, counted from the attack's own forwards at no extra cost.
+        value, counted from the attack's own forwards at no extra cost — and ``info["x_init"]``, the
+        starting point of the ascent.
     :return: the adversarial inputs, detached. Parameter gradients are left untouched.
     """
     if norm not in ("linf", "l2"):
@@ -94,6 +95,8 @@ def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float,
         delta = project(random_start(x, eps, norm), x, eps, norm)
     else:
         delta = torch.zeros_like(x)
+    if info is not None:
+        info["x_init"] = (x + delta).detach()  # where the ascent started (RegMix's δ_initial)
     kappa_labels = kappa_labels if kappa_labels is not None else y
     kappa = torch.zeros(len(x), dtype=torch.long, device=x.device) if info is not None else None
     with model_mode(model, train_mode), torch.enable_grad():

@@ -209,7 +209,7 @@ def test_fgsm_pgk_reads_and_writes_buffers_by_dataset_index():
     untouched[idx] = False
     before = plugin.prior.clone()
     terms = trainer.loss_terms(step, model)
-    z1, z0 = model(step.adv_inputs), step.outputs["prior"]
+    z1, z0 = model(step.adv_inputs), step.outputs["init"]
     soft = torch.full((len(y), 10), 0.5 / 9).scatter(1, y[:, None], 0.5)
     assert terms["task"].item() == pytest.approx(-(soft * F.log_softmax(z1, 1)).sum(1).mean().item(), rel=1e-5)
     assert terms["consistency"].item() == pytest.approx(5.6 * F.mse_loss(z1, z0).item(), rel=1e-5)

@@ -8,7 +8,8 @@ Per-sample buffers indexed by dataset index: a prior perturbation Δ and a momen
 3. L = CE(z₁, ŷ) + λ·MSE(z₁, z₀) — MSE on logits over B×K, z₀ not detached;
 4. after the step: r = acc(z₁)/acc(z₀) on the batch; M[idx] ← g/‖g‖₁·(2 − r) + μ·M[idx];
    Δ[idx] ← clip_ε(δ₀ + α·sign M[idx]). r is published as ``step.info["acc_ratio"]`` for ``ema``'s
-   adaptive decay (``-o ema.adaptive_tau=0.82``).
+   adaptive decay (``-o ema.adaptive_tau=0.82``). The initial point and its logits are published as
+   ``step.info["x_init"]`` and ``step.outputs["init"]`` (RegMix's AMR uses them).
 
 Defaults: CIFAR-10 reference values: α = ε = 8/255, smoothing 0.5, λ = 5.6, μ = 0.3, reset every 10 epochs
 (CIFAR-100/Tiny-ImageNet: 0.8, 1, 0.1, 40). Buffers cost 2·N·C·H·W floats (≈1.2 GB for CIFAR-10).
@@ -72,7 +73,8 @@ class FGSMPGK:
         with trainer.autocast():
             z0 = model(x + delta0)  # train mode, as the reference code: this forward also updates BN statistics
             (g,) = torch.autograd.grad(soft_ce(z0, soft).mean(), delta0, retain_graph=True)
-        step.outputs["prior"] = z0  # graph kept: the consistency term back-propagates into this branch too
+        step.outputs["init"] = z0  # graph kept: the consistency term back-propagates into this branch too
+        step.info["x_init"] = (x + delta0).detach()
         step.stash[self.name] = {"delta0": delta0.detach(), "grad": g.detach(), "soft": soft}
         return (x + project(delta0.detach() + alpha * g.sign(), x, eps, "linf")).detach()
 
@@ -83,7 +85,7 @@ class FGSMPGK:
         step.outputs["adv"] = z1
         terms = {"task": trainer.adv_mean(soft_ce(z1, s["soft"]), step, z1)}
         if self.config.lam:
-            z0 = step.outputs["prior"] if model is trainer.model else model(step.inputs + s["delta0"])
+            z0 = step.outputs["init"] if model is trainer.model else model(step.info["x_init"])
             terms["consistency"] = self.config.lam * (z1 - z0).pow(2).mean()
         return terms
 
@@ -92,7 +94,7 @@ class FGSMPGK:
         s, idx = step.stash[self.name], step.index
         eps, alpha = self._eps_alpha(trainer)
         with torch.no_grad():
-            acc0 = (step.outputs["prior"].argmax(1) == step.targets).float().mean()
+            acc0 = (step.outputs["init"].argmax(1) == step.targets).float().mean()
             acc1 = (step.outputs["adv"].argmax(1) == step.targets).float().mean()
             ratio = torch.where(acc0 > 0, acc1 / acc0.clamp_min(1e-12), torch.ones_like(acc0))
             g = s["grad"]
