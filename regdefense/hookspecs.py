@@ -20,7 +20,9 @@ The loop (:meth:`regdefense.trainer.Trainer.fit`) calls them in this order::
 
 *Exclusive* hooks (:data:`EXCLUSIVE`) may be implemented (as a plain, non-wrapper impl) by at most
 one active defense besides ``core``; activating two raises a :class:`~regdefense.errors.PluginError`
-naming both. Implementations may accept any subset of a hook's arguments.
+naming both. An implementation marked ``trylast=True`` is a *fallback*: it answers only when no regular
+provider is active (``core``'s defaults are fallbacks too). Implementations may accept any subset of a
+hook's arguments.
 """
 
 from __future__ import annotations

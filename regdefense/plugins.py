@@ -109,7 +109,7 @@ def new_manager() -> pluggy.PluginManager:
 
 
 def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.PluginManager:
-    """Build a plugin manager with ``core`` plus the stack, in order.
+    """Build a plugin manager with the stack, in order, plus ``core``.
 
     :param stack: defense names (looked up in the catalogue) or ready-made defense objects (with a
         ``name`` attribute; handy in tests and notebooks).
@@ -121,7 +121,6 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.
 
     configs = configs or {}
     pm = new_manager()
-    pm.register(CorePlugin(), name="core")
     cat = None
     for item in stack:
         if isinstance(item, str):
@@ -135,11 +134,15 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.
         else:
             plugin, name, origin = item, getattr(item, "name", type(item).__name__), "an object"
         if pm.get_plugin(name) is not None or name == "core":
-            raise PluginError(f"defense '{name}' is in the stack twice; list each defense once")
+            raise PluginError(f"defense '{name}' is in the stack twice; list each defense once"
+                              if name != "core" else "'core' is the loop's own plugin; it cannot be activated")
         try:
             pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"defense '{name}' ({origin}) does not fit this regdefense: {exc}") from None
+    # core last: pluggy places each new trylast impl first in line to be called last, so registering core
+    # after the stack makes its defaults the very last resort, behind any defense's fallback provider
+    pm.register(CorePlugin(), name="core")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -148,16 +151,23 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.
     return pm
 
 
-def providers(pm: pluggy.PluginManager, hook: str) -> list[str]:
-    """Names of the active plugins other than ``core`` that provide ``hook`` (wrappers excluded)."""
+def providers(pm: pluggy.PluginManager, hook: str, fallbacks: bool = False) -> list[str]:
+    """Names of the active plugins other than ``core`` that provide ``hook`` (wrappers excluded).
+
+    A provider marked ``trylast=True`` is a *fallback*: it answers only when no regular provider does
+    (DYNAT offers its dynamic-label PGD this way, so ``dynat + trades`` uses TRADES' adversary). With
+    ``fallbacks=True`` the fallbacks are listed instead of the regular providers.
+    """
     impls = getattr(pm.hook, hook).get_hookimpls()
-    return [i.plugin_name for i in impls if i.plugin_name != "core" and not (i.wrapper or i.hookwrapper)]
+    return [i.plugin_name for i in impls if i.plugin_name != "core" and not (i.wrapper or i.hookwrapper)
+            and bool(i.trylast) == fallbacks]
 
 
 def check_conflicts(pm: pluggy.PluginManager) -> None:
-    """Raise PluginError if two active defenses provide the same exclusive hook."""
+    """Raise PluginError if two active defenses provide the same exclusive hook (or, with no regular
+    provider, offer two fallbacks for it)."""
     for hook in hookspecs.EXCLUSIVE:
-        names = providers(pm, hook)
+        names = providers(pm, hook) or providers(pm, hook, fallbacks=True)
         if len(names) > 1:
             both = " and ".join(f"'{n}'" for n in names)
             raise PluginError(f"{both} both provide {hook}; activate only one of them")

@@ -295,7 +295,9 @@ class Trainer:
         """Write ``last.pt``, ``best.pt`` when the held-out metric improved, and ``epoch-N.pt`` if asked."""
         select = self.config.eval.select
         if select == "auto":
-            select = "robust" if providers(self.pm, "regdefense_make_adversarial") else "clean"
+            adversary = providers(self.pm, "regdefense_make_adversarial") or providers(
+                self.pm, "regdefense_make_adversarial", fallbacks=True)
+            select = "robust" if adversary else "clean"
         score = metrics.get(f"val_{select}", -metrics.get("loss", math.inf))
         improved = score > self.state.best_metric
         if improved:

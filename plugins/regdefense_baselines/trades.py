@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.attacks import kl_pgd
+from regdefense.attacks import kl_pgd, pgd
 from regdefense.losses import kl
 from regdefense_baselines._common import budget
 
@@ -31,6 +32,8 @@ class TRADES:
         steps: int = option(10, "attack iterations", ge=1)
         norm: Literal["linf", "l2"] | None = option(None, "perturbation norm (none: the run's)")
         attack_mode: Literal["eval", "train"] = option("eval", "BN/dropout mode during the attack")
+        attack: Literal["kl", "ce"] = option("kl", "inner maximisation: TRADES' label-free KL, or CE-PGD against "
+                                                   "step.targets (what dynamic-label defenses such as DYNAT-Inner need)")
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
@@ -40,6 +43,10 @@ class TRADES:
         c = self.config
         eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
         with trainer.autocast():
+            if c.attack == "ce":
+                return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
+                           norm=c.norm or trainer.norm, start=0.001 * torch.randn_like(step.inputs),
+                           train_mode=c.attack_mode == "train", info=step.info)
             return kl_pgd(model, step.inputs, eps=eps, alpha=alpha, steps=c.steps, norm=c.norm or trainer.norm,
                           train_mode=c.attack_mode == "train", info=step.info, kappa_labels=step.targets)
 
