@@ -193,9 +193,11 @@ def _type_name(tp: Any) -> str:
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from TOML, JSON or a ``-o`` string) to the field type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal and value in typing.get_args(tp):
+        return value  # e.g. the choice "none", which must not be parsed as None
     if isinstance(value, str) and tp is not str:
         value = _parse_text(value)
-    origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
