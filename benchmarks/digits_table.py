@@ -20,11 +20,11 @@ from pathlib import Path
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "digits"
 
 
-def measure(recipe: Path, seed: int, workdir: Path, autoattack: bool) -> dict:
+def measure(recipe: Path, seed: int, workdir: Path, autoattack: bool, overrides: tuple[str, ...] = ()) -> dict:
     from regdefense.evaluate import evaluate
     from regdefense.run import train
 
-    result = train(str(recipe), overrides=[f"train.seed={seed}", "train.progress=false"],
+    result = train(str(recipe), overrides=[f"train.seed={seed}", "train.progress=false", *overrides],
                    out=workdir / f"{recipe.stem}-{seed}", echo=lambda s: None)
     suites = ["quick", "autoattack"] if autoattack else ["quick"]
     report, _ = evaluate(result.run_dir, suites=suites, seed=seed, progress=False, checks=False)
@@ -41,13 +41,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--no-autoattack", action="store_true")
     ap.add_argument("--out", help="also write the rows as JSON here")
+    ap.add_argument("-o", "--override", action="append", default=[], help="an override for every recipe")
     args = ap.parse_args()
     names = args.recipes or sorted(p.stem for p in RECIPES.glob("*.toml"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             for seed in args.seeds:
-                row = measure(RECIPES / f"{name}.toml", seed, Path(tmp), not args.no_autoattack)
+                row = measure(RECIPES / f"{name}.toml", seed, Path(tmp), not args.no_autoattack, tuple(args.override))
                 rows.append(row)
                 aa = "–" if row["autoattack"] is None else f"{100 * row['autoattack']:.2f}"
                 print(f"| {name} | {seed} | {100 * row['clean']:.2f} | {100 * row['pgd20']:.2f} | {aa} | "

@@ -180,8 +180,14 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
             attack = resolve_attack(a.spec)
             torch.manual_seed(seed)
             started = time.perf_counter()
+            target = model
+            if a.surrogate == "bpda":
+                target = getattr(model, "bpda_model", None)
+                if target is None:
+                    raise UserError("suite bpda-pgd needs a model with a purifier (it has no bpda_model); "
+                                    "evaluate an atop run")
             if a.group is None:
-                adv = attack_all(model, x, y, attack, progress=bar, **kw)
+                adv = attack_all(target, x, y, attack, progress=bar, **kw)
                 m = _row_metrics(model, x, y, adv, clean_scores, **kw)
                 ok = m.pop("pred_correct")
                 worst &= ok
@@ -326,7 +332,7 @@ def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | Non
 def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float | None = None, n: int | None = None,
              seed: int = 0, which: str = "best", arch: str | None = None, dataset: str | None = None,
              device: str = "auto", batch_size: int = 256, checks: bool = True, out: str | Path | None = None,
-             progress: bool = True) -> tuple[Report, dict[str, Path]]:
+             progress: bool = True, check_samples: int = 256) -> tuple[Report, dict[str, Path]]:
     """Evaluate a run, checkpoint or model file and write the report files.
 
     :param suites: suite names (``quick``, ``paper-001``, ``paper-002``, ``autoattack``,
@@ -344,7 +350,7 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
     torch.manual_seed(seed)
     rep = evaluate_model(t.model, x, y, suites=suites or ["quick"], eps=eps, default_eps=t.default_eps, norm=t.norm,
                          num_classes=t.num_classes, seed=seed, batch_size=batch_size, device=t.device, checks=checks,
-                         progress=progress, meta=t.meta)
+                         progress=progress, meta=t.meta, check_samples=check_samples)
     if out is None:
         out = (t.run_dir / "eval") if t.run_dir is not None else Path(target).with_suffix("").parent / "eval"
     return rep, reporting.write(rep, Path(out))

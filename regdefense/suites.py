@@ -33,6 +33,7 @@ class SuiteAttack:
     eot: bool = False
     single_step: bool = False
     group: str | None = None
+    surrogate: str | None = None  #: "bpda": run the attack on ``model.bpda_model`` and measure the real model
 
 
 @dataclass
@@ -135,7 +136,18 @@ def build_suite(name: str, *, eps: float | None, default_eps: float, norm: str, 
         ], eps=e, norm=norm,
             protocol="AutoAttack rand (official settings for randomized defenses: APGD-CE and APGD-DLR, 100 it, "
                      "20 EOT samples; still-robust points; per-point worst case)")
+    if name == "eot-pgd":
+        steps, eot = 20, 20
+        return Suite("eot-pgd", [SuiteAttack(f"PGD-{steps} EOT-{eot}", f"torchattacks:EOTPGD(eps={e!r}, "
+                                 f"alpha={2.5 * e / steps!r}, steps={steps}, eot_iter={eot}, random_start=True)",
+                                             eot=True)], eps=e, norm=norm,
+                     protocol=f"full-gradient PGD-{steps} with EOT over {eot} samples of the model's randomness, "
+                              f"through the whole model (adaptive)")
+    if name == "bpda-pgd":
+        return Suite("bpda-pgd", [SuiteAttack("BPDA-PGD-20", _pgd(norm, e, 20), surrogate="bpda")], eps=e, norm=norm,
+                     protocol="PGD-20 with the purifier's gradient replaced by the identity (BPDA); the purified "
+                              "model is then measured on the result — a weaker, non-adaptive-in-gradient protocol")
     raise ConfigError(unknown("attack suite", name, SUITES) + ", or an attack spec such as torchattacks:PGD(eps=0.1)")
 
 
-SUITES = ("quick", "paper-001", "paper-002", "autoattack", "autoattack-rand")
+SUITES = ("quick", "paper-001", "paper-002", "autoattack", "autoattack-rand", "eot-pgd", "bpda-pgd")

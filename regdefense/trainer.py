@@ -94,7 +94,7 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, *, pm=None, data: Data | None = None, model: nn.Module | None = None,
-                 run_dir: str | Path | None = None) -> None:
+                 run_dir: str | Path | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.config = config
         t = config.train
         self.pm = pm if pm is not None else activate(config.defenses, config.defense)
@@ -123,7 +123,7 @@ class Trainer:
         for net in [self.raw_model, *self.modules.values()]:
             net.to(self.device, memory_format=fmt)
         self.model = torch.compile(self.raw_model) if t.compile else self.raw_model
-        self.optimizer = self._build_optimizer()
+        self.optimizer = self._build_optimizer() if optimizer is None else self._adopt(optimizer)
         self.train_loader = BatchLoader(self.data.train, t.batch_size, seed=t.seed, augment=self.data.augment)
         self.train_size = len(self.data.train)
         self.scheduler = self._build_scheduler()
@@ -380,6 +380,14 @@ class Trainer:
         for module in self.modules.values():
             params += [p for p in module.parameters() if p.requires_grad]
         return params
+
+    def _adopt(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Use a caller's optimizer (ART's classifier's); extra modules' parameters join as a new group."""
+        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        extra = [p for p in self._trainable() if id(p) not in known]
+        if extra:
+            optimizer.add_param_group({"params": extra})
+        return optimizer
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         t = self.config.train

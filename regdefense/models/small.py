@@ -14,21 +14,34 @@ def _no_pretrained(name: str, pretrained: bool) -> None:
         raise ConfigError(f"model '{name}' has no pretrained weights; drop --pretrained")
 
 
+def _digits_cnn(in_channels: int, num_classes: int, image_size: int, width: int, bn: bool) -> nn.Module:
+    if image_size < 2:
+        raise ConfigError("digits_cnn needs images of at least 2×2 pixels")
+    side = image_size // 2
+    norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), norm(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), norm(2 * width), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(2 * width * side * side, 128), nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
 @register_model
 def digits_cnn(in_channels: int, num_classes: int, image_size: int, pretrained: bool = False,
                width: int = 32) -> nn.Module:
     """Two 3×3 convolutions, a max-pool and two linear layers (the default for the digits)."""
     _no_pretrained("digits_cnn", pretrained)
-    if image_size < 2:
-        raise ConfigError("digits_cnn needs images of at least 2×2 pixels")
-    side = image_size // 2
-    return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(2 * width * side * side, 128), nn.ReLU(),
-        nn.Linear(128, num_classes),
-    )
+    return _digits_cnn(in_channels, num_classes, image_size, width, bn=False)
+
+
+@register_model
+def digits_cnn_bn(in_channels: int, num_classes: int, image_size: int, pretrained: bool = False,
+                  width: int = 32) -> nn.Module:
+    """digits_cnn with BatchNorm after each convolution (for methods whose early phase can kill ReLUs)."""
+    _no_pretrained("digits_cnn_bn", pretrained)
+    return _digits_cnn(in_channels, num_classes, image_size, width, bn=True)
 
 
 class SmallCNN(nn.Module):

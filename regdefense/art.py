@@ -1,0 +1,211 @@
+"""ART integration: regdefense stacks as ART trainers, runs as ART classifiers, purifiers as ART preprocessors.
+
+    from regdefense.art import RegDefenseTrainer, to_art_classifier, PurifierPreprocessor
+
+    trainer = RegDefenseTrainer(classifier, defenses=["trades", "awp"], configs={"threat": {"eps": 0.2}})
+    trainer.fit(x, y, nb_epochs=10, batch_size=128)       # numpy in, trains natively in torch
+    classifier = trainer.get_classifier()                  # the same PyTorchClassifier, now robust
+
+Unlike ART's own trainers, training runs through regdefense's loop on the classifier's module and optimizer
+(no numpy round trip per batch), updates BatchNorm statistics, accepts any torch LR scheduler (stepped once per
+epoch), works with ``nn.Sequential`` models, and leaves the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
+from art.defences.trainer.trainer import Trainer as ARTTrainer
+
+from regdefense.errors import UserError
+
+
+class ARTInputAdapter(nn.Module):
+    """Maps regdefense's [0, 1] inputs to what the ART classifier's model expects: the clip range, the
+    classifier's preprocessing defences (in ART's order), then its mean/std standardisation."""
+
+    def __init__(self, model: nn.Module, clip: tuple[float, float], mean: Any, std: Any, defences: list) -> None:
+        super().__init__()
+        self.model, self.defences = model, [d for d in defences if d.apply_fit]
+        self.lo, self.hi = float(clip[0]), float(clip[1])
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
+
+    def _shape(self, t: Tensor, x: Tensor) -> Tensor:
+        return t.view(1, -1, *[1] * (x.dim() - 2)) if t.dim() == 1 and t.numel() == x.shape[1] else t
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * (self.hi - self.lo) + self.lo
+        for d in self.defences:
+            x, _ = d.forward(x)
+        x = (x - self._shape(self.mean, x)) / self._shape(self.std, x)
+        return self.model(x)
+
+
+def _labels(y: np.ndarray) -> torch.Tensor:
+    y = np.asarray(y)
+    return torch.as_tensor(y.argmax(axis=1) if y.ndim == 2 else y, dtype=torch.long)
+
+
+class _GeneratorLoader:
+    """Batches from an ART DataGenerator, as the loop's loader: ``(x, y, position)``."""
+
+    def __init__(self, generator, to01) -> None:
+        self.generator, self.to01 = generator, to01
+        self.batches = math.ceil(generator.size / generator.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        seen = 0
+        for _ in range(self.batches):
+            x, y = self.generator.get_batch()
+            x = self.to01(x)
+            yield x, _labels(y), torch.arange(seen, seen + len(x))
+            seen += len(x)
+
+
+class RegDefenseTrainer(ARTTrainer):
+    """An ``art.defences.trainer.Trainer`` that trains a ``PyTorchClassifier`` with a regdefense stack.
+
+    :param classifier: an ART ``PyTorchClassifier`` (its ``model``, ``optimizer``, ``clip_values``,
+        ``preprocessing`` and ``preprocessing_defences`` are honoured; the optimizer is the one that steps).
+    :param defenses: the stack, e.g. ``["pgd_at"]`` or ``["trades", "awp", "dynat"]``.
+    :param configs: ``{section_or_defense: {key: value}}``, e.g. ``{"threat": {"eps": 0.3}, "pgd_at": {"steps": 7}}``;
+        ε is in units of the clip range (inputs are rescaled to [0, 1] inside).
+    """
+
+    def __init__(self, classifier, defenses: list[str] | None = None, configs: dict[str, dict[str, Any]] | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(classifier)
+        self.defenses = list(defenses if defenses is not None else ["pgd_at"])
+        self.configs = {k: dict(v) for k, v in (configs or {}).items()}
+        self.seed = seed
+        clip = classifier.clip_values if classifier.clip_values is not None else (0.0, 1.0)
+        self.lo, self.hi = float(np.min(clip[0])), float(np.max(clip[1]))
+        prep = classifier.preprocessing
+        mean, std = (prep.mean, prep.std) if prep is not None and hasattr(prep, "mean") else (0.0, 1.0)
+        self.module = ARTInputAdapter(classifier.model, (self.lo, self.hi), mean, std,
+                                      list(classifier.preprocessing_defences or []))
+        self.trainer = None
+
+    def _to01(self, x: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        return ((x - self.lo) / (self.hi - self.lo)).clamp(0, 1)
+
+    def _build(self, x01: torch.Tensor, y: torch.Tensor, batch_size: int, nb_epochs: int):
+        from regdefense.data import Data, Split
+        from regdefense.plugins import activate
+        from regdefense.run import load_config
+        from regdefense.trainer import Trainer
+
+        sections = {"train": {"epochs": nb_epochs, "batch_size": batch_size, "progress": False, "seed": self.seed,
+                              "device": str(self.classifier.device), "schedule": "constant"},
+                    "data": {"val_fraction": 0.0}}
+        for key, values in self.configs.items():
+            sections.setdefault(key, {}).update(values)
+        cfg = load_config(defenses=self.defenses, overrides=sections)
+        split = Split(x01, y)
+        data = Data(name="art", train=split, val=None, test=Split(x01[:2], y[:2]),
+                    num_classes=self.classifier.nb_classes, default_eps=8 / 255)
+        trainer = Trainer(cfg, pm=activate(self.defenses, cfg.defense), data=data, model=self.module,
+                          optimizer=self.classifier.optimizer)
+        return trainer
+
+    def _fit(self, trainer, nb_epochs: int, scheduler) -> None:
+        if scheduler is not None:
+            from regdefense import hookimpl
+
+            class _Step:
+                name = "art_scheduler"
+
+                @hookimpl
+                def regdefense_epoch_end(self):
+                    scheduler.step()
+
+            trainer.pm.register(_Step(), name="art_scheduler")
+        trainer.config.train.epochs = trainer.state.epoch + nb_epochs
+        try:
+            trainer.fit()
+        finally:
+            self.classifier.model.eval()
+        self.trainer = trainer
+
+    def fit(self, x: np.ndarray, y: np.ndarray, nb_epochs: int = 20, batch_size: int = 128, scheduler=None,
+            **kwargs) -> None:
+        """Train on numpy arrays (``x`` in the classifier's clip range, ``y`` indices or one-hot)."""
+        if len(x) != len(y):
+            raise UserError(f"x has {len(x)} samples but y has {len(y)}")
+        trainer = self._build(self._to01(x), _labels(y), batch_size, nb_epochs)
+        self._fit(trainer, nb_epochs, scheduler)
+
+    def fit_generator(self, generator, nb_epochs: int = 20, scheduler=None, **kwargs) -> None:
+        """Train from an ART ``DataGenerator`` (``get_batch()`` called ⌈size / batch_size⌉ times per epoch).
+
+        Per-sample state (``fgsm_pgk``) is indexed by position in the epoch, not by dataset index.
+        """
+        x0, y0 = generator.get_batch()
+        trainer = self._build(self._to01(x0), _labels(y0), generator.batch_size, nb_epochs)
+        trainer.train_loader = _GeneratorLoader(generator, self._to01)
+        trainer.train_size = generator.size
+        self._fit(trainer, nb_epochs, scheduler)
+
+    def predict(self, x: np.ndarray, **kwargs) -> np.ndarray:
+        return self.classifier.predict(x, **kwargs)
+
+
+def to_art_classifier(run_or_model, *, input_shape: tuple[int, ...] | None = None, nb_classes: int | None = None,
+                      which: str = "best", lr: float = 1e-3):
+    """A ``PyTorchClassifier`` (clip values (0, 1), CE loss, an Adam optimizer) from a run directory,
+    a checkpoint, or a trained ``nn.Module`` (then give ``input_shape`` and ``nb_classes``)."""
+    from art.estimators.classification import PyTorchClassifier
+
+    if isinstance(run_or_model, nn.Module):
+        if input_shape is None or nb_classes is None:
+            raise UserError("to_art_classifier(model) needs input_shape and nb_classes")
+        model = run_or_model
+    else:
+        from regdefense.evaluate import load_target
+
+        t = load_target(run_or_model, which=which)
+        model, input_shape, nb_classes = t.model, tuple(t.x.shape[1:]), t.num_classes
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr) if params else None
+    device = next(model.parameters()).device
+    return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
+                             nb_classes=nb_classes, optimizer=optimizer, clip_values=(0.0, 1.0),
+                             device_type="gpu" if device.type == "cuda" else "cpu")
+
+
+class PurifierPreprocessor(PreprocessorPyTorch):
+    """AToP's purifier with its random transform as an ART preprocessing defence (inputs in [0, 1]).
+
+    Gradients flow through it (full-gradient attacks); it is applied at prediction and not at fit time.
+    """
+
+    def __init__(self, purified: nn.Module, device_type: str = "cpu", apply_fit: bool = False,
+                 apply_predict: bool = True) -> None:
+        super().__init__(device_type=device_type, is_fitted=True, apply_fit=apply_fit, apply_predict=apply_predict)
+        self.purified = purified.to(self._device).eval()
+
+    @classmethod
+    def from_run(cls, run: str, which: str = "best", device_type: str = "cpu") -> "PurifierPreprocessor":
+        from regdefense.evaluate import load_target
+
+        model = load_target(run, which=which).model
+        if not hasattr(model, "purified"):
+            raise UserError(f"{run} is not an atop run (its evaluated model has no purifier)")
+        return cls(model.purified, device_type=device_type)
+
+    def forward(self, x: Tensor, y: Any = None) -> tuple[Tensor, Any]:
+        return self.purified(x), y
