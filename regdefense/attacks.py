@@ -211,6 +211,17 @@ def art_names() -> list[str]:
     return sorted(n for n, c in vars(ev).items() if isinstance(c, type) and issubclass(c, EvasionAttack))
 
 
+class _Float32(nn.Module):
+    """Some ART attacks (HopSkipJump) hand the estimator float64 arrays; the model wants float32."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.float())
+
+
 class LibraryAttack:
     """A resolved spec: ``attack(model, x, y) -> x_adv``; library objects are built once per model."""
 
@@ -232,7 +243,7 @@ class LibraryAttack:
 
         with torch.no_grad(), model_mode(model, False):
             nb_classes = int(model(x[:1]).shape[1])
-        estimator = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+        estimator = PyTorchClassifier(model=_Float32(model), loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
                                       nb_classes=nb_classes, clip_values=(0.0, 1.0),
                                       device_type="gpu" if x.is_cuda else "cpu")
         kwargs = dict(self.spec.kwargs)
