@@ -13,3 +13,10 @@ def test_custom_defense_example_stacks_a_term_on_pgd_at():
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip().splitlines()[-1]
     assert line.startswith("epoch  1") and "weight_l2" in line and "PGD-20" in line
+
+
+def test_art_pipeline_example_runs():
+    out = subprocess.run([sys.executable, str(EXAMPLES / "art_pipeline.py"), "--epochs", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ART PGD-20" in out.stdout.strip().splitlines()[-1]
