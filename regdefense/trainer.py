@@ -207,6 +207,14 @@ class Trainer:
         """Back-propagate ``loss`` through the gradient scaler (a pass-through unless fp16)."""
         self.scaler.scale(loss).backward()
 
+    def build_network(self, arch: str) -> nn.Module:
+        """A zoo architecture sized for this run's data (channels, classes, image size), for defenses that add
+        networks (guides, proxies); ``"auto"`` is the run's own architecture."""
+        c, h, w = self.data.input_shape
+        if arch == "auto":
+            arch = default_model(self.data.name) if self.config.model.name == "auto" else self.config.model.name
+        return create_model(arch, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w))
+
     def adv_mean(self, per_sample: Tensor, step: Step, adv_logits: Tensor) -> Tensor:
         """Batch mean of a per-sample adversarial loss, reweighted by every registered weighter.
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from regdefense import hookimpl, option
 from regdefense.attacks import kl_pgd
 from regdefense.losses import kl
-from regdefense.models import create_model, default_model
 from regdefense_baselines._common import budget
 
 
@@ -40,13 +39,7 @@ class LBGAT:
 
     @hookimpl
     def regdefense_add_modules(self, trainer):
-        c, h, w = trainer.data.input_shape
-        arch = self.config.guide
-        if arch == "auto":
-            arch = trainer.config.model.name
-            arch = default_model(trainer.data.name) if arch == "auto" else arch
-        return {"lbgat_guide": create_model(arch, in_channels=c, num_classes=trainer.data.num_classes,
-                                            image_size=min(h, w))}
+        return {"lbgat_guide": trainer.build_network(self.config.guide)}
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.attacks import model_mode, pgd
-from regdefense.models import create_model, default_model
+from regdefense.models import default_model
 
 
 class DYNAT:
@@ -62,10 +62,9 @@ class DYNAT:
     def regdefense_add_modules(self, trainer):
         c, h, w = trainer.data.input_shape
         arch = self.config.guide
-        if arch == "auto":
+        if arch == "auto":  # the paper's ResNet-18 guide on CIFAR-sized data, the dataset's default otherwise
             arch = "resnet18" if min(h, w) >= 32 and c == 3 else default_model(trainer.data.name)
-        return {"dynat_guide": create_model(arch, in_channels=c, num_classes=trainer.data.num_classes,
-                                            image_size=min(h, w))}
+        return {"dynat_guide": trainer.build_network(arch)}
 
     @hookimpl
     def regdefense_batch_start(self, trainer, step):
