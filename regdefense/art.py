@@ -60,8 +60,8 @@ class _GeneratorLoader:
         self.generator, self.to01 = generator, to01
         self.batches = math.ceil(generator.size / generator.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        pass  # the generator serves its own order; a mid-epoch resume cannot replay it
 
     def __len__(self) -> int:
         return self.batches

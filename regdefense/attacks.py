@@ -105,7 +105,7 @@ def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float,
             logits = model(x + delta)
             if kappa is not None:
                 kappa += (logits.detach().argmax(1) == kappa_labels).long()
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits.float(), y)  # the attack's loss in fp32 even under autocast
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
                 if norm == "linf":

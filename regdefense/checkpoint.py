@@ -1,7 +1,17 @@
-"""Checkpoints: tensors and primitive containers only, written atomically, loaded with ``weights_only=True``."""
+"""Checkpoints: tensors and primitive containers only, written atomically with a checksum, loaded with
+``weights_only=True``.
+
+A file is a 16-byte magic line, the SHA-256 of the rest, then ``torch.save``'s zip. It is written to a
+temporary file in the same folder, fsynced and renamed over the target, so a process killed mid-write
+leaves the previous checkpoint in place; the checksum catches what a rename cannot (a disk that
+flipped bits, a copy cut short). Loading never unpickles anything but tensors and plain containers.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
 import pickle
 import random
@@ -14,36 +24,110 @@ import torch
 from regdefense.errors import CheckpointError
 
 FORMAT = 1
+MAGIC = b"regdefense-ckpt\n"  # 16 bytes
 
 
 def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``payload`` to ``path`` through a temporary file, fsync and rename (never a half-written file)."""
+    """Write ``payload`` to ``path`` through a temporary file, fsync and rename (never a half-written file).
+
+    A failed write (a full disk, a vanished folder) removes the temporary file, leaves any earlier
+    checkpoint at ``path`` untouched and raises :class:`CheckpointError` saying so.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getbuffer()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(MAGIC)
+            fh.write(hashlib.sha256(body).digest())
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise CheckpointError(f"could not write the checkpoint {path}: {why}{kept}. Free space or fix "
+                              f"permissions, then resume from the last checkpoint") from None
+    _fsync_dir(path.parent)
     return path
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a regdefense checkpoint; anything else (missing, truncated, foreign) raises CheckpointError."""
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read(path: str | os.PathLike) -> Any:
+    """Read any torch file safely: a checksummed regdefense file or a plain ``torch.save`` of tensors.
+
+    Raises CheckpointError for a missing, truncated, corrupt or checksum-failing file, and for one holding
+    anything other than tensors and plain containers (which is refused, never executed).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if raw.startswith(MAGIC):
+        digest, body = raw[len(MAGIC):len(MAGIC) + 32], raw[len(MAGIC) + 32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise CheckpointError(f"{path} fails its checksum: the file is truncated or corrupt "
+                                  f"({len(raw)} bytes); use another checkpoint (best.pt, epoch-N.pt)")
+        raw = body
+    try:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError,
+            AttributeError, TypeError, KeyError, IndexError) as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
         first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt, or it holds objects "
-                              f"other than tensors): {first[:200]}") from None
+                              f"other than tensors, which are never unpickled): {first[:200]}") from None
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a regdefense checkpoint; anything else (missing, truncated, foreign) raises CheckpointError."""
+    obj = read(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
-        raise CheckpointError(f"{path} is not a regdefense checkpoint (format {FORMAT})")
+        raise CheckpointError(f"{path} is not a regdefense checkpoint (format {FORMAT}): it holds "
+                              f"{_describe(obj)}; to evaluate plain weights use `regdefense evaluate FILE --arch NAME`")
     return obj
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = list(obj)[:4]
+        return f"a dict with keys {keys}{'...' if len(obj) > 4 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def differences(payload: dict[str, Any], config) -> list[str]:
+    """What makes a checkpoint unfit to resume a run of ``config``: another stack, model or dataset."""
+    saved = payload.get("config") or {}
+    out = []
+    if payload.get("stack") != list(config.defenses):
+        out.append(f"defense stack {payload.get('stack')} in the file vs {list(config.defenses)} in this run")
+    for section, key in (("model", "name"), ("model", "depth"), ("model", "widen"), ("data", "name")):
+        have = (saved.get(section) or {}).get(key)
+        want = getattr(getattr(config, section), key)
+        if section in saved and have != want:
+            out.append(f"{section}.{key} '{have}' in the file vs '{want}' in this run")
+    return out
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,7 +22,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            raise _UserFacing(str(exc)) from None
+            err = _UserFacing(str(exc))
+            err.exit_code = exc.exit_code  # 2 for bad input, 130 for a run stopped by a signal
+            raise err from None
 
 
 def _print_version(ctx: click.Context, _param, value: bool) -> None:
@@ -96,6 +98,8 @@ def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, do
         stack = [] if list(defenses) == ["none"] else list(defenses)
     echo = (lambda s: click.echo(s, err=True)) if as_json else click.echo
     result = run_train(config_file, defenses=stack, overrides=overrides, out=out, resume=resume, echo=echo)
+    if not result.main:
+        return  # torchrun: rank 0 reports
     if as_json:
         click.echo(json.dumps({"run_dir": str(result.run_dir), "table": result.table,
                                "wall_seconds": result.wall_seconds}, indent=2))

@@ -67,7 +67,11 @@ class TrainConfig:
     device: str = option("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     amp: Literal["off", "bf16", "fp16"] = option("off", "mixed precision on CUDA (fp16 uses a GradScaler)")
     channels_last: bool | None = option(None, "channels_last memory format (none: on for CUDA)")
+    attack_fp32: bool = option(False, "with train.amp on, run the inner attacks' forwards and losses in fp32 "
+                                      "(slower; for gradients that fp16/bf16 would round away)")
     compile: bool = option(False, "torch.compile the model")
+    nonfinite: Literal["stop", "skip"] = option("stop", "a NaN/Inf loss term: stop the run naming the epoch, batch "
+                                                        "and term, or skip that batch's update and count skips")
     seed: int = option(0, "random seed")
     init: str = option("", "start from these weights: a run directory (its best.pt) or a checkpoint file; "
                            "optimizer, schedule and epochs start fresh")
@@ -88,6 +92,8 @@ class DataConfig:
         "auto", "training augmentation (auto: crop_flip for CIFAR, crop for SVHN, none otherwise)")
     image_size: int | None = option(None, "resize image-folder datasets to this size", ge=1)
     limit: int | None = option(None, "use only the first N training samples (quick experiments)", ge=1)
+    on_device: Literal["auto", "on", "off"] = option("auto", "keep the training split in GPU memory (auto: when "
+                                                             "it takes under a quarter of the GPU's memory)")
 
 
 @dataclass

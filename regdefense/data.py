@@ -63,17 +63,22 @@ class Data:
 class BatchLoader:
     """Iterate over a split in batches of ``(x, y, index)``; reshuffled per epoch from ``(seed, epoch)``.
 
-    The permutation depends only on the seed and the epoch, so a resumed run sees exactly the batches
-    an uninterrupted one would have. ``augment`` is applied on whole batches with tensor ops.
+    The permutation depends only on the seed and the epoch, and each batch's augmentation only on
+    ``(seed, epoch, batch)``, so a run resumed mid-epoch (``set_epoch(epoch, start=k)``) sees exactly the
+    batches an uninterrupted one would have. Under torch.distributed each process yields its slice of every
+    global batch (``index`` stays the global dataset index). ``pin`` page-locks CPU batches for
+    asynchronous copies to a GPU; a split already on the GPU is indexed there.
     """
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 augment: str = "none", drop_last: bool = False) -> None:
+                 augment: str = "none", drop_last: bool = False, dist=None, pin: bool = False) -> None:
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
-        self.augment, self.drop_last, self.epoch = augment, drop_last, 0
+        self.augment, self.drop_last, self.epoch, self.start = augment, drop_last, 0, 0
+        self.dist, self.pin = dist, pin
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Serve epoch ``epoch``'s batches, skipping its first ``start`` (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -82,32 +87,44 @@ class BatchLoader:
     def __iter__(self):
         n = len(self.split)
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=gen)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:
-            gen, order = None, torch.arange(n)
-        for i in range(len(self)):
+            order = torch.arange(n)
+        for i in range(self.start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.split.floats(idx)
+            params = None
             if self.augment != "none":
-                x = augment_batch(x, self.augment, gen)
-            yield x, self.split.y[idx], idx
+                gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 100_019 + i)
+                params = draw_augment(len(idx), self.augment, gen)
+            if self.dist is not None and self.dist.enabled:
+                idx = self.dist.shard(idx)
+                params = params and tuple(self.dist.shard(p) for p in params)
+            x = self.split.floats(idx.to(self.split.x.device))
+            if params is not None:
+                x = augment_batch(x, *(p.to(x.device) for p in params))
+            y = self.split.y[idx.to(self.split.y.device)]
+            if self.pin and not x.is_cuda:
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x, y, idx
 
 
-def augment_batch(x: Tensor, mode: str, gen: torch.Generator | None, pad: int = 4) -> Tensor:
-    """Random crop from a zero-padded image (``crop``), plus a horizontal flip (``crop_flip``)."""
-    b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+def draw_augment(b: int, mode: str, gen: torch.Generator, pad: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image random crop offsets and flips for ``augment_batch``, drawn for a whole global batch."""
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w + 2 * pad)
+    flip = torch.rand(b, generator=gen) < 0.5 if mode == "crop_flip" else torch.zeros(b, dtype=torch.bool)
+    return dy, dx, flip
+
+
+def augment_batch(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
+    """Crop each image at offset (dy, dx) from a zero-padded copy, then mirror those with ``flip``."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
     x = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
     x = x.gather(3, cols)
-    if mode == "crop_flip":
-        flip = torch.rand(b, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -267,3 +284,40 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Data:
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     return Data(name=name, train=train, val=val, test=test, num_classes=num_classes,
                 default_eps=DEFAULT_EPS.get(name, 8 / 255), augment=augment, mean=mean, std=std)
+
+
+def check_data(data: Data) -> None:
+    """Refuse, before training starts, data the loop would choke on or silently learn nonsense from.
+
+    Checks every split: N×C×H×W images with the same C×H×W as the training split, as many labels as
+    images, labels in ``[0, num_classes)``, a non-empty training split, and float pixels finite and in [0,1].
+    """
+    if data.train is None or len(data.train) == 0:
+        raise DataError(f"dataset '{data.name}': the training split is empty")
+    shape = tuple(data.train.x.shape[1:])
+    for name, split in (("train", data.train), ("val", data.val), ("test", data.test)):
+        if split is None:
+            continue
+        x, y = split.x, split.y
+        if x.ndim != 4:
+            raise DataError(f"dataset '{data.name}' {name} split: images must be N×C×H×W, got shape {tuple(x.shape)}")
+        if tuple(x.shape[1:]) != shape:
+            raise DataError(f"dataset '{data.name}' {name} split: images are {tuple(x.shape[1:])}, but training "
+                            f"images are {shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"dataset '{data.name}' {name} split: {len(x)} images but labels of shape {tuple(y.shape)}")
+        if y.is_floating_point() or y.dtype == torch.bool:
+            raise DataError(f"dataset '{data.name}' {name} split: labels must be integers, got {y.dtype}")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= data.num_classes):
+            raise DataError(f"dataset '{data.name}' {name} split: labels must lie in [0, {data.num_classes - 1}], "
+                            f"found [{int(y.min())}, {int(y.max())}]")
+        if x.is_floating_point() and len(x):
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
+                raise DataError(f"dataset '{data.name}' {name} split: image {bad} has NaN or infinite pixels")
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > 1:
+                raise DataError(f"dataset '{data.name}' {name} split: float pixels must lie in [0,1], found "
+                                f"[{lo:g}, {hi:g}]")
+        elif x.dtype != torch.uint8:
+            raise DataError(f"dataset '{data.name}' {name} split: pixels must be uint8 or float, got {x.dtype}")

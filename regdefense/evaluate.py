@@ -293,10 +293,7 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
         from regdefense.models import create_model
 
         model = create_model(arch, in_channels=c, num_classes=data.num_classes, image_size=min(h, w))
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-            raise UserError(f"{path} is not a readable state_dict: {str(exc).splitlines()[0][:200]}") from None
+        state = checkpoint.read(path)  # a checksummed regdefense file or a plain state_dict; never unpickles code
         state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
         try:
             model.load_state_dict(state)

@@ -129,8 +129,8 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.
             name, origin = item, f"{info.dist} {info.version}"
             try:
                 plugin = info.cls(configs.get(item) or info.cls.Config())
-            except (TypeError, ValueError) as exc:
-                raise PluginError(f"defense '{item}' could not be created: {exc}") from None
+            except Exception as exc:  # a third-party constructor may raise anything
+                raise PluginError(f"defense '{item}' ({origin}) could not be created: {type(exc).__name__}: {exc}") from None
         else:
             plugin, name, origin = item, getattr(item, "name", type(item).__name__), "an object"
         if pm.get_plugin(name) is not None or name == "core":
@@ -171,3 +171,46 @@ def check_conflicts(pm: pluggy.PluginManager) -> None:
         if len(names) > 1:
             both = " and ".join(f"'{n}'" for n in names)
             raise PluginError(f"{both} both provide {hook}; activate only one of them")
+
+
+@dataclass
+class Culprit:
+    """The defense whose code raised an exception during a run."""
+
+    name: str
+    where: str  #: the hook (or method) in which it raised
+
+    def error(self, exc: BaseException, last_good: str, traceback_at: str) -> PluginError:
+        info = catalogue().get(self.name)
+        origin = f" (from {info.dist} {info.version})" if info is not None and not info.builtin else ""
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return PluginError(f"defense '{self.name}'{origin} failed in {self.where}: {type(exc).__name__}"
+                           f"{': ' + text if text else ''}; last good checkpoint: {last_good}. Fix or "
+                           f"deactivate it; the other defenses are unaffected (full traceback: {traceback_at})")
+
+
+def blame(pm: pluggy.PluginManager, exc: BaseException) -> Culprit | None:
+    """The active defense whose own code is deepest in ``exc``'s traceback, or None if none is.
+
+    Read from the frames' source files: a frame in the module that defines a registered plugin's class.
+    The deepest such frame names the defense; the function it ran names where.
+    """
+    import inspect
+    import os
+
+    files: dict[str, str] = {}
+    for name, plugin in pm.list_name_plugin():
+        if name == "core":
+            continue
+        try:
+            files[os.path.realpath(inspect.getfile(type(plugin)))] = name
+        except (TypeError, OSError):
+            continue
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        path = os.path.realpath(tb.tb_frame.f_code.co_filename)
+        if path in files:
+            found = Culprit(files[path], tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return found

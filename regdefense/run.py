@@ -24,6 +24,7 @@ class RunResult:
     table: list[dict[str, Any]]
     wall_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    main: bool = True  #: False on the processes other than rank 0 of a torchrun job (they measure nothing)
 
 
 def load_config(config_file: str | None = None, defenses: list[str] | None = None,
@@ -86,8 +87,11 @@ def write_config(trainer, path: Path) -> None:
                         "input_shape": list(trainer.data.input_shape), "model": type(trainer.raw_model).__name__}
     data["versions"] = versions()
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}; free space or choose another --out") from None
 
 
 def final_table(trainer) -> list[dict[str, Any]]:
@@ -161,9 +165,12 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
     :param resume: a run directory or checkpoint to continue; the run's saved config is used.
     :return: the run directory, the final table and the wall time.
     """
+    from regdefense import distributed
     from regdefense.trainer import Trainer
 
     started = time.perf_counter()
+    dist = distributed.init()  # under torchrun: join the group before anything is written
+    echo = echo if dist.is_main else (lambda _msg: None)
     if resume is not None:
         run_dir, ckpt = locate_resume(resume)
         try:
@@ -177,9 +184,13 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
         echo(f"resuming {run_dir} from {ckpt.name}")
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
-        run_dir = make_run_dir(cfg, out)
+        run_dir = dist.broadcast_object(make_run_dir(cfg, out) if dist.is_main else None)  # rank 0 names it
         trainer = Trainer(cfg, run_dir=run_dir)
-        echo(f"run directory: {run_dir}")
+        echo(f"run directory: {run_dir}" + (f" ({dist.world} processes)" if dist.enabled else ""))
+    if not dist.is_main:
+        trainer.fit()  # the other processes train, then leave the measuring and writing to rank 0
+        distributed.shutdown()
+        return RunResult(run_dir, [], time.perf_counter() - started, trainer.history, main=False)
     write_config(trainer, run_dir / "config.json")
     trainer.fit()
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -190,4 +201,5 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
     summary = {"stack": cfg.defenses, "dataset": cfg.data.name, "table": table, "wall_seconds": wall,
                "epochs": trainer.state.epoch}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    distributed.shutdown()
     return RunResult(run_dir, table, wall, history)

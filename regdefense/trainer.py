@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import regdefense
-from regdefense import checkpoint, hookimpl
+from regdefense import checkpoint, distributed, hookimpl
 from regdefense.attacks import pgd
 from regdefense.config import RunConfig
-from regdefense.data import BatchLoader, Data, load_data
-from regdefense.errors import ConfigError, DataError, UserError
+from regdefense.data import BatchLoader, Data, check_data, load_data
+from regdefense.errors import CheckpointError, ConfigError, DataError, UserError
 from regdefense.evaluate import accuracy
 from regdefense.models import create_model, default_model
-from regdefense.plugins import activate, providers
+from regdefense.plugins import activate, blame, providers
+from regdefense.safety import Interrupt, NonFiniteGuard, TrainingInterrupted
 from regdefense.step import Step
 
 
@@ -60,11 +61,15 @@ class CorePlugin:
 class TrainState:
     epoch: int = 0  #: the next epoch to run
     global_step: int = 0
+    batch: int = 0  #: the next batch of ``epoch`` (non-zero only in a checkpoint written mid-epoch)
     best_metric: float = -math.inf
     best_epoch: int = -1
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device ``train.device`` names; under torchrun, ``auto`` and ``cuda`` mean this process's GPU."""
+    if name in ("auto", "cuda") and local_rank is not None and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -99,11 +104,14 @@ class Trainer:
         t = config.train
         self.pm = pm if pm is not None else activate(config.defenses, config.defense)
         self.hook = self.pm.hook
-        self.device = resolve_device(t.device)
+        self.dist = distributed.init("cpu" if t.device == "cpu" else None)
+        self.device = resolve_device(t.device, self.dist.local_rank if self.dist.enabled else None)
+        self.dist.device, self.dist.batch_size = self.device, t.batch_size
         if t.amp != "off" and self.device.type != "cuda":
             raise ConfigError(f"train.amp={t.amp} needs a CUDA device; use train.amp=off on {self.device.type}")
         seed_everything(t.seed, t.deterministic)
         self.data = data if data is not None else load_data(config.data, t.seed)
+        check_data(self.data)
         self.eps_full = config.threat.eps if config.threat.eps is not None else self.data.default_eps
         self.norm = config.threat.norm
         self.eps_factor = 1.0
@@ -122,9 +130,15 @@ class Trainer:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for net in [self.raw_model, *self.modules.values()]:
             net.to(self.device, memory_format=fmt)
+            for tensor in [*net.parameters(), *net.buffers()]:
+                self.dist.broadcast_(tensor.data)  # every process starts from rank 0's weights
+        if self.dist.rank:
+            torch.manual_seed(t.seed + 1_000_003 * self.dist.rank)  # but draws its own random starts
         self.model = torch.compile(self.raw_model) if t.compile else self.raw_model
         self.optimizer = self._build_optimizer() if optimizer is None else self._adopt(optimizer)
-        self.train_loader = BatchLoader(self.data.train, t.batch_size, seed=t.seed, augment=self.data.augment)
+        on_device = self._place_train_split()
+        self.train_loader = BatchLoader(self.data.train, t.batch_size, seed=t.seed, augment=self.data.augment,
+                                        dist=self.dist, pin=self.device.type == "cuda" and not on_device)
         self.train_size = len(self.data.train)
         self.scheduler = self._build_scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
@@ -135,30 +149,56 @@ class Trainer:
         self.should_stop = False
         self.history: list[dict[str, Any]] = []
         self._resume_payload: dict[str, Any] | None = None
+        self.guard = NonFiniteGuard(t.nonfinite)
+        self.interrupt = Interrupt(self.echo)
 
     # --- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> list[dict[str, Any]]:
         """Train. Per batch: batch_start → make_adversarial → forward_backward (→ compute_loss) →
-        unscale, clip → before_optimizer_step → optimizer step → batch_end; per epoch:
-        epoch_start, the batches, eval_model + held-out check, epoch_end, checkpoint."""
+        gradient all-reduce (torchrun) → unscale, clip → before_optimizer_step → optimizer step → batch_end;
+        per epoch: epoch_start, the batches, eval_model + held-out check, epoch_end, checkpoint.
+
+        A hook that raises stops the run with a :class:`PluginError` naming its defense; SIGINT/SIGTERM
+        finish the step, write ``last.pt`` and raise :class:`TrainingInterrupted`.
+        """
+        with self.interrupt.installed():
+            try:
+                return self._fit()
+            except (UserError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # a defense's bug: say which one, keep the traceback as the cause
+                culprit = blame(self.pm, exc)
+                if culprit is None:
+                    raise
+                raise culprit.error(exc, self._last_good(), self._write_traceback(exc)) from exc
+
+    def _fit(self) -> list[dict[str, Any]]:
         hook, t = self.hook, self.config.train
         hook.regdefense_fit_start(trainer=self)
+        sums: dict[str, Any] = {}
         if self._resume_payload is not None:
-            self.restore_state(self._resume_payload)
+            sums = self.restore_state(self._resume_payload)
+        lr = self.optimizer.param_groups[0]["lr"]
         for epoch in range(self.state.epoch, t.epochs):
-            self.state.epoch = epoch
-            self.train_loader.set_epoch(epoch)
-            hook.regdefense_epoch_start(trainer=self, epoch=epoch)
-            started, sums = time.perf_counter(), {}
+            self.state.epoch, start = epoch, self.state.batch
+            self.train_loader.set_epoch(epoch, start)
+            if start == 0:
+                hook.regdefense_epoch_start(trainer=self, epoch=epoch)
+                sums = {}
+            started = time.perf_counter()
             self.model.train()
-            for i, batch in enumerate(self._progress(self.train_loader, f"epoch {epoch + 1}/{t.epochs}")):
+            batches = self._progress(self.train_loader, f"epoch {epoch + 1}/{t.epochs}", start)
+            for i, batch in enumerate(batches, start):
                 self._ramp_eps(epoch + i / len(self.train_loader))
                 step = Step.from_batch(batch, self.device)
                 hook.regdefense_batch_start(trainer=self, step=step)
                 step.adv_inputs = hook.regdefense_make_adversarial(trainer=self, step=step, model=self.model)
                 self.optimizer.zero_grad(set_to_none=True)
                 hook.regdefense_forward_backward(trainer=self, step=step)
+                self.dist.reduce_grads(self._trainable(), step.batch_size)
+                if self._skip_nonfinite(step):
+                    continue
                 self.scaler.unscale_(self.optimizer)
                 if t.grad_clip:
                     nn.utils.clip_grad_norm_(self._trainable(), t.grad_clip)
@@ -171,8 +211,17 @@ class Trainer:
                 hook.regdefense_batch_end(trainer=self, step=step)
                 self._accumulate(sums, step)
                 self.state.global_step += 1
+                self.state.batch = i + 1
+                if self.guard.every and self.state.global_step % self.guard.every == 0:
+                    self.guard.check(self._last_good())
+                if self.state.batch < len(self.train_loader) and self.interrupt.requested(self.dist, self.state.global_step):
+                    self._stop_for_signal(sums)
+            self.state.batch = 0
+            self.guard.check(self._last_good())
             if t.schedule_step == "epoch":
                 self.scheduler.step()
+            self.dist.average_buffers([self.raw_model, *self.modules.values()])
+            self.dist.check_in_sync({"model": self.raw_model, **self.modules})
             metrics = self._train_metrics(epoch, sums, time.perf_counter() - started)
             metrics["lr"] = lr  # the rate the epoch's last batch used
             metrics.update(self.validate(hook.regdefense_eval_model(trainer=self)))
@@ -180,10 +229,59 @@ class Trainer:
             self.state.epoch = epoch + 1
             self._log(metrics)
             self.save_checkpoints(metrics)
+            if self.interrupt.requested(self.dist, 0) and self.state.epoch < t.epochs:
+                self._stop_for_signal({})
             if self.should_stop:
                 break
         hook.regdefense_fit_end(trainer=self)
         return self.history
+
+    def _skip_nonfinite(self, step: Step) -> bool:
+        """Record the step's loss terms for the non-finite check; in ``skip`` mode drop a bad batch's update."""
+        if not step.losses:
+            return False
+        if self.config.train.nonfinite == "skip":
+            if self.guard.bad_now(step.losses, self.dist):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.guard.skipped += 1
+                self.echo(f"warning: skipped batch {self.state.batch + 1} of epoch {self.state.epoch + 1}: a loss "
+                          f"term is NaN or infinite ({self.guard.skipped} skipped so far)")
+                return True
+            return False
+        self.guard.record(step.losses, self.state.global_step, self.state.epoch, self.state.batch)
+        return False
+
+    def _stop_for_signal(self, sums: dict[str, Any]) -> None:
+        """Write ``last.pt`` where the loop stands (mid-epoch if need be) and raise TrainingInterrupted."""
+        self.guard.check(self._last_good())  # never checkpoint weights a NaN has reached
+        where = (f"epoch {self.state.epoch + 1}, batch {self.state.batch}" if self.state.batch
+                 else f"the end of epoch {self.state.epoch}")
+        if self.run_dir is None:
+            raise TrainingInterrupted(f"interrupted at {where}; no run directory, so nothing was saved")
+        if self.dist.is_main:
+            checkpoint.save(self.state_payload(partial=sums), self.run_dir / "checkpoints" / "last.pt")
+        self.dist.barrier()
+        launcher = "torchrun --nproc-per-node N -m regdefense" if self.dist.enabled else "regdefense"
+        raise TrainingInterrupted(f"interrupted at {where}; checkpoint written to "
+                                  f"{self.run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
+                                  f"{launcher} train --resume {self.run_dir}")
+
+    def _write_traceback(self, exc: BaseException) -> str:
+        """Keep the full traceback of a defense's failure in ``RUN_DIR/error.log``; return where it went."""
+        import traceback
+
+        if self.run_dir is None or not self.dist.is_main:
+            return "the exception's __cause__"
+        path = self.run_dir / "error.log"
+        try:
+            path.write_text("".join(traceback.format_exception(exc)))
+        except OSError:
+            return "not saved (the run directory is not writable)"
+        return str(path)
+
+    def _last_good(self) -> str:
+        last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
+        return str(last) if last is not None and last.exists() else "none yet"
 
     # --- services for plugins -----------------------------------------------------------------
 
@@ -202,6 +300,12 @@ class Trainer:
         if amp == "off":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+    def attack_autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context of inner attacks: :meth:`autocast`, or full precision with ``train.attack_fp32``."""
+        if self.config.train.attack_fp32:
+            return torch.autocast(self.device.type, enabled=False)
+        return self.autocast()
 
     def backward(self, loss: Tensor) -> None:
         """Back-propagate ``loss`` through the gradient scaler (a pass-through unless fp16)."""
@@ -252,14 +356,18 @@ class Trainer:
         if split is None or len(split) == 0:
             return {}
         n = min(len(split), self.config.eval.val_samples or len(split))
-        idx = torch.arange(n)
+        idx = self.dist.shard(torch.arange(n))  # under torchrun each process checks its share
         x, y = split.floats(idx), split.y[idx]
         kw = {"batch_size": self.config.eval.batch_size, "device": self.device}
-        out = {"val_clean": accuracy(model, x, y, **kw), "val_robust": accuracy(model, x, y, self.robust_attack(), **kw)}
+
+        def acc(attack=None) -> float:
+            correct = torch.tensor([accuracy(model, x, y, attack, **kw) * len(idx)], device=self.device)
+            return float(self.dist.sum_(correct)) / n
+
+        out = {"val_clean": acc(), "val_robust": acc(self.robust_attack())}
         if self._co_guard():
             eps, norm = self.eps_full, self.norm
-            fgsm = lambda m, xb, yb: pgd(m, xb, yb, eps=eps, alpha=eps, steps=1, norm=norm, start=None)  # noqa: E731
-            out["val_fgsm"] = accuracy(model, x, y, fgsm, **kw)
+            out["val_fgsm"] = acc(lambda m, xb, yb: pgd(m, xb, yb, eps=eps, alpha=eps, steps=1, norm=norm, start=None))
             out["co_gap"] = out["val_fgsm"] - out["val_robust"]
             if out["co_gap"] > self.config.eval.co_threshold:
                 out["catastrophic_overfitting"] = True
@@ -274,16 +382,17 @@ class Trainer:
             return any(getattr(p, "single_step", False) for _, p in self.pm.list_name_plugin())
         return mode == "on"
 
-    @staticmethod
-    def echo(message: str) -> None:
-        """Print a message for the user without breaking progress bars."""
+    def echo(self, message: str) -> None:
+        """Print a message for the user without breaking progress bars (rank 0 only under torchrun)."""
         from tqdm.auto import tqdm
 
-        tqdm.write(message, file=sys.stderr)
+        if self.dist.is_main:
+            tqdm.write(message, file=sys.stderr)
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def state_payload(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    def state_payload(self, metrics: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resume needs; ``partial`` holds the running loss sums of a checkpoint written mid-epoch."""
         plugins = {}
         for name, plugin in self.pm.list_name_plugin():
             if name != "core" and hasattr(plugin, "state_dict"):
@@ -293,6 +402,7 @@ class Trainer:
             "modules": {n: m.state_dict() for n, m in self.modules.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": self.state.epoch, "global_step": self.state.global_step,
+            "batch": self.state.batch, "partial": partial or {}, "skipped": self.guard.skipped,
             "best_metric": self.state.best_metric, "best_epoch": self.state.best_epoch,
             "rng": checkpoint.rng_state(), "plugins": plugins, "stack": list(self.config.defenses),
             "metrics": json.loads(json.dumps(metrics or {})), "config": self.config.to_dict(),
@@ -310,7 +420,7 @@ class Trainer:
         improved = score > self.state.best_metric
         if improved:
             self.state.best_metric, self.state.best_epoch = score, self.state.epoch - 1
-        if self.run_dir is None:
+        if self.run_dir is None or not self.dist.is_main:
             return
         payload = self.state_payload(metrics)
         ckpt = self.run_dir / "checkpoints"
@@ -324,13 +434,15 @@ class Trainer:
     def resume_from(self, path: str | Path) -> None:
         """Load a checkpoint; :meth:`fit` restores it after ``fit_start`` and continues at its epoch."""
         payload = checkpoint.load(path)
-        if payload.get("stack") != list(self.config.defenses):
-            raise UserError(f"checkpoint {path} was trained with the stack {payload.get('stack')}, "
-                            f"not {self.config.defenses}")
+        differences = checkpoint.differences(payload, self.config)
+        if differences:
+            raise CheckpointError(f"checkpoint {path} does not belong to this run: {'; '.join(differences)}")
         self._resume_payload = payload
 
-    def restore_state(self, p: dict[str, Any]) -> None:
-        """Load a checkpoint payload: weights, extra modules, optimizer, schedule, scaler, RNG, defense states."""
+    def restore_state(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Load a checkpoint payload: weights, extra modules, optimizer, schedule, scaler, RNG, defense states.
+
+        Returns the running loss sums of a checkpoint written mid-epoch (empty otherwise)."""
         try:
             self.raw_model.load_state_dict(p["model"])
             for name, module in self.modules.items():
@@ -340,12 +452,14 @@ class Trainer:
         self.optimizer.load_state_dict(p["optimizer"])
         self.scheduler.load_state_dict(p["scheduler"])
         self.scaler.load_state_dict(p["scaler"])
-        self.state = TrainState(p["epoch"], p["global_step"], p["best_metric"], p["best_epoch"])
+        self.state = TrainState(p["epoch"], p["global_step"], p.get("batch", 0), p["best_metric"], p["best_epoch"])
+        self.guard.skipped = p.get("skipped", 0)
         for name, plugin in self.pm.list_name_plugin():
             if name in p["plugins"] and hasattr(plugin, "load_state_dict"):
                 plugin.load_state_dict(p["plugins"][name])
         checkpoint.set_rng_state(p["rng"])
         self._resume_payload = None
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in p.get("partial", {}).items()}
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -369,7 +483,12 @@ class Trainer:
                             f"{str(exc).splitlines()[0][:300]}") from None
 
     def _check_model(self) -> None:
+        """Run the model on two training images: it must take their shape and return one logit per class."""
         x = self.data.train.floats(torch.arange(min(2, len(self.data.train))))
+        first_conv = next((m for m in self.raw_model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first_conv is not None and first_conv.in_channels != x.shape[1]:
+            raise DataError(f"the model takes {first_conv.in_channels}-channel images but the dataset's have "
+                            f"{x.shape[1]}; pick a model for this data (model.name=auto) or convert the images")
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 from regdefense.attacks import model_mode
@@ -421,12 +540,24 @@ class Trainer:
         warm = self.config.train.eps_warmup_epochs
         self.eps_factor = 1.0 if warm <= 0 else min(1.0, progress / warm)
 
-    def _progress(self, iterable, desc: str):
-        if not self.config.train.progress:
-            return iterable
+    def _progress(self, loader, desc: str, start: int = 0):
+        if not self.config.train.progress or not self.dist.is_main:
+            return loader
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, initial=start, total=len(loader))
+
+    def _place_train_split(self) -> bool:
+        """Move the training split into GPU memory when ``data.on_device`` asks (auto: if it fits easily)."""
+        mode, split = self.config.data.on_device, self.data.train
+        if self.device.type != "cuda" or mode == "off":
+            return False
+        if mode == "auto":
+            free = torch.cuda.get_device_properties(self.device).total_memory
+            if split.x.element_size() * split.x.nelement() > free // 4:
+                return False
+        split.x, split.y = split.x.to(self.device), split.y.to(self.device)
+        return True
 
     @staticmethod
     def _accumulate(sums: dict[str, Tensor], step: Step) -> None:
@@ -438,23 +569,29 @@ class Trainer:
 
     def _train_metrics(self, epoch: int, sums: dict[str, Any], seconds: float) -> dict[str, Any]:
         n = sums.pop("_n", 0) or 1
-        means = {k: float(v) / n for k, v in sums.items()}  # one host sync per epoch
-        bad = [k.removeprefix("loss_") for k, v in means.items() if k.startswith("loss_") and not math.isfinite(v)]
-        if bad:
-            raise UserError(f"loss term(s) {', '.join(bad)} became non-finite in epoch {epoch + 1}; "
-                            f"lower train.lr or check the data (last good checkpoint: "
-                            f"{self.run_dir / 'checkpoints' / 'last.pt' if self.run_dir else 'none'})")
+        keys = sorted(sums)
+        if keys:  # one host sync (and, under torchrun, one all-reduce) per epoch
+            values = self.dist.sum_(torch.stack([sums[k].to(self.device) for k in keys])) / self.dist.world
+            means = dict(zip(keys, (values / n).tolist()))
+        else:
+            means = {}
         metrics: dict[str, Any] = {"epoch": epoch + 1,
                                    "loss": sum(v for k, v in means.items() if k.startswith("loss_")),
                                    "eps": self.eps, "epoch_seconds": seconds}
         metrics.update(means)
+        if self.guard.skipped:
+            metrics["skipped_batches"] = self.guard.skipped
         return metrics
 
     def _log(self, metrics: dict[str, Any]) -> None:
         self.history.append(metrics)
-        if self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+        if self.run_dir is not None and self.dist.is_main:
+            try:
+                with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(metrics) + "\n")
+            except OSError as exc:
+                raise UserError(f"cannot append to {self.run_dir / 'metrics.jsonl'}: {exc.strerror or exc}; "
+                                f"free some space and resume with: regdefense train --resume {self.run_dir}") from None
 
 
 def versions() -> dict[str, str]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from regdefense.config import DataConfig
-from regdefense.data import BatchLoader, augment_batch, load_data
+from regdefense.data import BatchLoader, augment_batch, draw_augment, load_data
 from regdefense.errors import DataError
 
 
@@ -37,11 +37,26 @@ def test_loader_yields_dataset_indices_and_is_deterministic_per_epoch():
 
 def test_augmentation_crops_and_flips_within_the_padded_image():
     x = torch.rand(64, 3, 8, 8)
-    out = augment_batch(x, "crop_flip", torch.Generator().manual_seed(0), pad=2)
-    assert out.shape == x.shape
-    assert not torch.equal(out, x)
-    same = augment_batch(x, "crop", torch.Generator().manual_seed(0), pad=0)
-    assert torch.equal(same, x)
+    dy, dx, flip = draw_augment(64, "crop_flip", torch.Generator().manual_seed(0), pad=2)
+    out = augment_batch(x, dy, dx, flip, pad=2)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    centred = torch.full((64,), 2)
+    assert torch.equal(augment_batch(x, centred, centred, torch.zeros(64, dtype=torch.bool), pad=2), x)
+    assert torch.equal(augment_batch(x, centred, centred, torch.ones(64, dtype=torch.bool), pad=2), x.flip(3))
+    # offset (0, 0) shows the zero padding in the top-left corner
+    corner = augment_batch(x, torch.zeros(64, dtype=torch.long), torch.zeros(64, dtype=torch.long),
+                           torch.zeros(64, dtype=torch.bool), pad=2)
+    assert corner[:, :, :2, :].abs().sum() == 0 and torch.equal(corner[:, :, 2:, 2:], x[:, :, :6, :6])
+
+
+def test_loader_resumes_mid_epoch_with_the_same_batches_and_augmentations():
+    data = load_data(DataConfig(name="digits"))
+    full = list(BatchLoader(data.train, 100, seed=5, augment="crop_flip"))
+    loader = BatchLoader(data.train, 100, seed=5, augment="crop_flip")
+    loader.set_epoch(0, start=4)
+    rest = list(loader)
+    assert len(rest) == len(full) - 4
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(full[4:], rest))
 
 
 def _npz(folder, x_train, y_train, x_test=None, y_test=None):

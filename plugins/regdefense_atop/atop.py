@@ -105,7 +105,7 @@ class AToP:
         target = model if c.attack == "classifier" else Defended(self.purified(trainer), model)
         eps = trainer.eps
         alpha = eps if c.attack_steps == 1 else 2.5 * eps / c.attack_steps
-        with trainer.autocast():
+        with trainer.attack_autocast():
             return pgd(target, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.attack_steps,
                        norm=trainer.norm, start=None if c.attack_steps == 1 else "uniform")
 
@@ -140,6 +140,7 @@ class AToP:
         loss = 0.5 * (F.relu(1 - d(real, mask)).mean() + F.relu(1 + d(fake, mask)).mean())
         self.d_opt.zero_grad(set_to_none=True)
         loss.backward()
+        trainer.dist.reduce_grads(d.parameters(), step.batch_size)
         self.d_opt.step()
         d.requires_grad_(False)
         step.logs["atop_d_loss"] = loss.detach()

@@ -53,6 +53,7 @@ class AWP:
         terms = trainer.loss_terms(step, self.proxy, phase="awp")
         self.proxy_opt.zero_grad(set_to_none=True)
         (-sum(terms.values())).backward()
+        trainer.dist.reduce_grads(self.proxy.parameters(), step.batch_size)
         self.proxy_opt.step()
         proxy = dict(self.proxy.named_parameters())
         out = {}
@@ -71,6 +72,7 @@ class AWP:
         with torch.no_grad():
             for n, dv in v.items():
                 params[n].add_(dv)
+        step.outputs.clear()  # logits from the unperturbed weights: their graphs die with the in-place change
         try:
             return (yield)
         finally:

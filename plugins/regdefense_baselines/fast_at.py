@@ -35,6 +35,6 @@ class FastAT:
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
         eps, alpha = budget(trainer, c.eps, c.alpha, 1, alpha_factor=1.25)
-        with trainer.autocast():
+        with trainer.attack_autocast():
             return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=1, norm="linf",
                        start="uniform", train_mode=c.attack_mode == "train", info=step.info)

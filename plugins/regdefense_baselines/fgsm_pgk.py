@@ -62,6 +62,7 @@ class FGSMPGK:
         if epoch % self.config.reset_every == 0:
             eps, alpha = self._eps_alpha(trainer)
             self.prior.copy_((alpha * torch.empty_like(self.prior).uniform_(-eps, eps).sign()).clamp(-eps, eps))
+            trainer.dist.broadcast_(self.prior)  # one prior for all processes
             self.mom.zero_()
 
     @hookimpl
@@ -84,8 +85,13 @@ class FGSMPGK:
         z1 = model(step.adv_inputs)
         step.outputs["adv"] = z1
         terms = {"task": trainer.adv_mean(soft_ce(z1, s["soft"]), step, z1)}
+        own = model is trainer.model
+        z0 = step.outputs.get("init") if own else None  # AWP clears it when it perturbs the weights
+        if z0 is None and (self.config.lam or own):
+            z0 = model(step.info["x_init"])
+            if own:
+                step.outputs["init"] = z0
         if self.config.lam:
-            z0 = step.outputs["init"] if model is trainer.model else model(step.info["x_init"])
             terms["consistency"] = self.config.lam * (z1 - z0).pow(2).mean()
         return terms
 
@@ -99,8 +105,8 @@ class FGSMPGK:
             ratio = torch.where(acc0 > 0, acc1 / acc0.clamp_min(1e-12), torch.ones_like(acc0))
             g = s["grad"]
             m = g / g.abs().sum().clamp_min(1e-12) * (2 - ratio) + self.config.momentum * self.mom[idx]
-            self.mom[idx] = m
-            self.prior[idx] = (s["delta0"] + alpha * m.sign()).clamp(-eps, eps)
+            trainer.dist.set_rows(self.mom, idx, m)  # buffer[idx] = value, on every process
+            trainer.dist.set_rows(self.prior, idx, (s["delta0"] + alpha * m.sign()).clamp(-eps, eps))
         step.info["acc_ratio"] = ratio
 
     def state_dict(self):

@@ -45,7 +45,7 @@ class LBGAT:
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
         eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
-        with trainer.autocast():
+        with trainer.attack_autocast():
             return kl_pgd(model, step.inputs, eps=eps, alpha=alpha, steps=c.steps, norm=c.norm or trainer.norm,
                           info=step.info, kappa_labels=step.targets)
 

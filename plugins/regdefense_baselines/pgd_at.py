@@ -53,7 +53,7 @@ class PGDAT:
         eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
         if eps == 0:
             return step.inputs
-        with trainer.autocast():
+        with trainer.attack_autocast():
             return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
                        norm=c.norm or trainer.norm, start="uniform" if c.random_start else None,
                        train_mode=c.attack_mode == "train", info=step.info)

@@ -42,7 +42,7 @@ class TRADES:
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
         eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
-        with trainer.autocast():
+        with trainer.attack_autocast():
             if c.attack == "ce":
                 return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
                            norm=c.norm or trainer.norm, start=0.001 * torch.randn_like(step.inputs),

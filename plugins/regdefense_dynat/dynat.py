@@ -79,7 +79,7 @@ class DYNAT:
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
         eps = trainer.ramp(c.eps) if c.eps is not None else trainer.eps
-        with trainer.autocast():
+        with trainer.attack_autocast():
             return pgd(model, step.inputs, step.targets, eps=eps, alpha=c.alpha, steps=c.steps, norm=trainer.norm,
                        start=0.001 * torch.randn_like(step.inputs), info=step.info)
 

@@ -1,0 +1,73 @@
+"""Run under ``torchrun --nproc-per-node N`` by tests/test_distributed.py (or alone, as the 1-process baseline).
+
+``python ddp_worker.py MODE OUT_JSON``; rank 0 writes what the test compares.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from regdefense import hookimpl
+from regdefense.plugins import activate
+from regdefense.testing import tiny_config
+from regdefense.trainer import Trainer
+
+
+class Drift:
+    """A defense that (wrongly) changes weights differently on each process."""
+
+    name = "drift"
+
+    @hookimpl
+    def regdefense_batch_end(self, trainer, step):
+        with torch.no_grad():
+            next(trainer.raw_model.parameters()).add_(1e-3 * (trainer.dist.rank + 1))
+
+
+def gather(t):
+    """Every rank's copy of ``t`` (just ``[t]`` for one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [t]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def main(mode: str, out: str) -> None:
+    # the same global batch of 64 for every world size; deterministic kernels; no random start in clean mode
+    base = ["train.deterministic=true", "data.limit=256", "train.batch_size=64", "train.epochs=2"]
+    result = {}
+    if mode == "clean":
+        cfg = tiny_config([], base)
+        trainer = Trainer(cfg, pm=activate([]))
+        trainer.fit()
+        result["weights"] = {k: v.tolist() for k, v in trainer.raw_model.state_dict().items()}
+        result["history"] = trainer.history
+    elif mode == "buffers":  # per-sample buffers (FGSM-PGK's prior) and an extra optimizer (AWP's proxy)
+        cfg = tiny_config(["fgsm_pgk", "awp"], base + ["awp.warmup_epochs=0"])
+        trainer = Trainer(cfg, pm=activate(["fgsm_pgk", "awp"], cfg.defense))
+        trainer.fit()
+        prior = trainer.pm.get_plugin("fgsm_pgk").prior
+        result["prior_equal_on_all_ranks"] = all(torch.equal(p, prior) for p in gather(prior))
+        result["prior_rows_written"] = int((prior.flatten(1).abs().sum(1) > 0).sum())
+        flat = torch.cat([p.detach().flatten() for p in trainer.raw_model.parameters()])
+        result["weights_equal_on_all_ranks"] = all(torch.equal(w, flat) for w in gather(flat))
+        result["history"] = trainer.history
+    elif mode == "drift":
+        cfg = tiny_config([], base)
+        trainer = Trainer(cfg, pm=activate([Drift()]))
+        try:
+            trainer.fit()
+            result["error"] = None
+        except Exception as exc:  # noqa: BLE001 - the test reads the message
+            result["error"] = str(exc)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
