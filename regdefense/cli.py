@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -24,6 +25,10 @@ class _Group(click.Group):
         except UserError as exc:
             err = _UserFacing(str(exc))
             err.exit_code = exc.exit_code  # 2 for bad input, 130 for a run stopped by a signal
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say it once per process and leave without teardown
+                err.show()
+                sys.stderr.flush()
+                os._exit(err.exit_code)
             raise err from None
 
 
@@ -83,6 +88,7 @@ def _fmt(v, pct: bool = False) -> str:
 def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, download, pretrained, device, seed, out,
           resume, init, as_json, quiet) -> None:
     """Train a defense stack; with no arguments, PGD-AT on the embedded digits."""
+    from regdefense import distributed
     from regdefense.run import train as run_train
 
     overrides = list(overrides)
@@ -99,10 +105,11 @@ def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, do
     echo = (lambda s: click.echo(s, err=True)) if as_json else click.echo
     result = run_train(config_file, defenses=stack, overrides=overrides, out=out, resume=resume, echo=echo)
     if not result.main:
-        return  # torchrun: rank 0 reports
+        distributed.finish()  # torchrun: rank 0 reports
     if as_json:
         click.echo(json.dumps({"run_dir": str(result.run_dir), "table": result.table,
                                "wall_seconds": result.wall_seconds}, indent=2))
+        distributed.finish()
         return
     last = result.history[-1] if result.history else {}
     click.echo("")
@@ -113,6 +120,7 @@ def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, do
         click.echo(f"\nfinal epoch: held-out clean {_fmt(last.get('val_clean'), True)}, PGD {_fmt(last.get('val_robust'), True)}")
     click.echo(f"run directory: {result.run_dir}   (metrics.jsonl, curves.png, checkpoints/)")
     click.echo(f"wall time: {result.wall_seconds:.1f} s")
+    distributed.finish()
 
 
 @cli.group(cls=_Group, invoke_without_command=True)

@@ -160,5 +160,24 @@ def init(device_type: str | None = None) -> Dist:
 
 
 def shutdown() -> None:
+    """Leave the process group, all processes together."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def finish(code: int = 0) -> None:
+    """End a torchrun worker process now, after flushing its output.
+
+    Gloo's worker threads can outlive ``destroy_process_group`` and abort the interpreter's own shutdown
+    ("terminate called without an active exception", pytorch/pytorch#190489); a launched process
+    that has finished its work skips that shutdown. A no-op outside torchrun.
+    """
+    if not launched():
+        return
+    import sys
+
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

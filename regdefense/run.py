@@ -111,19 +111,24 @@ def final_table(trainer) -> list[dict[str, Any]]:
     attack = resolve_attack(f"torchattacks:{name}(eps={eps!r}, alpha={2.5 * eps / steps!r}, steps={steps})")
     test = trainer.data.test
     n = min(len(test), cfg.eval.test_samples or len(test))
-    idx = torch.arange(n)
+    idx = trainer.dist.shard(torch.arange(n))  # under torchrun each process attacks its share
     x, y = test.floats(idx), test.y[idx]
     kw = {"batch_size": cfg.eval.batch_size, "device": trainer.device}
 
+    def acc(model, attack=None) -> float:
+        correct = torch.tensor([accuracy(model, x, y, attack, **kw) * len(idx)], device=trainer.device)
+        return float(trainer.dist.sum_(correct)) / n
+
     def row(label: str) -> dict[str, Any]:
         model = trainer.hook.regdefense_eval_model(trainer=trainer)
-        return {"model": label, "clean": accuracy(model, x, y, **kw), "robust": accuracy(model, x, y, attack, **kw),
+        return {"model": label, "clean": acc(model), "robust": acc(model, attack),
                 "attack": f"PGD-{steps} ({trainer.norm}, eps={eps:.4g}, torchattacks)", "n": n}
 
     last_epoch = trainer.state.epoch
     rows = [row(f"last (epoch {last_epoch})")]
     best = trainer.state.best_epoch + 1
     best_file = trainer.run_dir / "checkpoints" / "best.pt" if trainer.run_dir else None
+    trainer.dist.barrier()  # rank 0 has written best.pt
     if best_file is not None and best_file.exists() and best != last_epoch:
         trainer.restore_state(checkpoint.load(best_file))
         rows.append(row(f"best (epoch {best})"))
@@ -187,9 +192,9 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
         run_dir = dist.broadcast_object(make_run_dir(cfg, out) if dist.is_main else None)  # rank 0 names it
         trainer = Trainer(cfg, run_dir=run_dir)
         echo(f"run directory: {run_dir}" + (f" ({dist.world} processes)" if dist.enabled else ""))
-    if not dist.is_main:
-        trainer.fit()  # the other processes train, then leave the measuring and writing to rank 0
-        distributed.shutdown()
+    if not dist.is_main:  # the other processes train and measure their shares; rank 0 writes
+        trainer.fit()
+        final_table(trainer)
         return RunResult(run_dir, [], time.perf_counter() - started, trainer.history, main=False)
     write_config(trainer, run_dir / "config.json")
     trainer.fit()
@@ -201,5 +206,4 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
     summary = {"stack": cfg.defenses, "dataset": cfg.data.name, "table": table, "wall_seconds": wall,
                "epochs": trainer.state.epoch}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    distributed.shutdown()
     return RunResult(run_dir, table, wall, history)

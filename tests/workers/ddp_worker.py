@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from regdefense import hookimpl
+from regdefense import distributed, hookimpl
 from regdefense.plugins import activate
 from regdefense.testing import tiny_config
 from regdefense.trainer import Trainer
@@ -67,6 +67,7 @@ def main(mode: str, out: str) -> None:
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(result, fh)
+    distributed.finish()  # leave the process group and the process cleanly
 
 
 if __name__ == "__main__":
