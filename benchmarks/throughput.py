@@ -3,8 +3,9 @@
 Same model (architecture and initial weights), data order, batch size, PGD settings (L∞, random
 start, eval-mode attack, 10 steps), optimizer and per-batch schedule. The contenders run interleaved
 in one process, round after round, so machine noise hits them alike; the table shows the median
-images/s and the ratio to the hand-written loop. For scale it also times torchattacks' PGD in the
-same plain loop and ART's AdversarialTrainerMadryPGD on the same data.
+images/s and the ratios to the hand-written loop and to ART. For scale it also times torchattacks' PGD in
+the same plain loop and ART's AdversarialTrainerMadryPGD on the same data. Peak memory is each
+contender's peak resident set over one epoch, measured in a fresh process of its own (``--peak NAME``).
 
     python benchmarks/throughput.py                 # embedded digits, digits_cnn, batch 128
     python benchmarks/throughput.py --rounds 7 --no-art
@@ -104,6 +105,37 @@ class ART:
         self.trainer.fit(self.x, self.y, nb_epochs=1)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux ``VmHWM``), in MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def contenders_for(args, trainer: Trainer) -> dict:
+    out = {"regdefense pgd_at": lambda: regdefense_epoch(trainer),
+           "hand-written loop": HandWritten(trainer).epoch_,
+           "plain loop + torchattacks PGD": HandWritten(trainer, use_torchattacks=True).epoch_}
+    if not args.no_art:
+        out["ART AdversarialTrainerMadryPGD"] = ART(trainer).epoch_
+    return out
+
+
+def peak_memory(args, names: list[str]) -> dict[str, str]:
+    """Run each contender for one epoch in a fresh process; its peak RSS there."""
+    import subprocess
+    import sys
+
+    out = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--peak", name, "--model", args.model, "--batch-size", str(args.batch_size)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        out[name] = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else "failed"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -112,16 +144,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-art", action="store_true", help="skip ART (its import takes a few seconds)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    ap.add_argument("--peak", metavar="NAME", help=argparse.SUPPRESS)  # internal: one contender, one epoch
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     trainer = make_trainer(args)
     n = len(trainer.data.train)
-    contenders = {"regdefense pgd_at": lambda: regdefense_epoch(trainer),
-                  "hand-written loop": HandWritten(trainer).epoch_,
-                  "plain loop + torchattacks PGD": HandWritten(trainer, use_torchattacks=True).epoch_}
-    if not args.no_art:
-        contenders["ART AdversarialTrainerMadryPGD"] = ART(trainer).epoch_
+    if args.peak:
+        args.no_art = "ART" not in args.peak
+        run = contenders_for(args, trainer)[args.peak]
+        before = peak_rss_mib()
+        run()
+        print(f"{peak_rss_mib():.0f} MiB (+{peak_rss_mib() - before:.0f})")
+        return
+    contenders = contenders_for(args, trainer)
     for run in contenders.values():  # warm-up round, not timed
         run()
     times = {k: [] for k in contenders}
@@ -131,14 +168,19 @@ def main() -> None:
             run()
             times[name].append(time.perf_counter() - start)
     base = n / statistics.median(times["hand-written loop"])
+    art = n / statistics.median(times["ART AdversarialTrainerMadryPGD"]) if not args.no_art else None
+    memory = {} if args.no_memory else peak_memory(args, list(contenders))
     print(f"PGD-10 AT, {trainer.data.name} ({n} training images), {args.model}, batch {args.batch_size}, "
           f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
-    print(f"{'contender':34s} {'images/s':>10s} {'spread':>10s} {'vs hand-written':>16s}")
+    print(f"{'contender':32s} {'images/s':>9s} {'spread':>11s} {'vs hand-written':>15s} {'vs ART':>7s} "
+          f"{'peak RSS (epoch growth)':>24s}")
     for name, ts in times.items():
         ips = [n / t for t in ts]
         med = statistics.median(ips)
-        print(f"{name:34s} {med:10.0f} {min(ips):5.0f}-{max(ips):<5.0f}{med / base:15.2f}x")
+        vs_art = f"{med / art:.2f}x" if art else "-"
+        print(f"{name:32s} {med:9.0f} {min(ips):5.0f}-{max(ips):<5.0f} {med / base:14.2f}x {vs_art:>7s} "
+              f"{memory.get(name, '-'):>24s}")
 
 
 if __name__ == "__main__":

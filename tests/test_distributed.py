@@ -71,3 +71,15 @@ def test_one_process_is_not_distributed():
     buf = torch.zeros(10)
     d.set_rows(buf, torch.tensor([2, 5]), torch.tensor([1.0, 2.0]))
     assert buf[2] == 1 and buf[5] == 2
+
+
+def test_the_gpu_benchmark_runs_its_smoke_setting_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py must not rot while no GPU is lent: its fp32 row on a tiny CPU setting."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--device", "cpu", "--batch-size", "4",
+                           "--steps", "1", "--epochs", "1", "--modes", "fp32"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [ln for ln in proc.stdout.splitlines() if ln.startswith("fp32")][0].split()
+    assert float(row[1]) > 0 and row[2] == "1.00x"
+    assert "TFLOP" in proc.stdout
