@@ -23,7 +23,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            err = _UserFacing(str(exc))
+            err = _UserFacing(" ".join(str(exc).split("\n")).replace("\r", " "))  # one line, whatever the input held
             err.exit_code = exc.exit_code  # 2 for bad input, 130 for a run stopped by a signal
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say it once per process and leave without teardown
                 err.show()
@@ -85,8 +85,10 @@ def _fmt(v, pct: bool = False) -> str:
                                                         "checkpoint, e.g. a clean-trained model (-o train.init=...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--check", is_flag=True, help="Resolve the config, load the data, build the model and the stack, say "
+                                            "what would run, and stop: nothing is trained or written.")
 def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, download, pretrained, device, seed, out,
-          resume, init, as_json, quiet) -> None:
+          resume, init, as_json, quiet, check) -> None:
     """Train a defense stack; with no arguments, PGD-AT on the embedded digits."""
     from regdefense import distributed
     from regdefense.run import train as run_train
@@ -103,6 +105,11 @@ def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, do
     if defenses:
         stack = [] if list(defenses) == ["none"] else list(defenses)
     echo = (lambda s: click.echo(s, err=True)) if as_json else click.echo
+    if check:
+        from regdefense.run import check as run_check
+
+        click.echo(run_check(config_file, stack, overrides))
+        return
     result = run_train(config_file, defenses=stack, overrides=overrides, out=out, resume=resume, echo=echo)
     if not result.main:
         distributed.finish()  # torchrun: rank 0 reports

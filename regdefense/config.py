@@ -152,8 +152,23 @@ class RunConfig:
 
 # --- values -----------------------------------------------------------------------------------
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow, ast.FloorDiv: operator.floordiv}
+def _numeric(op):
+    """Arithmetic on plain numbers only, with bounded powers: ``8/255`` and ``2**-3`` yes, ``'x'*10**9`` or
+    ``9**9**9`` (which would take memory or hours to compute) no."""
+
+    def apply(a, b):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+            raise ValueError("arithmetic works on numbers only")
+        if op is operator.pow and (abs(b) > 64 or abs(a) > 2**64):
+            raise ValueError("powers are limited to exponents within ±64")
+        return op(a, b)
+
+    return apply
+
+
+_BINOPS = {k: _numeric(op) for k, op in {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+                                        ast.Div: operator.truediv, ast.Pow: operator.pow,
+                                        ast.FloorDiv: operator.floordiv}.items()}
 
 
 def safe_eval(node_or_text: ast.AST | str) -> Any:
@@ -351,7 +366,18 @@ def resolve(raw: dict[str, Any], defenses: list[str] | None, overrides: dict[str
         if key not in allowed:
             raise ConfigError(f"unknown section '{key}' in the run file{did_you_mean(key, allowed)}; "
                               f"valid: {', '.join(sorted(allowed))}")
-    stack = list(defenses) if defenses is not None else list(raw.get("defenses", ["pgd_at"]))
+    for key in list(SECTIONS) + ["defense"]:
+        if not isinstance(raw.get(key, {}), dict):
+            raise ConfigError(f"'{key}' in the run file must be a table ([{key}] with key = value lines), "
+                              f"got {type(raw[key]).__name__}")
+    for name, table in raw.get("defense", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"'defense.{name}' in the run file must be a table ([defense.{name}]), "
+                              f"got {type(table).__name__}")
+    stack = list(defenses) if defenses is not None else raw.get("defenses", ["pgd_at"])
+    if not isinstance(stack, list) or not all(isinstance(d, str) for d in stack):
+        raise ConfigError(f"defenses must be a list of defense names, e.g. defenses = [\"pgd_at\"], got {stack!r}")
+    stack = list(stack)
     sections = {name: dict(raw.get(name, {})) for name in SECTIONS}
     defense_tables = {k: dict(v) for k, v in raw.get("defense", {}).items()}
     for section, values in overrides.items():

@@ -90,6 +90,9 @@ def regdefense_fit_start(trainer: Trainer) -> None:
 def regdefense_epoch_start(trainer: Trainer, epoch: int) -> None:
     """Start of an epoch: ε ramps, warm-up switches, buffer resets.
 
+    Not called again for an epoch resumed mid-way (after Ctrl-C): keep what it sets in the plugin's
+    ``state_dict()`` so the checkpoint carries it.
+
     :param trainer: the trainer (model in train mode).
     :param epoch: the 0-based epoch about to run.
     :return: ignored.

@@ -158,6 +158,26 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def check(config: RunConfig | str | None = None, defenses: list[str] | None = None,
+          overrides: list[str] | dict | None = None) -> str:
+    """Everything ``train`` does before the first step (config, data checks, model, stack), as a summary."""
+    from regdefense.trainer import Trainer
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
+    trainer = Trainer(cfg)
+    t, data = cfg.train, trainer.data
+    params = sum(p.numel() for p in trainer.raw_model.parameters())
+    return "\n".join([
+        f"ok: {_stack_label(cfg)} on {data.name} would run",
+        f"  data   train {len(data.train)}, held-out {len(data.val) if data.val is not None else 0}, test {len(data.test)}; "
+        f"images {tuple(data.input_shape)}, {data.num_classes} classes",
+        f"  model  {type(trainer.raw_model).__name__}, {params:,} parameters"
+        + (f"; extra networks: {', '.join(trainer.modules)}" if trainer.modules else ""),
+        f"  threat {cfg.threat.norm} eps={trainer.eps_full:.4g}",
+        f"  train  {t.epochs} epochs x {len(trainer.train_loader)} batches of {t.batch_size} on {trainer.device}, "
+        f"{t.optimizer} lr={t.lr:g} ({t.schedule})"])
+
+
 def train(config: RunConfig | str | None = None, *, defenses: list[str] | None = None,
           overrides: list[str] | dict | None = None, out: str | Path | None = None, resume: str | Path | None = None,
           echo: Callable[[str], None] = print) -> RunResult:

@@ -25,50 +25,46 @@ class TrainingInterrupted(UserError):
 class NonFiniteGuard:
     """Finds the first batch whose loss terms are not finite, without a host sync per step.
 
-    ``record`` keeps, on the device, the global step and the per-term finiteness of the first bad
-    batch; ``check`` (every ``every`` steps and at each epoch's end) reads it once and raises
-    :class:`NonFiniteLoss`. In ``skip`` mode the loop asks :meth:`bad_now` before each optimizer step
-    instead (one sync per step: the price of deciding before the update).
+    ``record`` keeps on the device, per loss term, the first global step at which it was not finite;
+    ``check`` (every ``every`` steps and at each epoch's end) reads them once and raises
+    :class:`NonFiniteLoss` naming the first bad step and its terms. In ``skip`` mode the loop asks
+    :meth:`bad_now` before each optimizer step instead (one sync per step: the price of deciding before
+    the update).
     """
 
     def __init__(self, mode: str = "stop", every: int = 50) -> None:
         self.mode, self.every = mode, every
-        self.first: Tensor | None = None  # global step of the first bad batch, -1 while none
-        self.terms: Tensor | None = None  # finiteness of each term at that batch
-        self.names: list[str] = []
+        self.first: dict[str, Tensor] = {}  # term -> first bad global step, -1 while none
         self.where: dict[int, tuple[int, int]] = {}  # global step -> (epoch, batch), for the message
         self.skipped = 0
 
-    @staticmethod
-    def finite(losses: dict[str, Tensor]) -> Tensor:
-        return torch.stack([torch.isfinite(v.detach()).all() for v in losses.values()])
-
     def bad_now(self, losses: dict[str, Tensor], dist) -> bool:
-        bad = (~self.finite(losses)).any().float()
+        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()]).any().float()
         return bool(dist.sum_(bad.reshape(1)).item() > 0)  # every process skips the same batches
 
     def record(self, losses: dict[str, Tensor], global_step: int, epoch: int, batch: int) -> None:
-        ok = self.finite(losses)
-        if self.first is None or list(losses) != self.names:
-            self.names = list(losses)
-            self.first = torch.full((), -1, dtype=torch.long, device=ok.device)
-            self.terms = torch.ones_like(ok)
-        new = (self.first < 0) & ~ok.all()
-        self.first = torch.where(new, torch.full_like(self.first, global_step), self.first)
-        self.terms = torch.where(new, ok, self.terms)
+        for name, value in losses.items():
+            first = self.first.get(name)
+            if first is None:
+                first = self.first[name] = torch.full((), -1, dtype=torch.long, device=value.device)
+            bad = (first < 0) & ~torch.isfinite(value.detach()).all()
+            self.first[name] = torch.where(bad, torch.full_like(first, global_step), first)
         self.where[global_step] = (epoch, batch)
         if len(self.where) > 4 * self.every:
             self.where = dict(list(self.where.items())[-2 * self.every:])
 
     def check(self, last_good: str) -> None:
-        if self.first is None:
+        if not self.first:
             return
-        first = int(self.first)
-        if first < 0:
+        names = list(self.first)
+        steps = torch.stack([self.first[n] for n in names]).tolist()  # the one host read
+        bad = [s for s in steps if s >= 0]
+        if not bad:
             self.where.clear()
             return
+        first = min(bad)
         epoch, batch = self.where.get(first, (-1, -1))
-        terms = [n for n, ok in zip(self.names, self.terms.tolist()) if not ok]
+        terms = [n for n, s in zip(names, steps) if s == first]
         raise NonFiniteLoss(
             f"loss term(s) {', '.join(terms)} became NaN or infinite at epoch {epoch + 1}, batch {batch + 1} "
             f"(step {first + 1}); last good checkpoint: {last_good}. Lower train.lr, set train.grad_clip, check "

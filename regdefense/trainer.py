@@ -197,19 +197,20 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 hook.regdefense_forward_backward(trainer=self, step=step)
                 self.dist.reduce_grads(self._trainable(), step.batch_size)
-                if self._skip_nonfinite(step):
-                    continue
-                self.scaler.unscale_(self.optimizer)
-                if t.grad_clip:
-                    nn.utils.clip_grad_norm_(self._trainable(), t.grad_clip)
-                hook.regdefense_before_optimizer_step(trainer=self, step=step)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                skip = self._skip_nonfinite(step)  # train.nonfinite=skip and a NaN/Inf term: no update
+                if not skip:
+                    self.scaler.unscale_(self.optimizer)
+                    if t.grad_clip:
+                        nn.utils.clip_grad_norm_(self._trainable(), t.grad_clip)
+                    hook.regdefense_before_optimizer_step(trainer=self, step=step)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 lr = self.optimizer.param_groups[0]["lr"]
                 if t.schedule_step == "iter":
                     self.scheduler.step()
-                hook.regdefense_batch_end(trainer=self, step=step)
-                self._accumulate(sums, step)
+                if not skip:
+                    hook.regdefense_batch_end(trainer=self, step=step)
+                    self._accumulate(sums, step)
                 self.state.global_step += 1
                 self.state.batch = i + 1
                 if self.guard.every and self.state.global_step % self.guard.every == 0:
