@@ -55,6 +55,16 @@ def main(mode: str, out: str) -> None:
         flat = torch.cat([p.detach().flatten() for p in trainer.raw_model.parameters()])
         result["weights_equal_on_all_ranks"] = all(torch.equal(w, flat) for w in gather(flat))
         result["history"] = trainer.history
+    elif mode.startswith("stack:"):  # any stack; every network, extra ones included, must agree across ranks
+        stack = mode.split(":", 1)[1].split("+")
+        cfg = tiny_config(stack, base)
+        trainer = Trainer(cfg, pm=activate(stack, cfg.defense))
+        trainer.fit()
+        nets = {"model": trainer.raw_model, **trainer.modules}
+        result["networks"] = sorted(nets)
+        result["equal_on_all_ranks"] = {
+            n: all(torch.equal(w, f) for w in gather(f))
+            for n, f in ((n, torch.cat([p.detach().flatten() for p in m.parameters()])) for n, m in nets.items())}
     elif mode == "drift":
         cfg = tiny_config([], base)
         trainer = Trainer(cfg, pm=activate([Drift()]))
