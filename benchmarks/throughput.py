@@ -3,7 +3,7 @@
 Same model (architecture and initial weights), data order, batch size, PGD settings (L∞, random
 start, eval-mode attack, 10 steps), optimizer and per-batch schedule. The contenders run interleaved
 in one process, round after round, so machine noise hits them alike; the table shows the median
-images/s and the ratios to the hand-written loop and to ART. For scale it also times torchattacks' PGD in
+images/s and the ratios to the hand-written loop and to ART (the median of each round's ratio). For scale it also times torchattacks' PGD in
 the same plain loop and ART's AdversarialTrainerMadryPGD on the same data. Peak memory is each
 contender's peak resident set over one epoch, measured in a fresh process of its own (``--peak NAME``).
 
@@ -138,7 +138,7 @@ def peak_memory(args, names: list[str]) -> dict[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--model", default="digits_cnn")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -167,8 +167,11 @@ def main() -> None:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    base = n / statistics.median(times["hand-written loop"])
-    art = n / statistics.median(times["ART AdversarialTrainerMadryPGD"]) if not args.no_art else None
+    def paired(name: str, ref: str) -> float:
+        """Median over rounds of the speed ratio within each round (rounds drift; a round's contenders ran together)."""
+        return statistics.median(r / t for r, t in zip(times[ref], times[name]))
+
+    art_name = "ART AdversarialTrainerMadryPGD"
     memory = {} if args.no_memory else peak_memory(args, list(contenders))
     print(f"PGD-10 AT, {trainer.data.name} ({n} training images), {args.model}, batch {args.batch_size}, "
           f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -178,9 +181,9 @@ def main() -> None:
     for name, ts in times.items():
         ips = [n / t for t in ts]
         med = statistics.median(ips)
-        vs_art = f"{med / art:.2f}x" if art else "-"
-        print(f"{name:32s} {med:9.0f} {min(ips):5.0f}-{max(ips):<5.0f} {med / base:14.2f}x {vs_art:>7s} "
-              f"{memory.get(name, '-'):>24s}")
+        vs_art = f"{paired(name, art_name):.2f}x" if art_name in times else "-"
+        print(f"{name:32s} {med:9.0f} {min(ips):5.0f}-{max(ips):<5.0f} {paired(name, 'hand-written loop'):14.2f}x "
+              f"{vs_art:>7s} {memory.get(name, '-'):>24s}")
 
 
 if __name__ == "__main__":
