@@ -44,9 +44,10 @@ def test_per_sample_buffers_and_extra_optimizers_stay_identical_across_processes
     assert r["prior_rows_written"] > 200  # rows written on either process reached both
 
 
-def test_a_guide_network_added_by_a_defense_is_trained_in_step_on_every_process(tmp_path):
-    r = _worker("stack:lbgat", 2, tmp_path)
-    assert r["networks"] == ["lbgat_guide", "model"] and all(r["equal_on_all_ranks"].values())
+@pytest.mark.parametrize("stack, guide", [("lbgat", "lbgat_guide"), ("dynat", "dynat_guide"), ("atop", "atop_purifier")])
+def test_a_guide_network_added_by_a_defense_is_trained_in_step_on_every_process(tmp_path, stack, guide):
+    r = _worker(f"stack:{stack}", 2, tmp_path)
+    assert r["networks"] == sorted([guide, "model"]) and all(r["equal_on_all_ranks"].values())
 
 
 def test_drifting_weights_are_caught_at_the_epoch_end(tmp_path):
