@@ -78,3 +78,30 @@ def test_fuzzed_command_lines_never_show_a_traceback(args):
     if "--resume" in args or "--config" in args:
         return  # paths: covered above and in test_cli.py
     _check(args)
+
+
+SPEC = st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda lib, name, args: f"{lib}:{name}({args})",
+              st.sampled_from(["torchattacks", "art", "ta", "", "os"]),
+              st.sampled_from(["PGD", "FGSM", "APGD", "ProjectedGradientDescent", "Square", "__class__", "PGD.__init__",
+                               "system", "PDG"]),
+              st.one_of(st.text(max_size=25), st.sampled_from([
+                  "eps=8/255, steps=10", "eps=__import__('os').system('true')", "eps=1e999", "steps=-1",
+                  "steps=10**10", "eps=0.1, eps=0.2", "**{}", "*[1]", "lambda: 0", "eps=(1,2)", "norm='Linf'"]))),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(spec=SPEC)
+def test_fuzzed_attack_specs_resolve_or_give_a_user_error(spec):
+    """Attack specs come from users' command lines and run files: parsed, never executed."""
+    from regdefense.attacks import resolve_attack
+    from regdefense.errors import UserError
+
+    try:
+        attack = resolve_attack(spec)
+    except UserError as exc:
+        assert str(exc).strip()  # a message that says what was wrong (the CLI prints it on one line)
+        return
+    assert callable(attack)
