@@ -36,7 +36,8 @@ class NonFiniteGuard:
         self.mode, self.every = mode, every
         self.first: dict[str, Tensor] = {}  # term -> first bad global step, -1 while none
         self.where: dict[int, tuple[int, int]] = {}  # global step -> (epoch, batch), for the message
-        self.skipped = 0
+        self.skipped = 0  # batches skipped in skip mode, over the run
+        self.streak = 0  # ... in a row, up to now
 
     def bad_now(self, losses: dict[str, Tensor], dist) -> bool:
         bad = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()]).any().float()

@@ -26,7 +26,7 @@ from regdefense.errors import CheckpointError, ConfigError, DataError, UserError
 from regdefense.evaluate import accuracy
 from regdefense.models import create_model, default_model
 from regdefense.plugins import activate, blame, providers
-from regdefense.safety import Interrupt, NonFiniteGuard, TrainingInterrupted
+from regdefense.safety import Interrupt, NonFiniteGuard, NonFiniteLoss, TrainingInterrupted
 from regdefense.step import Step
 
 
@@ -245,9 +245,15 @@ class Trainer:
             if self.guard.bad_now(step.losses, self.dist):
                 self.optimizer.zero_grad(set_to_none=True)
                 self.guard.skipped += 1
+                self.guard.streak += 1
                 self.echo(f"warning: skipped batch {self.state.batch + 1} of epoch {self.state.epoch + 1}: a loss "
                           f"term is NaN or infinite ({self.guard.skipped} skipped so far)")
+                if self.guard.streak >= self.guard.every:  # skipping is not recovering: say so, do not spin
+                    raise NonFiniteLoss(f"{self.guard.streak} batches in a row had NaN or infinite loss terms (up to "
+                                        f"epoch {self.state.epoch + 1}, batch {self.state.batch + 1}); skipping cannot "
+                                        f"recover. Last good checkpoint: {self._last_good()}. Lower train.lr or check the data")
                 return True
+            self.guard.streak = 0
             return False
         self.guard.record(step.losses, self.state.global_step, self.state.epoch, self.state.batch)
         return False

@@ -151,6 +151,14 @@ def test_skip_mode_drops_bad_batches_counts_them_and_keeps_weights_finite(tmp_pa
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
 
 
+def test_skip_mode_gives_up_when_every_batch_is_bad(tmp_path):
+    cfg = tiny_config([], ["train.epochs=30", "data.limit=320", "train.nonfinite=skip"])
+    trainer = Trainer(cfg, pm=activate([PoisonAt(range(2, 10_000))]), run_dir=tmp_path)
+    with pytest.raises(NonFiniteLoss, match="50 batches in a row had NaN or infinite loss terms"):
+        trainer.fit()
+    assert trainer.state.global_step == 2 + 49  # gave up at the 50th bad batch, not after 30 epochs
+
+
 def test_a_defense_whose_hook_raises_is_named_and_others_still_work(tmp_path):
     class Buggy:
         name = "buggy"
