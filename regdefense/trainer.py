@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -21,7 +22,7 @@ import regdefense
 from regdefense import checkpoint, distributed, hookimpl
 from regdefense.attacks import pgd
 from regdefense.config import RunConfig
-from regdefense.data import BatchLoader, Data, check_data, load_data
+from regdefense.data import BatchLoader, Data, Split, check_data, load_data
 from regdefense.errors import CheckpointError, ConfigError, DataError, UserError
 from regdefense.evaluate import accuracy
 from regdefense.models import create_model, default_model
@@ -560,10 +561,11 @@ class Trainer:
         if self.device.type != "cuda" or mode == "off":
             return False
         if mode == "auto":
-            free = torch.cuda.get_device_properties(self.device).total_memory
-            if split.x.element_size() * split.x.nelement() > free // 4:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if split.x.element_size() * split.x.nelement() > total // 4:
                 return False
-        split.x, split.y = split.x.to(self.device), split.y.to(self.device)
+        moved = Split(split.x.to(self.device, non_blocking=True), split.y.to(self.device, non_blocking=True))
+        self.data = dataclasses.replace(self.data, train=moved)  # a caller's Data object stays as it was
         return True
 
     @staticmethod
