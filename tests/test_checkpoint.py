@@ -128,4 +128,4 @@ def test_a_process_killed_while_writing_never_leaves_a_truncated_latest_checkpoi
         w = payload["model"]["w"]
         assert w.shape == (2_000_000,) and bool((w == payload["n"]).all())
         seen.add(payload["n"])
-    assert len(seen) >= 1
+    assert max(seen) > 1  # the kills came while an existing checkpoint was being replaced, not before the first
