@@ -32,15 +32,22 @@ LIBRARIES = ("torchattacks", "art")
 
 
 @contextmanager
+def keep_modes(*nets: nn.Module) -> Iterator[None]:
+    """Restore the train/eval mode of every submodule of ``nets`` after the block, whatever it switched."""
+    before = [(m, m.training) for net in nets for m in net.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in before:
+            m.training = mode
+
+
+@contextmanager
 def model_mode(model: nn.Module, train: bool) -> Iterator[nn.Module]:
     """Put ``model`` in train or eval mode for a block and restore every submodule's mode after."""
-    before = [m.training for m in model.modules()]
-    model.train(train)
-    try:
+    with keep_modes(model):
+        model.train(train)
         yield model
-    finally:
-        for m, mode in zip(model.modules(), before):
-            m.training = mode
 
 
 # --- the shared inner maximisation ------------------------------------------------------------
@@ -72,12 +79,15 @@ def random_start(x: Tensor, eps: float, norm: str) -> Tensor:
 
 def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float, steps: int, norm: str = "linf",
         loss_fn: Callable[[Tensor, Any], Tensor] | None = None, start: Tensor | str | None = "uniform",
-        train_mode: bool = False, info: dict | None = None, kappa_labels: Tensor | None = None) -> Tensor:
+        train_mode: bool = False, info: dict | None = None, kappa_labels: Tensor | None = None,
+        clip_start: bool = True) -> Tensor:
     """Maximise ``loss_fn(model(x + δ), y)`` over ``‖δ‖ ≤ eps`` with ``x + δ`` in [0,1].
 
     :param loss_fn: summed over the batch, so each sample's step does not depend on the batch size
         (default: cross-entropy against ``y``). TRADES passes a KL to the clean prediction.
     :param start: ``"uniform"`` (random start in the ball), ``None`` (start at x), or a tensor δ0.
+    :param clip_start: project a tensor δ0 onto the ball and [0, 1] before the first forward; ``False`` for the
+        tiny ``0.001·N(0, I)`` starts of TRADES, MAIL and DYNAT, whose reference code does not clip the start.
     :param train_mode: run the model in train mode during the attack (BN batch statistics).
     :param info: if given, receives ``info["kappa"]``: per sample, the number of iterations at whose
         start the iterate was still classified as ``kappa_labels`` (default ``y``) — GAIRAT's geometry
@@ -90,7 +100,7 @@ def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float,
     loss_fn = loss_fn or _ce_sum
     x = x.detach()
     if isinstance(start, Tensor):
-        delta = project(start.detach().clone(), x, eps, norm)
+        delta = project(start.detach().clone(), x, eps, norm) if clip_start else start.detach().clone()
     elif start == "uniform":
         delta = project(random_start(x, eps, norm), x, eps, norm)
     else:
@@ -118,6 +128,45 @@ def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float,
     return (x + delta).detach()
 
 
+def early_stopped_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float, steps: int, tau: int,
+                      omega: float = 0.0, random_init: bool = True, info: dict | None = None) -> Tensor:
+    """FAT's inner maximisation (Zhang et al., ICML 2020): L∞ PGD on CE that stops, per point, ``tau`` steps after
+    the point is first misclassified (PGD-K-τ), with Gaussian noise ``omega·N(0, I)`` added to each step.
+
+    Each iteration first classifies every point still moving: a misclassified point with no steps left is
+    frozen where it is; a misclassified point with steps left uses one; the rest take a step. Points never
+    frozen end at their K-th iterate. ``info["kappa"]`` counts the iterations at whose start a point was
+    still classified correctly (GAIR-FAT's geometry value). The model is in eval mode throughout.
+    """
+    x = x.detach()
+    delta = project(random_start(x, eps, "linf") if random_init else torch.zeros_like(x), x, eps, "linf")
+    if info is not None:
+        info["x_init"] = (x + delta).detach()
+    left = torch.full((len(x),), tau, dtype=torch.long, device=x.device)
+    moving = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    kappa = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    with model_mode(model, False), torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            logits = model(x + delta)
+            wrong = logits.detach().argmax(1) != y
+            kappa += (moving & ~wrong).long()
+            stop = moving & wrong & (left == 0)
+            left = torch.where(moving & wrong & (left > 0), left - 1, left)
+            moving = moving & ~stop
+            if not moving.any():
+                break
+            loss = F.cross_entropy(logits.float(), y, reduction="none")[moving].sum()
+            (grad,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                step = alpha * grad.sign() + omega * torch.randn_like(x)
+                moved = project(delta.detach() + step, x, eps, "linf")
+                delta = torch.where(moving.view(-1, *[1] * (x.dim() - 1)), moved, delta.detach())
+    if info is not None:
+        info["kappa"], info["steps"] = kappa, steps
+    return (x + delta).detach()
+
+
 def kl_pgd(model: nn.Module, x: Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
            train_mode: bool = False, info: dict | None = None, kappa_labels: Tensor | None = None) -> Tensor:
     """TRADES' inner maximisation: maximise KL(p(x) ‖ p(x')) from x + 0.001·N(0, I), label-free.
@@ -133,7 +182,7 @@ def kl_pgd(model: nn.Module, x: Tensor, *, eps: float, alpha: float, steps: int,
 
     start = 0.001 * torch.randn_like(x)
     return pgd(model, x, None, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=kl_sum, start=start,
-               train_mode=train_mode, info=info, kappa_labels=kappa_labels)
+               train_mode=train_mode, info=info, kappa_labels=kappa_labels, clip_start=False)
 
 
 # --- library attacks by spec ------------------------------------------------------------------
@@ -267,7 +316,9 @@ class LibraryAttack:
 
 
 def resolve_attack(spec: str | AttackSpec, *, train_mode: bool = False) -> LibraryAttack:
-    """Turn a spec into a callable attack; unknown names and arguments raise ConfigError listing valid ones."""
+    """Turn a spec into a callable attack; unknown names and arguments raise ConfigError listing valid ones.
+
+    torchattacks' ``CW`` and ``UPGD`` resolve to the corrected classes of :mod:`regdefense.attack_fixes`."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     _check_common(spec)
     if spec.library == "torchattacks":
@@ -276,7 +327,9 @@ def resolve_attack(spec: str | AttackSpec, *, train_mode: bool = False) -> Libra
         names = torchattacks_names()
         if spec.name not in names:
             raise ConfigError(unknown("torchattacks attack", spec.name, names))
-        cls = getattr(torchattacks, spec.name)
+        from regdefense.attack_fixes import FIXED
+
+        cls = FIXED[spec.name][0] if spec.name in FIXED else getattr(torchattacks, spec.name)
         _check_kwargs(spec, cls, ("model",))
     else:
         import art.attacks.evasion as ev

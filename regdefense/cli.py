@@ -157,6 +157,7 @@ def plugins_show(name: str, as_json: bool) -> None:
     """Show a defense: its description, config fields (type, default, help) and hooks."""
     import inspect
 
+    from regdefense import contract
     from regdefense.config import describe
     from regdefense.hookspecs import EXCLUSIVE
     from regdefense.plugins import get
@@ -172,6 +173,10 @@ def plugins_show(name: str, as_json: bool) -> None:
         click.echo(doc + "\n")
     click.echo("hooks: " + ", ".join(h + (" (wrapper)" if h in info.wrappers else " (exclusive)" if h in EXCLUSIVE else "")
                                     for h in info.hooks))
+    for kind, title in (("publishes", "publishes on the step"), ("reads", "reads from the step")):
+        keys = contract.declared_class(info.cls, kind)
+        if keys:
+            click.echo(f"{title}: " + ", ".join(str(k) + (" [required]" if k.required else "") for k in keys))
     click.echo(f"\nconfig fields (set with -o {name}.KEY=VALUE or [defense.{name}] in a run file):")
     click.echo(_table(fields, [("name", "field"), ("type", "type"), ("default", "default"), ("help", "help")]))
 
@@ -187,6 +192,19 @@ def models() -> None:
 
 
 def main() -> None:
+    import warnings
+
+    from regdefense.plugins import ContractWarning
+
+    plain = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):  # contract warnings read as one line, not a source location
+        if issubclass(category, ContractWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            plain(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
     cli(prog_name="regdefense")
 
 

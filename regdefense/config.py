@@ -55,13 +55,25 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam"] = option("sgd", "optimizer")
     lr: float = option(0.1, "peak learning rate", gt=0)
     momentum: float = option(0.9, "SGD momentum", ge=0, le=1)
+    betas: list[float] = option(default_factory=lambda: [0.9, 0.999], help="Adam betas (AToP's code: 0.5, 0.999)")
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
     weight_decay: float = option(5e-4, "L2 weight decay", ge=0)
     schedule: Literal["constant", "multistep", "cosine", "onecycle"] = option("cosine", "learning-rate schedule")
     milestones: list[float] = option(default_factory=lambda: [0.5, 0.75],
                                      help="multistep: when to decay, in epochs (>= 1) or fractions of training (< 1)")
     gamma: float = option(0.1, "multistep: decay factor", gt=0)
+    lr_factors: list[float] | None = option(None, "multistep: the rate after each milestone as a factor of lr (none: "
+                                                  "gamma, gamma², ...); GAIRAT's code: [0.1, 0.01, 0.005]")
     schedule_step: Literal["epoch", "iter"] = option("iter", "step the schedule once per epoch or once per batch")
+    warmup_epochs: float = option(0.0, "learning-rate warm-up over this many epochs (per batch), then the schedule "
+                                       "(DYNAT's code: 1 epoch at 0.2x)", ge=0)
+    warmup: Literal["linear", "constant"] = option("linear", "warm-up shape: linear from warmup_factor·lr to lr, or "
+                                                             "constant warmup_factor·lr")
+    warmup_factor: float = option(0.1, "learning-rate factor at the warm-up's start (linear) or during it (constant)",
+                                  gt=0, le=1)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy terms against step.targets (core, "
+                                         "pgd_at, trades, mart's CE, dynat, lbgat's guide, eatr; DYNAT-GAIRAT: 0.2)",
+                                    ge=0, le=0.99)
     eps_warmup_epochs: float = option(0.0, "ramp ε linearly from 0 to its full value over this many epochs", ge=0)
     grad_clip: float | None = option(None, "clip the gradient norm to this value (none: no clipping)", gt=0)
     device: str = option("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
@@ -79,6 +91,14 @@ class TrainConfig:
     out_dir: str = option("runs", "where run directories are created")
     save_every: int = option(0, "also keep checkpoints/epoch-N.pt every N epochs (0: only last and best)", ge=0)
     progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        if self.lr_factors is not None and (len(self.lr_factors) != len(self.milestones)
+                                            or min(self.lr_factors, default=1) <= 0):
+            raise ConfigError(f"train.lr_factors must give one positive factor per milestone ({len(self.milestones)}), "
+                              f"got {self.lr_factors}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.betas}")
 
 
 @dataclass
@@ -103,6 +123,9 @@ class ModelConfig:
     normalize: bool = option(False, "put the dataset's mean/std normalisation inside the model as buffers")
     depth: int | None = option(None, "wideresnet: depth (e.g. 34)", ge=10)
     widen: int | None = option(None, "wideresnet: widen factor (e.g. 10)", ge=1)
+    input_size: int | None = option(None, "torchvision architectures: resize inputs inside the model to this side "
+                                          "(299 for inception_v3, 224 for ImageNet weights); attacks still perturb "
+                                          "the data's own pixels", ge=8)
 
 
 @dataclass

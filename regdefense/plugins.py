@@ -11,14 +11,18 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 
-from regdefense import hookspecs
+from regdefense import contract, hookspecs
 from regdefense.errors import PluginError, unknown
 
 GROUP = "regdefense"
+
+
+class ContractWarning(UserWarning):
+    """A defense reads step data that no active defense publishes (it falls back or does nothing)."""
 
 
 @dataclass
@@ -50,6 +54,9 @@ class PluginInfo:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "distribution": self.dist, "version": self.version, "entry_point": self.value,
                 "builtin": self.builtin, "hooks": self.hooks, "wrappers": self.wrappers,
+                **{kind: [dict(name=k.name, hook=k.hook, required=k.required, when=k.when, why=k.why)
+                          for k in contract.declared_class(self.cls, kind)] if self.cls else []
+                   for kind in ("publishes", "reads")},
                 "status": "broken" if self.error else "ok", "error": self.error}
 
 
@@ -108,20 +115,27 @@ def new_manager() -> pluggy.PluginManager:
     return pm
 
 
-def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.PluginManager:
-    """Build a plugin manager with the stack, in order, plus ``core``.
+def activate(stack: list[Any], configs: dict[str, Any] | None = None,
+             warn: Callable[[str], None] | None = None) -> pluggy.PluginManager:
+    """Build a plugin manager with the stack plus ``core``.
+
+    The stack is registered in the typed order except where the data contract
+    (:mod:`regdefense.contract`) needs a writer called before a reader of the same hook.
 
     :param stack: defense names (looked up in the catalogue) or ready-made defense objects (with a
         ``name`` attribute; handy in tests and notebooks).
     :param configs: ``{name: Config instance}``; a missing entry gets the defaults.
+    :param warn: receives contract warnings (a read with no writer, when not required); default:
+        :class:`ContractWarning` through :mod:`warnings`.
     :raises PluginError: unknown or broken names, a name given twice, hooks that do not match
-        the specs, or two defenses providing the same exclusive hook.
+        the specs, two defenses providing the same exclusive hook, or a required contract key missing.
     """
     from regdefense.trainer import CorePlugin
 
     configs = configs or {}
     pm = new_manager()
     cat = None
+    named: list[tuple[str, Any, str]] = []
     for item in stack:
         if isinstance(item, str):
             cat = catalogue() if cat is None else cat
@@ -133,13 +147,18 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.
                 raise PluginError(f"defense '{item}' ({origin}) could not be created: {type(exc).__name__}: {exc}") from None
         else:
             plugin, name, origin = item, getattr(item, "name", type(item).__name__), "an object"
-        if pm.get_plugin(name) is not None or name == "core":
+        if any(n == name for n, _, _ in named) or name == "core":
             raise PluginError(f"defense '{name}' is in the stack twice; list each defense once"
                               if name != "core" else "'core' is the loop's own plugin; it cannot be activated")
+        named.append((name, plugin, origin))
+    # writers of step data are registered after their readers, so that pluggy (last registered, first called)
+    # calls them first in a hook both act in, whatever order the stack was typed in
+    origins = {name: origin for name, _, origin in named}
+    for name, plugin in contract.order([(n, p) for n, p, _ in named]):
         try:
             pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"defense '{name}' ({origin}) does not fit this regdefense: {exc}") from None
+            raise PluginError(f"defense '{name}' ({origins[name]}) does not fit this regdefense: {exc}") from None
     # core last: pluggy places each new trylast impl first in line to be called last, so registering core
     # after the stack makes its defaults the very last resort, behind any defense's fallback provider
     pm.register(CorePlugin(), name="core")
@@ -148,7 +167,22 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None) -> pluggy.
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"unknown hook: {exc}") from None
     check_conflicts(pm)
+    answering = {hook: (providers(pm, hook) or providers(pm, hook, fallbacks=True) or ["core"])[0]
+                 for hook in hookspecs.EXCLUSIVE}
+    contract.check(pm.list_name_plugin(), warn or _warn, answering)
     return pm
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message.removeprefix("warning: "), ContractWarning, stacklevel=3)
+
+
+def call_order(pm: pluggy.PluginManager, hook: str) -> list[str]:
+    """The names of the plain implementations of ``hook`` in the order pluggy calls them (``core`` aside)."""
+    impls = getattr(pm.hook, hook).get_hookimpls()
+    return [i.plugin_name for i in reversed(impls) if i.plugin_name != "core" and not (i.wrapper or i.hookwrapper)]
 
 
 def providers(pm: pluggy.PluginManager, hook: str, fallbacks: bool = False) -> list[str]:

@@ -112,12 +112,15 @@ def build_suite(name: str, *, eps: float | None, default_eps: float, norm: str, 
         if norm != "linf":
             raise ConfigError("suite paper-002 is L∞ only; use threat.norm=linf or another suite")
         a = e / 4  # 2/255 at ε = 8/255, as in the DYNAT evaluation
-        attacks = [SuiteAttack(f"PGD-{k}", _pgd(norm, e, k, a)) for k in (10, 20, 50)]
+        attacks = [SuiteAttack(f"PGD-{k}", _pgd(norm, e, k, a)) for k in (10, 20, 50, 100)]
         attacks.append(SuiteAttack("CW-Linf-20", f"torchattacks:UPGD(eps={e!r}, alpha={a!r}, steps=20, "
                                                  f"random_start=True, loss='margin', decay=0.0)"))
+        attacks.append(SuiteAttack("APGD", f"torchattacks:APGD(norm='Linf', eps={e!r}, steps=100, n_restarts=1, "
+                                           f"loss='ce', rho=0.75, seed={seed})"))
         attacks += autoattack(e, norm, num_classes, seed)
-        return Suite("paper-002", attacks, protocol=f"seed 002's columns: PGD-10/20/50 and C&W-L∞ (margin loss, 20 "
-                                                    f"steps), step ε/4, random start; and AutoAttack standard",
+        return Suite("paper-002", attacks, protocol=f"seed 002's columns: PGD-10/20/50/100 and C&W-L∞ (margin loss with "
+                                                    f"the true class masked, 20 steps), step ε/4, random start; APGD-CE "
+                                                    f"(100 steps) on its own; and AutoAttack standard",
                      eps=e, norm=norm)
     if name == "autoattack":
         return Suite("autoattack", autoattack(e, norm, num_classes, seed), eps=e, norm=norm,

@@ -20,13 +20,15 @@ from torch import Tensor, nn
 
 import regdefense
 from regdefense import checkpoint, distributed, hookimpl
-from regdefense.attacks import pgd
+from regdefense.attacks import keep_modes, pgd
 from regdefense.config import RunConfig
+from regdefense.contract import APPLIES_WEIGHTS, Key
 from regdefense.data import BatchLoader, Data, Split, check_data, load_data
 from regdefense.errors import CheckpointError, ConfigError, DataError, UserError
 from regdefense.evaluate import accuracy
 from regdefense.models import create_model, default_model
 from regdefense.plugins import activate, blame, providers
+from regdefense.schedule import build_scheduler
 from regdefense.safety import Interrupt, NonFiniteGuard, NonFiniteLoss, TrainingInterrupted
 from regdefense.step import Step
 
@@ -35,6 +37,9 @@ class CorePlugin:
     """The loop's own defaults, registered first as ``core`` and run last (``trylast``)."""
 
     name = "core"
+    #: counted only for the exclusive hooks core answers (no other objective active)
+    publishes = (Key("outputs.adv", "compute_loss"),)
+    reads = (APPLIES_WEIGHTS,)
 
     @hookimpl(trylast=True)
     def regdefense_make_adversarial(self, step: Step) -> Tensor:
@@ -44,7 +49,7 @@ class CorePlugin:
     def regdefense_compute_loss(self, trainer: "Trainer", step: Step, model: nn.Module) -> dict[str, Tensor]:
         logits = model(step.adv_inputs)
         step.outputs["adv"] = logits
-        return {"task": trainer.adv_mean(F.cross_entropy(logits, step.targets, reduction="none"), step, logits)}
+        return {"task": trainer.adv_mean(trainer.ce(logits, step.targets, reduction="none"), step, logits)}
 
     @hookimpl(trylast=True)
     def regdefense_forward_backward(self, trainer: "Trainer", step: Step) -> Tensor:
@@ -226,7 +231,8 @@ class Trainer:
             self.dist.check_in_sync({"model": self.raw_model, **self.modules})
             metrics = self._train_metrics(epoch, sums, time.perf_counter() - started)
             metrics["lr"] = lr  # the rate the epoch's last batch used
-            metrics.update(self.validate(hook.regdefense_eval_model(trainer=self)))
+            with keep_modes(self.raw_model, *self.modules.values()):  # an eval model may switch shared networks
+                metrics.update(self.validate(hook.regdefense_eval_model(trainer=self)))
             hook.regdefense_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
             self.state.epoch = epoch + 1
             self._log(metrics)
@@ -326,6 +332,11 @@ class Trainer:
         if arch == "auto":
             arch = default_model(self.data.name) if self.config.model.name == "auto" else self.config.model.name
         return create_model(arch, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w))
+
+    def ce(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy against hard labels with the run's ``train.label_smoothing``: the supervised terms of
+        the objectives use it, so label smoothing applies to whatever stack is active."""
+        return F.cross_entropy(logits, targets, reduction=reduction, label_smoothing=self.config.train.label_smoothing)
 
     def adv_mean(self, per_sample: Tensor, step: Step, adv_logits: Tensor) -> Tensor:
         """Batch mean of a per-sample adversarial loss, reweighted by every registered weighter.
@@ -477,7 +488,8 @@ class Trainer:
         name = default_model(self.data.name) if m.name == "auto" else m.name
         norm = (self.data.mean, self.data.std) if m.normalize else None
         return create_model(name, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w),
-                            pretrained=m.pretrained, normalize=norm, depth=m.depth, widen=m.widen)
+                            pretrained=m.pretrained, normalize=norm, depth=m.depth, widen=m.widen,
+                            input_size=m.input_size)
 
     def _load_init(self, target: str) -> None:
         """Start from another run's weights (its best.pt, or a checkpoint file): the paper-001 fine-tuning flow."""
@@ -529,20 +541,10 @@ class Trainer:
         if t.optimizer == "sgd":
             return torch.optim.SGD(self._trainable(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                    nesterov=t.nesterov and t.momentum > 0)
-        return torch.optim.Adam(self._trainable(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(self._trainable(), lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
 
     def _build_scheduler(self):
-        t = self.config.train
-        per_epoch = len(self.train_loader) if t.schedule_step == "iter" else 1
-        total = max(1, t.epochs * per_epoch)
-        sched = torch.optim.lr_scheduler
-        if t.schedule == "cosine":
-            return sched.CosineAnnealingLR(self.optimizer, T_max=total)
-        if t.schedule == "onecycle":
-            return sched.OneCycleLR(self.optimizer, max_lr=t.lr, total_steps=total)
-        milestones = [] if t.schedule == "constant" else sorted(
-            int(round((m * t.epochs if m < 1 else m) * per_epoch)) for m in t.milestones)
-        return sched.MultiStepLR(self.optimizer, milestones=milestones, gamma=t.gamma)
+        return build_scheduler(self.optimizer, self.config.train, len(self.train_loader))
 
     def _ramp_eps(self, progress: float) -> None:
         warm = self.config.train.eps_warmup_epochs

@@ -73,14 +73,16 @@ def make_dist(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def digits_models(tmp_path_factory):
-    """A PGD-AT and a clean digits_cnn trained on the embedded digits (about 20 s together), with the data."""
+    """A PGD-AT and a clean digits_cnn trained on the embedded digits for 30 epochs, as the default run (about 30 s
+    together), with the data. (At 20 epochs the PGD-AT model's PGD-20 accuracy was 3.5 points above PGD-100 × 3
+    restarts under torch 2.14, which the convergence check rightly flags.)"""
     from regdefense.plugins import activate
     from regdefense.run import load_config
     from regdefense.trainer import Trainer
 
     out = {}
     for name, stack in (("pgd_at", ["pgd_at"]), ("clean", [])):
-        cfg = load_config(defenses=stack, overrides=["train.epochs=20", "train.progress=false", "train.device=cpu",
+        cfg = load_config(defenses=stack, overrides=["train.epochs=30", "train.progress=false", "train.device=cpu",
                                                      "eval.val_samples=32", "eval.pgd_steps=1"])
         trainer = Trainer(cfg, pm=activate(stack, cfg.defense))
         trainer.fit()

@@ -15,7 +15,6 @@ from regdefense.step import Step
 from regdefense.testing import make_trainer
 from regdefense_baselines.awp import perturbable
 from regdefense_baselines.gairat import gair_weights
-from regdefense_baselines.mail import mail_weights
 
 
 def _step(trainer, n=48):
@@ -54,9 +53,20 @@ def test_trades_attack_and_loss_match_independent_computations():
     eps = trainer.eps
     torch.manual_seed(5)
     adv = trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=model)
+    # trades.py: x' = x + 0.001·N(0, I) (not clipped before the first forward, unlike torchattacks' TPGD, which
+    # clamps the start to [0, 1]), then sign steps on KL(p(x) ‖ p(x')) summed, clipped to the ε-ball and [0, 1]
     torch.manual_seed(5)
-    ref = torchattacks.TPGD(model, eps=eps, alpha=2.5 * eps / 5, steps=5)(step.inputs, step.labels)
-    assert torch.allclose(adv, ref, atol=1e-6)  # TRADES' KL attack == torchattacks' TPGD
+    x, alpha = step.inputs, 2.5 * eps / 5
+    model.eval()
+    p_clean = F.softmax(model(x), dim=1).detach()
+    ref = x + 0.001 * torch.randn_like(x)
+    for _ in range(5):
+        ref.requires_grad_(True)
+        loss = F.kl_div(F.log_softmax(model(ref), dim=1), p_clean, reduction="sum")
+        (g,) = torch.autograd.grad(loss, ref)
+        ref = torch.min(torch.max(ref.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    model.train()
+    assert torch.allclose(adv, ref, atol=1e-6)
     step.adv_inputs = adv
     terms = trainer.loss_terms(step, model)
     expected_robust = 6.0 * _kl_manual(model(step.inputs), model(adv)).mean()
@@ -130,17 +140,6 @@ def test_gairat_kappa_and_weights_follow_the_formula():
     assert w[0] > w[2] > w[3]  # points near the boundary (small κ) weigh more
 
 
-def test_mail_weights_follow_the_formula():
-    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 0.5], [1.0, 1.0, 1.0]])
-    y = torch.tensor([0, 0, 2])
-    p = _probs(logits)
-    expected = []
-    for i in range(3):
-        other = max(p[i, k].item() for k in range(3) if k != y[i])
-        expected.append(1 / (1 + math.exp(-10 * (other - p[i, y[i]].item() - 0.5))))
-    assert mail_weights(logits, y, -0.5, 10).tolist() == pytest.approx(expected, rel=1e-5)
-
-
 @pytest.mark.parametrize("modifier", ["gairat", "mail"])
 def test_reweighting_acts_on_the_adversarial_term_of_any_objective(modifier):
     trainer = make_trainer(["trades", modifier], [f"{modifier}.burn_in_epochs=0", "trades.steps=3"])
@@ -156,10 +155,8 @@ def test_reweighting_acts_on_the_adversarial_term_of_any_objective(modifier):
 
 
 def test_gairat_needs_kappa_from_the_adversary():
-    trainer = make_trainer(["pgd_at", "gairat"], ["gairat.burn_in_epochs=0",
-                                                  "pgd_at.attack=torchattacks:FGSM(eps=0.1)"])
-    with pytest.raises(PluginError, match="kappa"):
-        trainer.fit()
+    with pytest.raises(PluginError, match="gairat' reads info.kappa but no active defense publishes it"):
+        make_trainer(["pgd_at", "gairat"], ["gairat.burn_in_epochs=0", "pgd_at.attack=torchattacks:FGSM(eps=0.1)"])
 
 
 def test_lbgat_loss_and_guide():
@@ -204,7 +201,7 @@ def test_fgsm_pgk_reads_and_writes_buffers_by_dataset_index():
     step.adv_inputs = trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=model)
     used = plugin.prior[idx].clone()
     delta0 = step.stash["fgsm_pgk"]["delta0"]
-    assert torch.allclose(delta0, ((x + used).clamp(0, 1) - x))  # read at the batch's dataset indices
+    assert torch.equal(delta0, used)  # read at the batch's dataset indices, x + δ₀ unclipped (reference)
     untouched = torch.ones(n, dtype=torch.bool)
     untouched[idx] = False
     before = plugin.prior.clone()
@@ -218,6 +215,8 @@ def test_fgsm_pgk_reads_and_writes_buffers_by_dataset_index():
     assert torch.equal(plugin.prior[untouched], before[untouched])  # other rows untouched
     assert not torch.equal(plugin.prior[idx], before[idx])  # the batch's rows written
     assert plugin.prior.abs().max() <= eps + 1e-7
+    written = x + plugin.prior[idx]  # the stored prior is clipped to this batch's image range, as the reference
+    assert written.min() >= -1e-7 and written.max() <= 1 + 1e-7
     assert "acc_ratio" in step.info
 
 

@@ -113,7 +113,10 @@ def test_paper_suites_and_specs():
     cw = resolve_attack(p1.attacks[3].spec)._build(nn.Linear(2, 2), torch.rand(1, 2))
     assert (cw.c, cw.steps, cw.lr) == (1.0, 100, 0.001)
     p2 = build_suite("paper-002", eps=8 / 255, default_eps=0.2, norm="linf", num_classes=10)
-    assert [a.label for a in p2.attacks][:4] == ["PGD-10", "PGD-20", "PGD-50", "CW-Linf-20"]
+    assert [a.label for a in p2.attacks][:6] == ["PGD-10", "PGD-20", "PGD-50", "PGD-100", "CW-Linf-20", "APGD"]
+    apgd = resolve_attack(p2.attacks[5].spec)._build(nn.Linear(2, 2), torch.rand(1, 2))
+    assert (apgd.loss, apgd.steps, apgd.eps) == ("ce", 100, 8 / 255) and not p2.attacks[5].group
+    assert resolve_attack(p2.attacks[4].spec).cls.__module__ == "regdefense.attack_fixes"
     assert [a.label for a in p2.attacks if a.group] == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
     one = build_suite("art:HopSkipJump(max_iter=2)", eps=None, default_eps=0.2, norm="linf", num_classes=10)
     assert one.attacks[0].spec == "art:HopSkipJump(max_iter=2)"

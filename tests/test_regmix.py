@@ -92,6 +92,5 @@ def test_regmix_trains_with_the_overfitting_guard_and_needs_a_start_point():
     trainer = make_trainer(["fgsm_pgk", "regmix"], ["train.epochs=2"])
     history = trainer.fit()
     assert {"loss_amr", "loss_agr", "val_fgsm", "co_gap"} <= set(history[-1])
-    bad = make_trainer(["pgd_at", "regmix"], ["pgd_at.attack=torchattacks:FGSM(eps=0.1)"])
-    with pytest.raises(PluginError, match="starting point"):
-        bad.fit()
+    with pytest.raises(PluginError, match="regmix' reads info.x_init but no active defense publishes it"):
+        make_trainer(["pgd_at", "regmix"], ["pgd_at.attack=torchattacks:FGSM(eps=0.1)"])  # refused at activation

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from regdefense import checkpoint, hookimpl, option
 from regdefense.attacks import model_mode, pgd
+from regdefense.contract import APPLIES_WEIGHTS, Key
 from regdefense.errors import ConfigError
 from regdefense_atop.networks import Discriminator, build_purifier
 from regdefense_atop.transforms import Defended, Purified, RandomTransform
@@ -33,6 +34,8 @@ class AToP:
     """Fine-tunes a purifier in front of a frozen classifier."""
 
     name = "atop"
+    publishes = (Key("outputs.adv", "compute_loss"),)
+    reads = (APPLIES_WEIGHTS,)
 
     @dataclass
     class Config:
@@ -121,7 +124,7 @@ class AToP:
             with model_mode(model, False):
                 logits = model(out)
             step.outputs["adv"] = logits
-            terms["task"] = c.lam * trainer.adv_mean(F.cross_entropy(logits, step.targets, reduction="none"), step,
+            terms["task"] = c.lam * trainer.adv_mean(trainer.ce(logits, step.targets, reduction="none"), step,
                                                      logits)
         if c.gan_weight:
             d = trainer.modules["atop_discriminator"]

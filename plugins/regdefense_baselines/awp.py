@@ -2,8 +2,8 @@
 
 Per batch (after the adversarial inputs are made at the current weights): copy the weights into a
 proxy, take one SGD step (``proxy_lr``) that *increases* the active objective on the proxy
-(``regdefense_compute_loss`` with ``phase="awp"``), and for every weight tensor with more than one
-dimension set v_l = γ·‖w_l‖·(w'_l − w_l)/‖w'_l − w_l‖. The model's loss and gradients are then computed
+(``regdefense_compute_loss`` with ``phase="awp"``; only the proxy receives gradients from this probe), and
+for every weight tensor with more than one dimension set v_l = γ·‖w_l‖·(w'_l − w_l)/‖w'_l − w_l‖. The model's loss and gradients are then computed
 at w + v, and the weights are restored exactly (copied back) before the optimizer step. AWP never names
 the objective it wraps, so AWP + PGD-AT and AWP + TRADES need no special case.
 
@@ -51,8 +51,12 @@ class AWP:
         self.proxy.load_state_dict(trainer.raw_model.state_dict())
         self.proxy.train()
         terms = trainer.loss_terms(step, self.proxy, phase="awp")
-        self.proxy_opt.zero_grad(set_to_none=True)
-        (-sum(terms.values())).backward()
+        # gradients of the proxy alone: a backward() would also leave the negated objective's gradient in every
+        # other network the objective touches (LBGAT's guide, DYNAT's guide), whose .grad the real update then sums
+        params = [p for p in self.proxy.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(-sum(terms.values()), params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
         trainer.dist.reduce_grads(self.proxy.parameters(), step.batch_size)
         self.proxy_opt.step()
         proxy = dict(self.proxy.named_parameters())

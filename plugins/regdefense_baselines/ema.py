@@ -15,12 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from regdefense import hookimpl, option
+from regdefense.contract import Key
 
 
 class EMA:
     """Evaluate an exponential moving average of the weights."""
 
     name = "ema"
+    reads = (Key("info.acc_ratio", "batch_end", required=True, when="adaptive_tau",
+                 why="ema.adaptive_tau would be ignored and the fixed decay used; add fgsm_pgk or unset it"),)
 
     @dataclass
     class Config:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from regdefense import hookimpl, option
 from regdefense.attacks import pgd
+from regdefense.contract import PGD_INFO, adversary
 from regdefense_baselines._common import budget
 
 
@@ -19,6 +20,7 @@ class FastAT:
     """FGSM with a random start (α = 1.25ε)."""
 
     name = "fast_at"
+    publishes = adversary(*PGD_INFO)
     single_step = True
 
     @dataclass

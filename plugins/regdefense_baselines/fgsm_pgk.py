@@ -7,7 +7,8 @@ Per-sample buffers indexed by dataset index: a prior perturbation Δ and a momen
 2. g = ∇_δ₀ CE(z₀, ŷ); δ₁ = Π_ε(δ₀ + α·sign g); z₁ = f(x + δ₁);
 3. L = CE(z₁, ŷ) + λ·MSE(z₁, z₀) — MSE on logits over B×K, z₀ not detached;
 4. after the step: r = acc(z₁)/acc(z₀) on the batch; M[idx] ← g/‖g‖₁·(2 − r) + μ·M[idx];
-   Δ[idx] ← clip_ε(δ₀ + α·sign M[idx]). r is published as ``step.info["acc_ratio"]`` for ``ema``'s
+   Δ[idx] ← δ₀ + α·sign M[idx] clipped to the ε-ball and to [0, 1] − x (the reference clips the stored prior
+   to this batch's image; x + δ₀ itself is not clipped before the first forward, as in the reference). r is published as ``step.info["acc_ratio"]`` for ``ema``'s
    adaptive decay (``-o ema.adaptive_tau=0.82``). The initial point and its logits are published as
    ``step.info["x_init"]`` and ``step.outputs["init"]`` (RegMix's AMR uses them).
 
@@ -23,6 +24,7 @@ import torch
 
 from regdefense import hookimpl, option
 from regdefense.attacks import project
+from regdefense.contract import APPLIES_WEIGHTS, Key, adversary
 from regdefense.losses import smooth_one_hot, soft_ce
 
 
@@ -30,6 +32,9 @@ class FGSMPGK:
     """Single-step AT from a per-sample prior perturbation, with a logit-consistency term."""
 
     name = "fgsm_pgk"
+    publishes = (*adversary("info.x_init", "outputs.init"), Key("outputs.adv", "compute_loss"),
+                 Key("info.acc_ratio", "batch_end"))
+    reads = (APPLIES_WEIGHTS,)
     single_step = True
 
     @dataclass
@@ -69,7 +74,9 @@ class FGSMPGK:
     def regdefense_make_adversarial(self, trainer, step, model):
         eps, alpha = self._eps_alpha(trainer)
         x = step.inputs
-        delta0 = project(self.prior[step.index], x, eps, "linf").requires_grad_(True)
+        # the stored prior is within ε and was clipped to the image range when it was written; as in the
+        # reference code the first forward takes x + δ₀ as it is (an augmented x may leave [0, 1] slightly)
+        delta0 = self.prior[step.index].clamp(-eps, eps).requires_grad_(True)
         soft = smooth_one_hot(step.targets, trainer.data.num_classes, self.config.smoothing)
         with trainer.autocast():
             z0 = model(x + delta0)  # train mode, as the reference code: this forward also updates BN statistics
@@ -106,7 +113,7 @@ class FGSMPGK:
             g = s["grad"]
             m = g / g.abs().sum().clamp_min(1e-12) * (2 - ratio) + self.config.momentum * self.mom[idx]
             trainer.dist.set_rows(self.mom, idx, m)  # buffer[idx] = value, on every process
-            trainer.dist.set_rows(self.prior, idx, (s["delta0"] + alpha * m.sign()).clamp(-eps, eps))
+            trainer.dist.set_rows(self.prior, idx, project(s["delta0"] + alpha * m.sign(), step.inputs, eps, "linf"))
         step.info["acc_ratio"] = ratio
 
     def state_dict(self):

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from regdefense import hookimpl, option
+from regdefense.contract import Key
 from regdefense.errors import PluginError
 
 
@@ -35,6 +36,11 @@ class GAIRAT:
     """Reweights the adversarial term by how close each point is to the decision boundary."""
 
     name = "gairat"
+    reads = (Key("info.kappa", "compute_loss", required=True, why="GAIRAT's weights are computed from each point's "
+                 "κ, which only regdefense's own PGD-type adversaries count; a library attack does not"),
+             Key("info.steps", "compute_loss", required=True))
+    publishes = (Key("weighters", "compute_loss", required=True,
+                     why="the active objective does not apply per-sample weights (trainer.adv_mean)"),)
 
     @dataclass
     class Config:
@@ -48,11 +54,12 @@ class GAIRAT:
         self.config = config or self.Config()
 
     def current_lambda(self, trainer) -> float:
+        """λ of this epoch; ``linear``: λ_max + (e/E)·(λ − λ_max) with e the 1-based epoch and E the run's epochs,
+        as the reference's ``adjust_Lambda`` (the fraction runs over the whole run, not from the burn-in's end)."""
         c = self.config
         if c.schedule == "fixed" or c.lambda_max is None:
             return c.lambda_
-        total = max(1, trainer.config.train.epochs - c.burn_in_epochs)
-        frac = min(1.0, (trainer.state.epoch - c.burn_in_epochs) / total)
+        frac = min(1.0, (trainer.state.epoch + 1) / trainer.config.train.epochs)
         return c.lambda_max + frac * (c.lambda_ - c.lambda_max)
 
     def weights(self, step, adv_logits) -> torch.Tensor:

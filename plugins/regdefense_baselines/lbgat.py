@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.attacks import kl_pgd
+from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
 from regdefense.losses import kl
 from regdefense_baselines._common import budget
 
@@ -23,6 +23,8 @@ class LBGAT:
     """Boundary-guided AT: a clean guide network's logits are the robust model's targets."""
 
     name = "lbgat"
+    publishes = (*adversary(*PGD_INFO), Key("outputs.adv", "compute_loss"), Key("outputs.guide", "compute_loss"))
+    reads = (APPLIES_WEIGHTS,)
 
     @dataclass
     class Config:
@@ -56,7 +58,7 @@ class LBGAT:
         adv = model(step.adv_inputs)
         step.outputs.update(adv=adv, guide=guide)
         terms = {"task": trainer.adv_mean((adv - target).pow(2).mean(dim=1), step, adv),
-                 "guide": F.cross_entropy(guide, step.labels)}
+                 "guide": trainer.ce(guide, step.labels)}
         if self.config.beta:
             terms["robust"] = self.config.beta * kl(model(step.inputs), adv).mean()
         return terms

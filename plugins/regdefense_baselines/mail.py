@@ -1,6 +1,7 @@
 """MAIL (Wang et al., NeurIPS 2021): probabilistic-margin-aware instance reweighting.
 
-PM(x') = max_{k≠y} p_k(x') − p_y(x') (detached, on the adversarial output); ω = sigmoid(s·(PM + b)),
+PM(x') = max_{k≠y} p_k(x') − p_y(x') (detached, on the adversarial output); ω = 3·sigmoid(s·(PM + b))
+(the reference ``weight_assign`` multiplies by 3, so weights lie in (0, 3); ``scale`` sets the factor),
 applied to the adversarial term of whatever objective is active (MAIL-AT: the adversarial CE; MAIL-TRADES:
 the per-example KL; MAIL-MART: the boosted CE). After ``burn_in_epochs`` of plain training.
 Defaults: MAIL-AT's b = −0.5, s = 10 (MAIL-TRADES: b = 0, s = 2); no renormalisation (reference code);
@@ -15,36 +16,40 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
+from regdefense.contract import Key
 
 
 def mail_weights(adv_logits: torch.Tensor, labels: torch.Tensor, bias: float, slope: float,
-                 normalize: bool = False) -> torch.Tensor:
-    """ω = sigmoid(slope·(max_{k≠y} p_k − p_y + bias)), optionally normalised to mean 1."""
+                 normalize: bool = False, scale: float = 3.0) -> torch.Tensor:
+    """ω = scale·sigmoid(slope·(max_{k≠y} p_k − p_y + bias)), or normalised to mean 1 instead of scaled."""
     p = F.softmax(adv_logits.float(), dim=1)
     p_y = p.gather(1, labels[:, None]).squeeze(1)
     p_other = p.scatter(1, labels[:, None], -1.0).amax(dim=1)
     w = torch.sigmoid(slope * (p_other - p_y + bias))
-    return w * len(w) / w.sum() if normalize else w
+    return w * len(w) / w.sum() if normalize else scale * w
 
 
 class MAIL:
     """Reweights the adversarial term by the probabilistic margin of each adversarial point."""
 
     name = "mail"
+    publishes = (Key("weighters", "compute_loss", required=True,
+                     why="the active objective does not apply per-sample weights (trainer.adv_mean)"),)
 
     @dataclass
     class Config:
         burn_in_epochs: int = option(75, "epochs of plain training before reweighting (reference: 75 of 120)", ge=0)
         bias: float = option(-0.5, "b (MAIL-AT -0.5; MAIL-TRADES 0)")
         slope: float = option(10.0, "s (MAIL-AT 10; MAIL-TRADES 2)", ge=0)
-        normalize: bool = option(False, "rescale the weights to mean 1 per batch")
+        normalize: bool = option(False, "rescale the weights to mean 1 per batch (replaces scale)")
+        scale: float = option(3.0, "factor on the sigmoid (reference code: 3)", gt=0)
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
 
     def weights(self, step, adv_logits) -> torch.Tensor:
         c = self.config
-        return mail_weights(adv_logits, step.targets, c.bias, c.slope, c.normalize)
+        return mail_weights(adv_logits, step.targets, c.bias, c.slope, c.normalize, c.scale)
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step):

@@ -15,16 +15,18 @@ import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.attacks import pgd
+from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
 from regdefense.losses import kl
 from regdefense_baselines._common import budget
 
 
-def boosted_ce(adv_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample −log p_y(x') − log(1.0001 − max_{k≠y} p_k(x')) (MART's reference constants)."""
+def boosted_ce(adv_logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Per-sample −log p_y(x') − log(1.0001 − max_{k≠y} p_k(x')) (MART's reference constants); ``smoothing``
+    smooths the CE part (``train.label_smoothing``)."""
     probs = F.softmax(adv_logits, dim=1)
     top2 = probs.argsort(dim=1)[:, -2:]
     other = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
-    return F.cross_entropy(adv_logits, y, reduction="none") - torch.log(
+    return F.cross_entropy(adv_logits, y, reduction="none", label_smoothing=smoothing) - torch.log(
         1.0001 - probs.gather(1, other[:, None]).squeeze(1) + 1e-12)
 
 
@@ -32,6 +34,8 @@ class MART:
     """MART: boosted CE on adversarial examples plus a KL term weighted by 1 − p_y(x)."""
 
     name = "mart"
+    publishes = (*adversary(*PGD_INFO), Key("outputs.clean", "compute_loss"), Key("outputs.adv", "compute_loss"))
+    reads = (APPLIES_WEIGHTS,)
 
     @dataclass
     class Config:
@@ -52,7 +56,7 @@ class MART:
         with trainer.attack_autocast():
             return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
                        norm=c.norm or trainer.norm, start=0.001 * torch.randn_like(step.inputs),
-                       train_mode=c.attack_mode == "train", info=step.info)
+                       train_mode=c.attack_mode == "train", info=step.info, clip_start=False)
 
     @hookimpl
     def regdefense_compute_loss(self, trainer, step, model):
@@ -60,4 +64,4 @@ class MART:
         step.outputs.update(clean=clean, adv=adv)
         true_p = F.softmax(clean, dim=1).gather(1, step.targets[:, None]).squeeze(1)
         robust = (kl(clean, adv) * (1.0000001 - true_p)).mean()
-        return {"task": trainer.adv_mean(boosted_ce(adv, step.targets), step, adv), "robust": self.config.beta * robust}
+        return {"task": trainer.adv_mean(boosted_ce(adv, step.targets, trainer.config.train.label_smoothing), step, adv), "robust": self.config.beta * robust}

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.attacks import pgd, resolve_attack
+from regdefense.contract import PGD_INFO, adversary
 from regdefense_baselines._common import budget
 
 
@@ -22,6 +22,7 @@ class PGDAT:
     """PGD-AT: train on projected-gradient adversarial examples."""
 
     name = "pgd_at"
+    publishes = adversary(*PGD_INFO, when="not attack")  # a library attack reports nothing per sample
 
     @dataclass
     class Config:
@@ -64,5 +65,5 @@ class PGDAT:
         w = self.config.clean_weight
         if w > 0 and "task" in terms:
             terms["task"] = (1 - w) * terms["task"]
-            terms["clean"] = w * F.cross_entropy(model(step.inputs), step.targets)
+            terms["clean"] = w * trainer.ce(model(step.inputs), step.targets)
         return terms

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.attacks import kl_pgd, pgd
+from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
 from regdefense.losses import kl
 from regdefense_baselines._common import budget
 
@@ -23,6 +23,8 @@ class TRADES:
     """TRADES: clean CE plus β·KL between clean and adversarial predictions."""
 
     name = "trades"
+    publishes = (*adversary(*PGD_INFO), Key("outputs.clean", "compute_loss"), Key("outputs.adv", "compute_loss"))
+    reads = (APPLIES_WEIGHTS,)
 
     @dataclass
     class Config:
@@ -46,7 +48,7 @@ class TRADES:
             if c.attack == "ce":
                 return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
                            norm=c.norm or trainer.norm, start=0.001 * torch.randn_like(step.inputs),
-                           train_mode=c.attack_mode == "train", info=step.info)
+                           train_mode=c.attack_mode == "train", info=step.info, clip_start=False)
             return kl_pgd(model, step.inputs, eps=eps, alpha=alpha, steps=c.steps, norm=c.norm or trainer.norm,
                           train_mode=c.attack_mode == "train", info=step.info, kappa_labels=step.targets)
 
@@ -54,5 +56,5 @@ class TRADES:
     def regdefense_compute_loss(self, trainer, step, model):
         clean, adv = model(step.inputs), model(step.adv_inputs)
         step.outputs.update(clean=clean, adv=adv)
-        return {"task": F.cross_entropy(clean, step.targets),
+        return {"task": trainer.ce(clean, step.targets),
                 "robust": self.config.beta * trainer.adv_mean(kl(clean, adv), step, adv)}

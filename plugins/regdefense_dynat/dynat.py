@@ -11,8 +11,10 @@ As a loss wrapper DYNAT *replaces* the base objective's ``task`` term by w_t·CE
 terms stay: on ``trades`` that is the KL term (DYNAT-TRADES, DYNAT-AWP with ``awp``). With ``inner`` the
 adversary attacks the dynamic labels too (``step.targets = l`` before the attack: the paper's "Inner"
 optimisation); use ``-o trades.attack=ce`` for DYNAT-Inner on a TRADES objective. Without another adversary,
-DYNAT's own (a fallback provider: CE-PGD from x + 0.001·N(0, I), ε 0.031, step 0.007, 10 steps, as the code)
-runs. Robust accuracy is always measured against the true labels.
+DYNAT's own (a fallback provider: CE-PGD against the dynamic labels l from x + 0.001·N(0, I), ε 0.031, step 0.007,
+10 steps, as the authors' ``dynat_loss``) runs. GAIRAT's κ is counted against the labels the adversary attacks (l
+for DYNAT's own adversary and with ``inner``; y otherwise). Robust accuracy is always measured against the true
+labels.
 
 Replication switches (research note §4.5): ``guide_mode`` (the code computes l with the guide in train mode,
 so BN statistics move), ``clean_bn_pass`` (the code's unused clean forward of the target in train mode),
@@ -26,10 +28,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.attacks import model_mode, pgd
+from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
 from regdefense.models import default_model
 
 
@@ -37,6 +39,8 @@ class DYNAT:
     """Guide network + dynamic labels for the target's adversarial term."""
 
     name = "dynat"
+    publishes = adversary(*PGD_INFO)  # its own adversary, a fallback: counted only when no other adversary is active
+    reads = (APPLIES_WEIGHTS, Key("outputs.adv", "compute_loss", silent=True))
 
     @dataclass
     class Config:
@@ -54,6 +58,8 @@ class DYNAT:
         eps: float | None = option(None, "own adversary: budget (none: the run's threat.eps)", ge=0)
         alpha: float = option(0.007, "own adversary: step size (code: 0.007)", gt=0)
         steps: int = option(10, "own adversary: iterations", ge=1)
+        attack_labels: Literal["dynamic", "true"] = option(
+            "dynamic", "own adversary: attack the dynamic labels l (authors' code) or the true labels")
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
@@ -79,9 +85,10 @@ class DYNAT:
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
         eps = trainer.ramp(c.eps) if c.eps is not None else trainer.eps
+        labels = step.stash[self.name] if c.attack_labels == "dynamic" else step.labels
         with trainer.attack_autocast():
-            return pgd(model, step.inputs, step.targets, eps=eps, alpha=c.alpha, steps=c.steps, norm=trainer.norm,
-                       start=0.001 * torch.randn_like(step.inputs), info=step.info)
+            return pgd(model, step.inputs, labels, eps=eps, alpha=c.alpha, steps=c.steps, norm=trainer.norm,
+                       start=0.001 * torch.randn_like(step.inputs), info=step.info, clip_start=False)
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step, model, phase):
@@ -99,12 +106,12 @@ class DYNAT:
         step.targets = labels
         terms = yield
         logits = step.outputs["adv"] if model is trainer.model and "adv" in step.outputs else model(step.adv_inputs)
-        terms["task"] = c.target_weight * trainer.adv_mean(F.cross_entropy(logits, labels, reduction="none"), step,
+        terms["task"] = c.target_weight * trainer.adv_mean(trainer.ce(logits, labels, reduction="none"), step,
                                                            logits)
         if phase == "train":
             if c.clean_bn_pass:
                 with torch.no_grad():
                     model(step.inputs)
             guide = trainer.modules["dynat_guide"]
-            terms["guide"] = c.guide_weight * F.cross_entropy(guide(step.inputs), step.labels)
+            terms["guide"] = c.guide_weight * trainer.ce(guide(step.inputs), step.labels)
         return terms

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
+from regdefense.contract import Key
 from regdefense.errors import PluginError
 from regdefense.losses import kl, soft_ce
 
@@ -30,6 +31,9 @@ class RegMix:
     """AMR + AGR on top of any adversary that reports where its ascent started."""
 
     name = "regmix"
+    reads = (Key("info.x_init", "compute_loss", required=True, when="amr",
+                 why="AMR compares the logits at the start and the end of the adversary's ascent"),
+             Key("outputs.init", "compute_loss", silent=True), Key("outputs.adv", "compute_loss", silent=True))
 
     @dataclass
     class Config:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense_regularized.penalties import input_gradient_penalty
@@ -49,6 +48,6 @@ class ATGR:
         if "task" in terms:
             terms["task"] = c.beta1 * terms["task"]
         if c.clean_weight:
-            terms["clean"] = c.clean_weight * F.cross_entropy(model(step.inputs), step.targets)
+            terms["clean"] = c.clean_weight * trainer.ce(model(step.inputs), step.targets)
         terms["grad_penalty"] = c.beta2 * raw
         return terms

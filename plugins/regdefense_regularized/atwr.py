@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense_regularized.penalties import weight_l2
@@ -40,6 +39,6 @@ class ATWR:
         if "task" in terms:
             terms["task"] = c.lambda1 * terms["task"]
         if c.clean_weight:
-            terms["clean"] = c.clean_weight * F.cross_entropy(model(step.inputs), step.targets)
+            terms["clean"] = c.clean_weight * trainer.ce(model(step.inputs), step.targets)
         terms["weight_l2"] = c.lambda2 * weight_l2(model, c.all_params)
         return terms

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.attacks import resolve_attack
+from regdefense.contract import APPLIES_WEIGHTS
 from regdefense_regularized.penalties import input_gradient_penalty, weight_l2
 
 ATTACKS = ("fgsm", "pgd", "bim", "cw")
@@ -27,6 +27,7 @@ class EATR:
     """Trains on FGSM, PGD, BIM and C&W examples of every batch, plus a regulariser."""
 
     name = "eatr"
+    reads = (APPLIES_WEIGHTS,)
 
     @dataclass
     class Config:
@@ -89,13 +90,13 @@ class EATR:
         split = step.stash.get(self.name)
         terms = {}
         if c.clean_weight:
-            terms["clean"] = c.clean_weight * F.cross_entropy(model(step.inputs), step.targets)
+            terms["clean"] = c.clean_weight * trainer.ce(model(step.inputs), step.targets)
         for k, gamma in zip(ATTACKS, c.gammas):
             if k not in step.adv_inputs:
                 continue
             y = step.targets[split[k]] if split else step.targets
             logits = model(step.adv_inputs[k])
-            terms[k] = gamma * trainer.adv_mean(F.cross_entropy(logits, y, reduction="none"), step, logits)
+            terms[k] = gamma * trainer.adv_mean(trainer.ce(logits, y, reduction="none"), step, logits)
         if c.reg == "weight":
             terms["reg"] = c.gamma5 * weight_l2(model)
         elif "pgd" in step.adv_inputs:

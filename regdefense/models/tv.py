@@ -18,18 +18,24 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 class TorchvisionNet(nn.Module):
-    def __init__(self, net: nn.Module, in_channels: int, min_size: int, pretrained: bool) -> None:
+    """A torchvision network behind channel expansion, resizing (up to ``min_size``, or always to ``input_size``)
+    and, with ImageNet weights, ImageNet normalisation. Inputs and perturbations stay at the data's resolution."""
+
+    def __init__(self, net: nn.Module, in_channels: int, min_size: int, pretrained: bool,
+                 input_size: int | None = None) -> None:
         super().__init__()
         self.net = net
         self.expand = in_channels == 1
         self.min_size = min_size
+        self.input_size = input_size
         self.normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD) if pretrained else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.expand:
             x = x.expand(-1, 3, -1, -1)
-        if min(x.shape[-2:]) < self.min_size:
-            x = F.interpolate(x, size=(self.min_size, self.min_size), mode="bilinear", align_corners=False)
+        side = self.input_size or (self.min_size if min(x.shape[-2:]) < self.min_size else None)
+        if side is not None and tuple(x.shape[-2:]) != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         return self.net(self.normalize(x))
 
 
@@ -42,7 +48,7 @@ def _replace_head(net: nn.Module, num_classes: int) -> None:
     setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
 
 
-def _build(arch: str, in_channels: int, num_classes: int, pretrained: bool) -> nn.Module:
+def _build(arch: str, in_channels: int, num_classes: int, pretrained: bool, input_size: int | None = None) -> nn.Module:
     import torchvision
 
     if in_channels not in (1, 3):
@@ -58,12 +64,15 @@ def _build(arch: str, in_channels: int, num_classes: int, pretrained: bool) -> n
         _replace_head(net, num_classes)
     else:
         net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
-    return TorchvisionNet(net, in_channels, _MIN_SIZE.get(arch, 32), pretrained)
+    if input_size is not None and input_size < _MIN_SIZE.get(arch, 32):
+        raise ConfigError(f"model.input_size {input_size} is below the {_MIN_SIZE.get(arch, 32)} pixels {arch} needs")
+    return TorchvisionNet(net, in_channels, _MIN_SIZE.get(arch, 32), pretrained, input_size)
 
 
 def _factory(arch: str):
-    def make(in_channels: int, num_classes: int, image_size: int, pretrained: bool = False) -> nn.Module:
-        return _build(arch, in_channels, num_classes, pretrained)
+    def make(in_channels: int, num_classes: int, image_size: int, pretrained: bool = False,
+             input_size: int | None = None) -> nn.Module:
+        return _build(arch, in_channels, num_classes, pretrained, input_size)
 
     make.__name__ = arch
     make.__doc__ = f"torchvision's {arch}, adapted to the dataset's channels, classes and image size."
