@@ -5,7 +5,8 @@ by the adversary from its own forwards). Weight ω(κ) = ½(1 + tanh(λ + 5·(�
 also "sigmoid" and "discrete" (K + 1 − κ)/(K + 1)), normalised to sum to the batch size, applied to the
 adversarial term of whatever objective is active (through ``trainer.adv_mean``). Reweighting starts after
 ``burn_in_epochs``; λ is fixed or moves linearly from ``lambda_max`` to ``lambda_``.
-Defaults of the reference code: λ = −1, fixed, tanh, burn-in 60 of 120 epochs, K = 10.
+Defaults of the reference code: λ = −1, fixed, tanh, K = 10, reweighting once ``epoch + 1 >= 60`` (its
+``--begin_epoch 60`` against a 1-based count), i.e. from our 0-based epoch 59 of 120.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class GAIRAT:
 
     @dataclass
     class Config:
-        burn_in_epochs: int = option(60, "epochs of plain training before reweighting (reference: 60 of 120)", ge=0)
+        burn_in_epochs: int = option(59, "epochs of plain training before reweighting (reference: begin_epoch 60, "
+                                         "counted from 1, so 59 here)", ge=0)
         lambda_: float = option(-1.0, "λ of the weight function (reference: -1)")
         lambda_max: float | None = option(None, "linear schedule: λ at the end of burn-in (none: no schedule)")
         schedule: Literal["fixed", "linear"] = option("fixed", "λ schedule after burn-in")

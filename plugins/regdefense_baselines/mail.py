@@ -38,7 +38,8 @@ class MAIL:
 
     @dataclass
     class Config:
-        burn_in_epochs: int = option(75, "epochs of plain training before reweighting (reference: 75 of 120)", ge=0)
+        burn_in_epochs: int = option(75, "epochs of the base method before reweighting (reference: MAIL from epoch 75 "
+                                         "of 120, resumed from the base model of epoch 70; see the mail page)", ge=0)
         bias: float = option(-0.5, "b (MAIL-AT -0.5; MAIL-TRADES 0)")
         slope: float = option(10.0, "s (MAIL-AT 10; MAIL-TRADES 2)", ge=0)
         normalize: bool = option(False, "rescale the weights to mean 1 per batch (replaces scale)")
