@@ -178,7 +178,8 @@ def plugins_show(name: str, as_json: bool) -> None:
         if keys:
             click.echo(f"{title}: " + ", ".join(str(k) + (" [required]" if k.required else "") for k in keys))
     click.echo(f"\nconfig fields (set with -o {name}.KEY=VALUE or [defense.{name}] in a run file):")
-    click.echo(_table(fields, [("name", "field"), ("type", "type"), ("default", "default"), ("help", "help")]))
+    click.echo(_table(fields, [("name", "field"), ("type", "type"), ("default", "default"), ("limits", "limits"),
+                               ("help", "help")]))
 
 
 @cli.command()

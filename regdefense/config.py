@@ -340,7 +340,12 @@ def describe(cls: type) -> list[dict[str, Any]]:
     for f in fields(cls):
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else None)
-        rows.append({"name": f.name, "type": _type_name(hints[f.name]), "default": default,
+        limits = ", ".join(f"{op} {f.metadata[key]:g}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
+                           if f.metadata.get(key) is not None)
+        typ = hints[f.name]
+        if typing.get_origin(typ) is Literal:
+            limits = "one of " + ", ".join(map(str, typing.get_args(typ)))
+        rows.append({"name": f.name, "type": _type_name(typ), "default": default, "limits": limits,
                      "help": f.metadata.get("help", "")})
     return rows
 

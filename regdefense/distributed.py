@@ -104,6 +104,17 @@ class Dist:
             dist.all_reduce(tensor)
         return tensor
 
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean over ranks of a plugin's scalars (for ``metrics`` added in ``regdefense_epoch_end``, which each
+        process computes on its own share): every rank must call it with the same keys. One all-reduce."""
+        if not self.enabled or not values:
+            return dict(values)
+        keys = sorted(values)
+        device = getattr(self, "device", None) or torch.device("cpu")
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return dict(zip(keys, (t / self.world).tolist()))
+
     def average_buffers(self, modules: Iterable[nn.Module]) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over ranks."""
         if not self.enabled:

@@ -60,7 +60,37 @@ class PluginInfo:
                 "status": "broken" if self.error else "ok", "error": self.error}
 
 
-def _check_defense_class(cls: Any) -> str | None:
+def hook_problems(cls: type) -> list[str]:
+    """What is wrong with a class's ``regdefense_*`` methods, checked against the hook specs: a method without the
+    ``@hookimpl`` marker (it would never run), a name that is no hook (with a suggestion), an argument the hook
+    does not pass. Empty when every hook is fine."""
+    import inspect
+
+    from regdefense.errors import did_you_mean
+
+    specs = {n: getattr(hookspecs, n) for n in dir(hookspecs) if n.startswith("regdefense_")}
+    problems = []
+    for name in sorted(n for n in dir(cls) if n.startswith("regdefense_")):
+        fn = getattr(cls, name)
+        if name not in specs:
+            problems.append(f"{name} is not a hook{did_you_mean(name, specs)}")
+            continue
+        if getattr(fn, "regdefense_impl", None) is None:
+            problems.append(f"{name} lacks the @hookimpl marker, so it would never be called")
+            continue
+        passed = set(inspect.signature(specs[name]).parameters)
+        try:
+            taken = [p for p in inspect.signature(fn).parameters if p != "self"]
+        except (TypeError, ValueError):
+            continue
+        extra = [p for p in taken if p not in passed]
+        if extra:
+            problems.append(f"{name} takes {', '.join(extra)}, which the hook does not pass (it passes "
+                            f"{', '.join(sorted(passed))})")
+    return problems
+
+
+def _check_defense_class(cls: Any, ep_name: str | None = None) -> str | None:
     if not isinstance(cls, type):
         return f"entry point does not name a class (got {type(cls).__name__})"
     config = getattr(cls, "Config", None)
@@ -68,7 +98,12 @@ def _check_defense_class(cls: Any) -> str | None:
         return "defense class has no Config dataclass"
     if not any(n.startswith("regdefense_") for n in dir(cls)):
         return "defense class implements no regdefense_* hook"
-    return None
+    declared = getattr(cls, "name", None)
+    if ep_name is not None and declared is not None and declared != ep_name:
+        return (f"the entry point is named '{ep_name}' but the class says name = '{declared}'; users activate the "
+                f"entry-point name, so make them the same")
+    problems = hook_problems(cls)
+    return "; ".join(problems) if problems else None
 
 
 def catalogue() -> dict[str, PluginInfo]:
@@ -87,7 +122,7 @@ def catalogue() -> dict[str, PluginInfo]:
         except Exception as exc:  # a broken third-party plugin must not break the listing
             info.error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
         else:
-            info.error = _check_defense_class(info.cls)
+            info.error = _check_defense_class(info.cls, ep.name)
         found[ep.name] = info
     return found
 
@@ -146,7 +181,12 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None,
             except Exception as exc:  # a third-party constructor may raise anything
                 raise PluginError(f"defense '{item}' ({origin}) could not be created: {type(exc).__name__}: {exc}") from None
         else:
+            if isinstance(item, type):  # a class (a plugin under test, not installed): built with its defaults
+                item = item(item.Config()) if hasattr(item, "Config") else item()
             plugin, name, origin = item, getattr(item, "name", type(item).__name__), "an object"
+            problems = hook_problems(type(plugin))
+            if problems:
+                raise PluginError(f"defense '{name}' ({origin}): {'; '.join(problems)}")
         if any(n == name for n, _, _ in named) or name == "core":
             raise PluginError(f"defense '{name}' is in the stack twice; list each defense once"
                               if name != "core" else "'core' is the loop's own plugin; it cannot be activated")
@@ -170,7 +210,24 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None,
     answering = {hook: (providers(pm, hook) or providers(pm, hook, fallbacks=True) or ["core"])[0]
                  for hook in hookspecs.EXCLUSIVE}
     contract.check(pm.list_name_plugin(), warn or _warn, answering)
+    check_requires(pm)
     return pm
+
+
+def check_requires(pm: pluggy.PluginManager) -> None:
+    """Refuse a stack in which a defense's ``requires`` (hook names, e.g. ``("make_adversarial",)``: a modifier of
+    adversarial examples without an adversary adds nothing) has no provider besides ``core``."""
+    for name, plugin in pm.list_name_plugin():
+        for hook in getattr(plugin, "requires", ()) or ():
+            full = hook if hook.startswith("regdefense_") else "regdefense_" + hook
+            if not hasattr(hookspecs, full):
+                raise PluginError(f"defense '{name}' requires '{hook}', which is not a hook")
+            impls = getattr(pm.hook, full).get_hookimpls()
+            if not any(i.plugin_name not in ("core", name) and not (i.wrapper or i.hookwrapper) for i in impls):
+                have = sorted(n for n, info in catalogue().items() if info.cls is not None and not info.error
+                              and callable(getattr(info.cls, full, None)) and n != name)
+                raise PluginError(f"defense '{name}' needs a defense that provides {full.removeprefix('regdefense_')}"
+                                  f" and none is active; add one of: {', '.join(have)}")
 
 
 def _warn(message: str) -> None:
@@ -240,11 +297,15 @@ def blame(pm: pluggy.PluginManager, exc: BaseException) -> Culprit | None:
             files[os.path.realpath(inspect.getfile(type(plugin)))] = name
         except (TypeError, OSError):
             continue
-    found = None
+    found, hook = None, None
     tb = exc.__traceback__
     while tb is not None:
         path = os.path.realpath(tb.tb_frame.f_code.co_filename)
         if path in files:
             found = Culprit(files[path], tb.tb_frame.f_code.co_name)
+            if found.where.startswith("regdefense_"):
+                hook = found.where
         tb = tb.tb_next
+    if found is not None and hook is not None and found.where != hook:
+        found.where = f"{hook} (in {found.where})"  # the hook that was running, and the helper that raised
     return found

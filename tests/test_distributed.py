@@ -42,6 +42,7 @@ def test_per_sample_buffers_and_extra_optimizers_stay_identical_across_processes
     r = _worker("buffers", 2, tmp_path)
     assert r["prior_equal_on_all_ranks"] and r["weights_equal_on_all_ranks"]
     assert r["prior_rows_written"] > 200  # rows written on either process reached both
+    assert r["mean"] == {"one": 1.0, "rank": 0.5}  # trainer.dist.mean: a plugin's scalars averaged over processes
 
 
 @pytest.mark.parametrize("stack, guide", [("lbgat", "lbgat_guide"), ("dynat", "dynat_guide"), ("atop", "atop_purifier")])

@@ -130,3 +130,129 @@ def test_config_classes_are_typed_and_validated():
         build(cls, {"eps": -0.1}, "pgd_at")
     with pytest.raises(ConfigError, match="attack"):
         build(cls, {"attack": "torchattacks:NotAnAttack"}, "pgd_at")
+
+
+MALFORMED = '''
+from dataclasses import dataclass
+from regdefense import hookimpl
+
+class Base:
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config):
+        self.config = config
+
+class Unmarked(Base):
+    name = "unmarked"
+    def regdefense_batch_end(self, step):
+        pass
+
+class Typo(Base):
+    name = "typo"
+    @hookimpl
+    def regdefense_epoch_ends(self, trainer):
+        pass
+
+class WrongArg(Base):
+    name = "wrong_arg"
+    @hookimpl
+    def regdefense_batch_end(self, trainer, batch):
+        pass
+
+class Mismatch(Base):
+    name = "other_name"
+    @hookimpl
+    def regdefense_batch_end(self, step):
+        pass
+'''
+
+
+def test_malformed_plugins_are_flagged_when_listed_with_the_reason(make_dist, tmp_path):
+    make_dist("regdefense-malformed", {"thirdparty_malformed": MALFORMED},
+              {"unmarked": "thirdparty_malformed:Unmarked", "typo": "thirdparty_malformed:Typo",
+               "wrong_arg": "thirdparty_malformed:WrongArg", "mismatch": "thirdparty_malformed:Mismatch"})
+    cat = catalogue()
+    assert "regdefense_batch_end lacks the @hookimpl marker" in cat["unmarked"].error
+    assert "regdefense_epoch_ends is not a hook" in cat["typo"].error
+    assert "did you mean 'regdefense_epoch_end'" in cat["typo"].error
+    assert "regdefense_batch_end takes batch, which the hook does not pass" in cat["wrong_arg"].error
+    assert "named 'mismatch' but the class says name = 'other_name'" in cat["mismatch"].error
+    out = subprocess.run([sys.executable, "-m", "regdefense", "plugins"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
+    for name in ("unmarked", "typo", "wrong_arg", "mismatch"):
+        assert "BROKEN" in rows[name], rows[name]
+    assert " ok " in rows["pgd_at"]
+    with pytest.raises(PluginError, match="typo.*regdefense_epoch_ends is not a hook"):
+        activate(["typo"])
+
+
+def test_an_uninstalled_plugin_class_can_be_activated_and_is_validated_too():
+    class Counting:
+        name = "counting"
+
+        class Config:
+            pass
+
+        def __init__(self, config):
+            self.steps = 0
+
+        @hookimpl
+        def regdefense_batch_end(self, step):
+            self.steps += 1
+
+    pm = activate(["pgd_at", Counting])
+    assert isinstance(pm.get_plugin("counting"), Counting)
+
+    class Unmarked(Counting):
+        name = "unmarked"
+
+        def regdefense_epoch_end(self, trainer):
+            pass
+
+    with pytest.raises(PluginError, match="regdefense_epoch_end lacks the @hookimpl marker"):
+        activate([Unmarked])
+
+
+def test_blame_names_the_hook_that_was_running_and_the_helper(tiny_trainer):
+    class Helpful:
+        name = "helpful"
+
+        class Config:
+            pass
+
+        def _update(self):
+            raise ValueError("bad buffer")
+
+        @hookimpl
+        def regdefense_batch_end(self):
+            self._update()
+
+    trainer = tiny_trainer(["pgd_at", Helpful()])
+    with pytest.raises(PluginError, match=r"defense 'helpful' failed in regdefense_batch_end \(in _update\): ValueError"):
+        trainer.fit()
+
+
+def test_a_modifier_that_needs_an_adversary_is_refused_without_one():
+    class ALP:
+        """Adversarial logit pairing as a plugin author would write it: a term that needs adversarial inputs."""
+
+        name = "alp"
+        requires = ("make_adversarial",)
+
+        class Config:
+            pass
+
+        @hookimpl(wrapper=True)
+        def regdefense_compute_loss(self, step, model):
+            terms = yield
+            terms["alp"] = (model(step.inputs) - model(step.adv_inputs)).pow(2).mean()
+            return terms
+
+    with pytest.raises(PluginError, match="'alp' needs a defense that provides make_adversarial.*pgd_at"):
+        activate([ALP()])
+    activate(["pgd_at", ALP()])
+    with pytest.raises(PluginError, match="'mail' needs a defense that provides make_adversarial"):
+        activate(["mail"])

@@ -33,6 +33,7 @@ class MAIL:
     """Reweights the adversarial term by the probabilistic margin of each adversarial point."""
 
     name = "mail"
+    requires = ("make_adversarial",)  # it reweights an adversarial term: without an adversary there is none
     publishes = (Key("weighters", "compute_loss", required=True,
                      why="the active objective does not apply per-sample weights (trainer.adv_mean)"),)
 

@@ -55,6 +55,7 @@ def main(mode: str, out: str) -> None:
         flat = torch.cat([p.detach().flatten() for p in trainer.raw_model.parameters()])
         result["weights_equal_on_all_ranks"] = all(torch.equal(w, flat) for w in gather(flat))
         result["history"] = trainer.history
+        result["mean"] = trainer.dist.mean({"rank": float(trainer.dist.rank), "one": 1.0})  # a plugin's scalars
     elif mode.startswith("stack:"):  # any stack; every network, extra ones included, must agree across ranks
         stack = mode.split(":", 1)[1].split("+")
         cfg = tiny_config(stack, base)
