@@ -182,6 +182,18 @@ def plugins_show(name: str, as_json: bool) -> None:
                                ("help", "help")]))
 
 
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "where", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to create the package folder regdefense-NAME.")
+def new_plugin(name: str, where: str) -> None:
+    """Write a defense plugin package that installs and passes its own test (pyproject, module, test, README)."""
+    from regdefense.template import new_plugin as write
+
+    root = write(name, where)
+    click.echo(f"wrote {root}\nnext: cd {root} && pip install -e \".[test]\" && python -m pytest")
+
+
 @cli.command()
 def models() -> None:
     """List the architectures of the model zoo."""

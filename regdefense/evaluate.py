@@ -310,20 +310,49 @@ def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | Non
     from regdefense.trainer import Trainer
 
     raw = dict(payload["config"])
+    missing = _drop_training_only(raw, payload)
     overrides = {"train": {"device": device, "progress": False, "compile": False}}
     if dataset:
         overrides["data"] = {"name": dataset}
     cfg = load_config(raw=raw, overrides=overrides)
     trainer = Trainer(cfg)
     trainer.hook.regdefense_fit_start(trainer=trainer)  # defenses build their state, then it is loaded into them
-    trainer.restore_state(payload)
+    trainer.restore_state(payload, for_evaluation=True)
     model = trainer.hook.regdefense_eval_model(trainer=trainer)
     test = trainer.data.test
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     return Target(model=model, x=test.floats(), y=test.y, default_eps=trainer.eps_full, norm=trainer.norm,
                   num_classes=trainer.data.num_classes, device=trainer.device, run_dir=run_dir,
                   meta={"target": str(ckpt), "dataset": cfg.data.name, "stack": cfg.defenses,
-                        "epoch": payload["epoch"], "model": type(trainer.raw_model).__name__})
+                        "epoch": payload["epoch"], "model": type(trainer.raw_model).__name__,
+                        **({"not_installed_training_only": missing} if missing else {})})
+
+
+def _drop_training_only(raw: dict[str, Any], payload: dict[str, Any]) -> list[str]:
+    """Remove from a checkpoint's config the defenses that are not installed here but only trained (they do not build
+    the evaluated model); refuse, naming the distribution, when one that builds it is missing. Returns the dropped."""
+    from regdefense.plugins import catalogue
+
+    cat = catalogue()
+    stack = list(raw.get("defenses", []))
+    missing = [n for n in stack if n not in cat or cat[n].error]
+    if not missing:
+        return []
+    roles = payload.get("roles")
+    for name in missing:
+        role = (roles or {}).get(name)
+        if role is None:  # a checkpoint from before roles were recorded: we cannot tell, so ask for the plugin
+            dists = ", ".join(f"{d} {v}" for d, v in (payload.get("versions") or {}).items() if d not in ("torch",))
+            raise UserError(f"the run was trained with defense '{name}', which is not installed here; install it "
+                            f"(the run recorded these distributions: {dists})")
+        if role["eval_model"]:
+            where = f"{role['dist']} {role['version']}".strip() or "an object passed in Python"
+            pip = f": pip install '{role['dist']}=={role['version']}'" if role["dist"] else ""
+            raise UserError(f"the run was trained with defense '{name}' ({where}), which builds the evaluated model "
+                            f"(regdefense_eval_model); it is not installed here{pip}")
+    raw["defenses"] = [n for n in stack if n not in missing]
+    raw["defense"] = {k: v for k, v in (raw.get("defense") or {}).items() if k not in missing}
+    return missing
 
 
 def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float | None = None, n: int | None = None,

@@ -424,9 +424,26 @@ class Trainer:
             "batch": self.state.batch, "partial": partial or {}, "skipped": self.guard.skipped,
             "best_metric": self.state.best_metric, "best_epoch": self.state.best_epoch,
             "rng": checkpoint.rng_state(), "plugins": plugins, "stack": list(self.config.defenses),
+            "roles": self._roles(),
             "metrics": json.loads(json.dumps(metrics or {})), "config": self.config.to_dict(),
             "versions": versions(),
         }
+
+    def _roles(self) -> dict[str, dict[str, Any]]:
+        """Per active defense: whether it builds the evaluated model (a plain ``regdefense_eval_model``) and where it
+        comes from — what evaluating the checkpoint needs installed, and what to tell a user who lacks it."""
+        from regdefense.plugins import catalogue
+
+        builds = {i.plugin_name for i in self.hook.regdefense_eval_model.get_hookimpls()
+                  if not (i.wrapper or i.hookwrapper)}
+        cat = catalogue()
+        out = {}
+        for name, _ in self.pm.list_name_plugin():
+            if name != "core":
+                info = cat.get(name)
+                out[name] = {"eval_model": name in builds, "dist": info.dist if info else "",
+                             "version": info.version if info else ""}
+        return out
 
     def save_checkpoints(self, metrics: dict[str, Any]) -> None:
         """Write ``last.pt``, ``best.pt`` when the held-out metric improved, and ``epoch-N.pt`` if asked."""
@@ -458,9 +475,11 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path} does not belong to this run: {'; '.join(differences)}")
         self._resume_payload = payload
 
-    def restore_state(self, p: dict[str, Any]) -> dict[str, Any]:
+    def restore_state(self, p: dict[str, Any], for_evaluation: bool = False) -> dict[str, Any]:
         """Load a checkpoint payload: weights, extra modules, optimizer, schedule, scaler, RNG, defense states.
 
+        ``for_evaluation`` loads the networks and the defenses' states only (what the evaluated model needs), so a
+        run evaluated without a training-only defense, whose networks were in the optimizer, still loads.
         Returns the running loss sums of a checkpoint written mid-epoch (empty otherwise)."""
         try:
             self.raw_model.load_state_dict(p["model"])
@@ -468,14 +487,16 @@ class Trainer:
                 module.load_state_dict(p["modules"][name])
         except (RuntimeError, KeyError) as exc:
             raise UserError(f"the checkpoint does not match this model: {str(exc).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(p["optimizer"])
-        self.scheduler.load_state_dict(p["scheduler"])
-        self.scaler.load_state_dict(p["scaler"])
-        self.state = TrainState(p["epoch"], p["global_step"], p.get("batch", 0), p["best_metric"], p["best_epoch"])
-        self.guard.skipped = p.get("skipped", 0)
         for name, plugin in self.pm.list_name_plugin():
             if name in p["plugins"] and hasattr(plugin, "load_state_dict"):
                 plugin.load_state_dict(p["plugins"][name])
+        self.state = TrainState(p["epoch"], p["global_step"], p.get("batch", 0), p["best_metric"], p["best_epoch"])
+        if for_evaluation:
+            return {}
+        self.optimizer.load_state_dict(p["optimizer"])
+        self.scheduler.load_state_dict(p["scheduler"])
+        self.scaler.load_state_dict(p["scaler"])
+        self.guard.skipped = p.get("skipped", 0)
         checkpoint.set_rng_state(p["rng"])
         self._resume_payload = None
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in p.get("partial", {}).items()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from regdefense import hookimpl
-from regdefense.errors import PluginError
+from regdefense.errors import PluginError, UserError
 from regdefense.plugins import activate, catalogue, providers
 
 
@@ -256,3 +256,67 @@ def test_a_modifier_that_needs_an_adversary_is_refused_without_one():
     activate(["pgd_at", ALP()])
     with pytest.raises(PluginError, match="'mail' needs a defense that provides make_adversarial"):
         activate(["mail"])
+
+
+CURVELOG = '''
+from dataclasses import dataclass
+import copy
+from regdefense import hookimpl, option
+
+class CurveLog:
+    """Logs the loss curvature proxy per epoch: a training-only defense."""
+    name = "curvelog"
+
+    @dataclass
+    class Config:
+        every: int = option(1, "log every N epochs", ge=1)
+
+    def __init__(self, config):
+        self.config = config
+
+    @hookimpl
+    def regdefense_epoch_end(self, metrics):
+        metrics["curvelog"] = 1.0
+
+class Averaged:
+    """Evaluates a frozen copy of the weights: builds the evaluated model."""
+    name = "averaged"
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config):
+        self.model = None
+
+    @hookimpl
+    def regdefense_fit_start(self, trainer):
+        self.model = copy.deepcopy(trainer.raw_model).eval()
+
+    @hookimpl
+    def regdefense_eval_model(self, trainer):
+        return self.model
+'''
+
+
+def test_a_run_evaluates_after_its_training_only_defense_is_uninstalled(make_dist, tmp_path):
+    import importlib
+
+    from regdefense.evaluate import evaluate
+    from regdefense.run import train
+
+    site = make_dist("regdefense-curvelog", {"thirdparty_curvelog": CURVELOG},
+                     {"curvelog": "thirdparty_curvelog:CurveLog", "averaged": "thirdparty_curvelog:Averaged"},
+                     version="2.3")
+    common = ["train.epochs=1", "train.progress=false", "train.device=cpu", "data.limit=192", "eval.val_samples=32",
+              "eval.pgd_steps=1"]
+    only_trained = train(defenses=["pgd_at", "curvelog"], overrides=common, out=tmp_path / "a", echo=lambda s: None)
+    builds = train(defenses=["pgd_at", "averaged"], overrides=common, out=tmp_path / "b", echo=lambda s: None)
+    sys.path.remove(str(site))  # uninstall
+    importlib.invalidate_caches()
+    assert "curvelog" not in catalogue()
+    report, _ = evaluate(only_trained.run_dir, suites=["quick"], n=20, progress=False, checks=False)
+    assert report.meta["not_installed_training_only"] == ["curvelog"] and report.meta["stack"] == ["pgd_at"]
+    with pytest.raises(UserError, match=r"'averaged' \(regdefense-curvelog 2.3\), which builds the evaluated model.*"
+                                        r"pip install 'regdefense-curvelog==2.3'"):
+        evaluate(builds.run_dir, suites=["quick"], n=20, progress=False, checks=False)
