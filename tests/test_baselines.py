@@ -276,3 +276,25 @@ def test_catastrophic_overfitting_guard_runs_for_single_step_defenses():
     assert {"val_fgsm", "co_gap", "catastrophic_overfitting"} <= set(history[0])
     plain = make_trainer(["pgd_at"], ["pgd_at.steps=1"]).fit()
     assert "val_fgsm" not in plain[0]
+
+
+def test_mail_from_an_untrained_model_warns_that_its_weights_vanish(capsys):
+    """Issue 16: pgd_at + mail with no burn-in ended below chance with a tiny loss. On an untrained model every
+    probabilistic margin is about 0, so every weight is about 3·sigmoid(10·(0 − 0.5)) ≈ 0.02 and the network barely
+    learns; the run now says so after the first reweighted epoch."""
+    trainer = make_trainer(["pgd_at", "mail"], ["mail.burn_in_epochs=0", "pgd_at.steps=2"])
+    history = trainer.fit()
+    w = history[-1]["log_mail_weight_mean"]
+    assert w == pytest.approx(3 / (1 + math.exp(5)), rel=0.35)  # ≈ 0.020: the margins are all near 0
+    assert "mail's weights average" in capsys.readouterr().err
+
+
+def test_awp_from_the_first_epoch_warns_when_the_model_stays_at_chance(capsys):
+    """Issue 16: pgd_at + awp with no warm-up stays at chance on the digits CNN; the run says so."""
+    trainer = make_trainer(["pgd_at", "awp"], ["awp.warmup_epochs=0", "pgd_at.steps=2", "train.epochs=2"])
+    history = trainer.fit()
+    assert history[-1]["val_clean"] <= 0.15  # at chance: what the warning is about
+    assert "chance level" in capsys.readouterr().err
+    trainer = make_trainer(["pgd_at", "awp"], ["awp.warmup_epochs=5", "pgd_at.steps=2", "train.epochs=2"])
+    trainer.fit()
+    assert "chance level" not in capsys.readouterr().err  # AWP not acting yet: nothing to say

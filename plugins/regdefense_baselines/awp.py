@@ -40,6 +40,7 @@ class AWP:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
         self.proxy: torch.nn.Module | None = None
+        self._warned = False
 
     @hookimpl
     def regdefense_fit_start(self, trainer):
@@ -65,6 +66,18 @@ class AWP:
             d = proxy[name].detach() - w.detach()
             out[name] = self.config.gamma * w.detach().norm() * d / (d.norm() + 1e-20)
         return out
+
+    @hookimpl
+    def regdefense_epoch_end(self, trainer, epoch, metrics):
+        acting = self.config.gamma > 0 and epoch >= self.config.warmup_epochs
+        chance = 1.5 / trainer.data.num_classes
+        if acting and not self._warned and metrics.get("val_clean", 1.0) <= chance:
+            self._warned = True
+            trainer.echo(f"warning: held-out clean accuracy is {metrics['val_clean']:.1%} (chance level) in epoch "
+                         f"{epoch + 1} with AWP acting since epoch {self.config.warmup_epochs + 1}: a weight perturbation "
+                         f"of γ = {self.config.gamma:g} on a network that has not learned yet can hold it at chance (the "
+                         f"digits CNN stays there from epoch 1). Warm up first (awp.warmup_epochs; TRADES-AWP: 10) or "
+                         f"lower awp.gamma")
 
     @hookimpl(wrapper=True)
     def regdefense_forward_backward(self, trainer, step):

@@ -29,6 +29,10 @@ def mail_weights(adv_logits: torch.Tensor, labels: torch.Tensor, bias: float, sl
     return w * len(w) / w.sum() if normalize else scale * w
 
 
+#: mean weight below which a reweighted epoch warns (3·sigmoid(10·(0 − 0.5)) = 0.02 on an untrained model)
+WEAK_WEIGHTS = 0.1
+
+
 class MAIL:
     """Reweights the adversarial term by the probabilistic margin of each adversarial point."""
 
@@ -48,10 +52,24 @@ class MAIL:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
+        self._warned = False
 
     def weights(self, step, adv_logits) -> torch.Tensor:
         c = self.config
-        return mail_weights(adv_logits, step.targets, c.bias, c.slope, c.normalize, c.scale)
+        w = mail_weights(adv_logits, step.targets, c.bias, c.slope, c.normalize, c.scale)
+        step.logs["mail_weight_mean"] = w.mean().detach()
+        return w
+
+    @hookimpl
+    def regdefense_epoch_end(self, trainer, metrics):
+        mean = metrics.get("log_mail_weight_mean")
+        if mean is not None and mean < WEAK_WEIGHTS and not self._warned:
+            self._warned = True
+            trainer.echo(f"warning: mail's weights average {mean:.3f} in epoch {metrics['epoch']}: on a model that "
+                         f"is not yet trained every margin is about 0, so every weight is about "
+                         f"{self.config.scale:g}·sigmoid({self.config.slope:g}·{self.config.bias:g}) and the adversarial "
+                         f"term is scaled down accordingly (the model barely learns). The reference starts MAIL from a "
+                         f"trained base: raise mail.burn_in_epochs, or set mail.normalize=true")
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step):
