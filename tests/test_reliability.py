@@ -217,7 +217,8 @@ def test_a_third_party_defense_that_raises_fails_the_cli_run_naming_it(make_dist
 
 def test_a_defense_whose_constructor_raises_is_named(make_dist):
     make_dist("regdefense-badinit", {"thirdparty_badinit": RAISING_PLUGIN.replace(
-        "self.config = config", "raise KeyError('missing setting')")}, {"badinit": "thirdparty_badinit:Exploding"})
+        "self.config = config", "raise KeyError('missing setting')").replace('"exploding"', '"badinit"')},
+        {"badinit": "thirdparty_badinit:Exploding"})
     with pytest.raises(PluginError, match=r"defense 'badinit' \(regdefense-badinit 1.0\) could not be created: "
                                           r"KeyError"):
         activate(["badinit"])
