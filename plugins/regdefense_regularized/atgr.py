@@ -16,6 +16,7 @@ from typing import Literal
 
 
 from regdefense import hookimpl, option
+from regdefense.contract import Key
 from regdefense_regularized.penalties import input_gradient_penalty
 
 
@@ -23,6 +24,7 @@ class ATGR:
     """Adds β2·‖∇_x̃ CE‖² (double backprop) and the clean CE to whatever objective is active."""
 
     name = "atgr"
+    reads = (Key("outputs.adv", "compute_loss", silent=True),)  # reuses the objective's forward when published
 
     @dataclass
     class Config:
