@@ -65,8 +65,8 @@ class TrainConfig:
     lr_factors: list[float] | None = option(None, "multistep: the rate after each milestone as a factor of lr (none: "
                                                   "gamma, gamma², ...); GAIRAT's code: [0.1, 0.01, 0.005]")
     schedule_step: Literal["epoch", "iter"] = option("iter", "step the schedule once per epoch or once per batch")
-    warmup_epochs: float = option(0.0, "learning-rate warm-up over this many epochs (per batch), then the schedule "
-                                       "(DYNAT's code: 1 epoch at 0.2x)", ge=0)
+    warmup_epochs: float = option(0.0, "learning-rate warm-up over this many epochs, stepped like the schedule (per "
+                                       "batch or per epoch), then the schedule (DYNAT's code: 1 epoch at 0.2x)", ge=0)
     warmup: Literal["linear", "constant"] = option("linear", "warm-up shape: linear from warmup_factor·lr to lr, or "
                                                              "constant warmup_factor·lr")
     warmup_factor: float = option(0.1, "learning-rate factor at the warm-up's start (linear) or during it (constant)",

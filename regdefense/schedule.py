@@ -1,7 +1,7 @@
 """Learning-rate schedules: the main schedule of ``[train]`` and an optional warm-up in front of it.
 
 The warm-up multiplies the main schedule's rate by a factor that is ``warmup_factor`` at the start and 1 after
-``warmup_epochs`` (``linear``: rising linearly, per batch; ``constant``: ``warmup_factor`` throughout, as DYNAT's
+``warmup_epochs`` (``linear``: rising linearly at each scheduler step, per batch or per epoch; ``constant``: ``warmup_factor`` throughout, as DYNAT's
 code runs its first epoch at 0.02 = 0.2 × 0.1). It never changes the main schedule's own values: the main
 scheduler steps on its undamped rates, so the milestones stay in absolute epochs.
 """
