@@ -1,7 +1,8 @@
-"""Images per second of the `autoattack` suite on the default model (PGD-AT digits_cnn on the embedded digits).
+"""Images per second of the `autoattack` suite (the official code) next to `autoattack-ta` (torchattacks' components)
+on the default model (PGD-AT digits_cnn on the embedded digits), same points, ε and seed.
 
 Trains the default model first (about 25 s on a 2-core CPU) unless --run points at an existing run, then
-runs the AutoAttack standard cascade on the test split and prints the time of each component.
+runs each AutoAttack standard cascade on the test split and prints the time and robust accuracy of each component.
 
     python benchmarks/autoattack_speed.py
     python benchmarks/autoattack_speed.py --run runs/20261121-210534-pgd_at --n 360
@@ -29,17 +30,21 @@ def main() -> None:
         run = train(overrides=["train.progress=false"], echo=lambda s: None).run_dir
     t = load_target(run, device=args.device)
     x, y = (t.x[: args.n], t.y[: args.n]) if args.n else (t.x, t.y)
-    start = time.perf_counter()
-    report = evaluate_model(t.model, x, y, suites=["autoattack"], default_eps=t.default_eps, norm=t.norm,
-                            num_classes=t.num_classes, device=t.device, checks=False, progress=False)
-    total = time.perf_counter() - start
     print(f"AutoAttack standard on {len(y)} test images ({t.meta['dataset']}, {t.meta['model']}, ε={t.default_eps:g}), "
           f"device {t.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'component':28s} {'seconds':>8s} {'robust after':>13s}")
-    for r in report.rows:
-        if r.kind == "cascade step":
-            print(f"{r.label:28s} {r.seconds:8.1f} {100 * r.robust:12.2f}%")
-    print(f"{'total':28s} {total:8.1f} {100 * report.worst_case:12.2f}%   -> {len(y) / total:.1f} images/s")
+    speed = {}
+    for suite in ("autoattack", "autoattack-ta"):
+        start = time.perf_counter()
+        report = evaluate_model(t.model, x, y, suites=[suite], default_eps=t.default_eps, norm=t.norm,
+                                num_classes=t.num_classes, device=t.device, checks=False, progress=False, seed=0)
+        total = time.perf_counter() - start
+        speed[suite] = len(y) / total
+        print(f"\n{suite}\n{'component':28s} {'seconds':>8s} {'robust after':>13s}")
+        for r in report.rows:
+            if r.kind == "cascade step":
+                print(f"{r.label:28s} {r.seconds:8.1f} {100 * r.robust:12.2f}%")
+        print(f"{'total':28s} {total:8.1f} {100 * report.worst_case:12.2f}%   -> {speed[suite]:.1f} images/s")
+    print(f"\nofficial / torchattacks speed: {speed['autoattack'] / speed['autoattack-ta']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ A spec names a library and an attack class with keyword arguments::
 
     torchattacks:PGD(eps=8/255, alpha=2/255, steps=10)
     art:ProjectedGradientDescent(eps=0.3, eps_step=0.01, max_iter=40)
+    autoattack:apgd_t(eps=8/255, version='standard', seed=0)     # one attack of the official AutoAttack
 
 :func:`resolve_attack` turns it into a callable ``attack(model, x, y) -> x_adv`` with x and x_adv
 in [0,1]. The adapter owns model-mode discipline (eval during the attack unless asked otherwise,
@@ -28,7 +29,10 @@ from torch import Tensor, nn
 from regdefense.config import safe_eval
 from regdefense.errors import ConfigError, unknown
 
-LIBRARIES = ("torchattacks", "art")
+LIBRARIES = ("torchattacks", "art", "autoattack")
+
+#: the official AutoAttack's attacks (package ``pyautoattack``), by spec name (underscores for its hyphens)
+AUTOATTACK_NAMES = ("apgd_ce", "apgd_dlr", "apgd_t", "fab", "fab_t", "square")
 
 
 @contextmanager
@@ -283,6 +287,8 @@ class LibraryAttack:
         return f"LibraryAttack({self.spec})"
 
     def _build(self, model: nn.Module, x: Tensor) -> Any:
+        if self.spec.library == "autoattack":
+            return _official(self.spec, model, x.device)
         if self.spec.library == "torchattacks":
             try:
                 return self.cls(model, **self.spec.kwargs)
@@ -307,6 +313,9 @@ class LibraryAttack:
         if self._model is not model:
             self._obj, self._model = self._build(model, x), model
         with model_mode(model, self.train_mode):
+            if self.spec.library == "autoattack":
+                adv, _ = self._obj.run_standard_evaluation(x.detach(), y.detach(), batch_size=len(x))
+                return adv.to(x.device).detach()
             if self.spec.library == "torchattacks":
                 if self.train_mode:
                     self._obj.set_model_training_mode(model_training=True, batchnorm_training=True)
@@ -315,12 +324,40 @@ class LibraryAttack:
             return torch.as_tensor(adv, dtype=x.dtype, device=x.device).clamp_(0, 1)
 
 
+def _official(spec: AttackSpec, model: nn.Module, device: torch.device) -> Any:
+    """One attack of the official AutoAttack with the settings of its ``version`` (standard or rand): the package's
+    own object, restricted to that attack, so the numbers are the official code's."""
+    import logging
+
+    from pyautoattack import AutoAttack
+
+    kw = dict(spec.kwargs)
+    unknown_keys = set(kw) - {"eps", "norm", "version", "seed", "n_classes"}
+    if unknown_keys:
+        raise ConfigError(f"attack {spec}: autoattack attacks take eps, norm, version and seed, not "
+                          f"{', '.join(sorted(unknown_keys))}")
+    if "eps" not in kw:
+        raise ConfigError(f"attack {spec}: give eps, e.g. autoattack:{spec.name}(eps=8/255)")
+    adversary = AutoAttack(model, norm=kw.get("norm", "Linf"), eps=kw["eps"], version=kw.get("version", "standard"),
+                           seed=kw.get("seed", 0), device=device)
+    adversary.verbose = False
+    adversary.logger.setLevel(logging.WARNING)  # its per-attack progress lines; our report has the rows
+    adversary.attacks_to_run = [spec.name.replace("_", "-")]
+    if "n_classes" in kw:  # fewer than 10 classes: target every other class (the official 9 need 10)
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = kw["n_classes"] - 1
+    return adversary
+
+
 def resolve_attack(spec: str | AttackSpec, *, train_mode: bool = False) -> LibraryAttack:
     """Turn a spec into a callable attack; unknown names and arguments raise ConfigError listing valid ones.
 
     torchattacks' ``CW`` and ``UPGD`` resolve to the corrected classes of :mod:`regdefense.attack_fixes`."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     _check_common(spec)
+    if spec.library == "autoattack":
+        if spec.name not in AUTOATTACK_NAMES:
+            raise ConfigError(unknown("official AutoAttack attack", spec.name, AUTOATTACK_NAMES))
+        return LibraryAttack(spec, object, train_mode)
     if spec.library == "torchattacks":
         import torchattacks
 

@@ -224,7 +224,8 @@ def main() -> None:
 @cli.command()
 @click.argument("target", type=click.Path())
 @click.option("--attacks", "suites", multiple=True, metavar="SUITE_OR_SPEC",
-              help="quick (default), paper-001, paper-002, autoattack, autoattack-rand, or an attack spec such as "
+              help="quick (default), paper-001, paper-002, autoattack (official code), autoattack-ta (torchattacks), "
+                   "autoattack-rand, autoattack-rand-ta, eot-pgd, bpda-pgd, or an attack spec such as "
                    "'torchattacks:PGD(eps=0.1, alpha=0.01, steps=50)' or 'art:HopSkipJump'. Repeat for several.")
 @click.option("--eps", type=float, help="Perturbation budget (default: the run's threat ε; paper-001: 0.1).")
 @click.option("--n", "n", type=click.IntRange(min=1), help="Evaluate the first N test points.")

@@ -362,7 +362,7 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
     """Evaluate a run, checkpoint or model file and write the report files.
 
     :param suites: suite names (``quick``, ``paper-001``, ``paper-002``, ``autoattack``,
-        ``autoattack-rand``) or attack specs; default ``["quick"]``.
+        ``autoattack-ta``, ``autoattack-rand``, ...) or attack specs; default ``["quick"]``.
     :param n: evaluate the first ``n`` test points (default: all).
     :param out: where to write the reports (default: ``RUN_DIR/eval`` or next to the file).
     :return: the report and the paths written.

@@ -87,8 +87,8 @@ def test_accuracy_acc_drop_and_worst_case_match_direct_computation(digits_models
 # --- suites -----------------------------------------------------------------------------------
 
 
-def test_autoattack_suite_has_the_official_standard_settings():
-    suite = build_suite("autoattack", eps=8 / 255, default_eps=0.1, norm="linf", num_classes=100, seed=0)
+def test_the_torchattacks_assembly_has_the_official_standard_settings():
+    suite = build_suite("autoattack-ta", eps=8 / 255, default_eps=0.1, norm="linf", num_classes=100, seed=0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 100))
     objs = {a.label: resolve_attack(a.spec)._build(model, torch.rand(2, 3, 4, 4)) for a in suite.attacks}
     assert list(objs) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
@@ -100,9 +100,42 @@ def test_autoattack_suite_has_the_official_standard_settings():
     assert (t.steps, t.n_restarts, t.n_target_classes, t.eot_iter) == (100, 1, 9, 1)
     assert (fab.steps, fab.n_restarts, fab.n_target_classes, fab.multi_targeted) == (100, 1, 9, True)
     assert (sq.n_queries, sq.n_restarts, sq.p_init, sq.rescale_schedule, sq.loss) == (5000, 1, 0.8, False, "margin")
-    rand = build_suite("autoattack-rand", eps=0.1, default_eps=0.1, norm="linf", num_classes=10, seed=0)
+    rand = build_suite("autoattack-rand-ta", eps=0.1, default_eps=0.1, norm="linf", num_classes=10, seed=0)
     objs = [resolve_attack(a.spec)._build(model, torch.rand(2, 3, 4, 4)) for a in rand.attacks]
     assert [(o.loss, o.eot_iter, o.steps) for o in objs] == [("ce", 20, 100), ("dlr", 20, 100)]
+
+
+def test_autoattack_suites_run_the_official_code_one_attack_at_a_time():
+    from pyautoattack import AutoAttack
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    suite = build_suite("autoattack", eps=8 / 255, default_eps=0.1, norm="linf", num_classes=10, seed=0)
+    objs = {a.label: resolve_attack(a.spec)._build(model, torch.rand(2, 3, 4, 4)) for a in suite.attacks}
+    assert list(objs) == ["APGD-CE", "APGD-T", "FAB-T", "Square"] and all(a.group == "AutoAttack" for a in suite.attacks)
+    assert all(isinstance(o, AutoAttack) and o.version == "standard" for o in objs.values())
+    assert [o.attacks_to_run for o in objs.values()] == [["apgd-ce"], ["apgd-t"], ["fab-t"], ["square"]]
+    sq = objs["Square"].square
+    assert (sq.n_queries, sq.p_init, objs["APGD-T"].apgd_targeted.n_target_classes) == (5000, 0.8, 9)
+    rand = build_suite("autoattack-rand", eps=0.1, default_eps=0.1, norm="linf", num_classes=10, seed=0)
+    objs = [resolve_attack(a.spec)._build(model, torch.rand(2, 3, 4, 4)) for a in rand.attacks]
+    assert [o.attacks_to_run for o in objs] == [["apgd-ce"], ["apgd-dlr"]] and objs[0].apgd.eot_iter == 20
+
+
+def test_the_autoattack_suite_equals_an_independent_official_call(digits_models):
+    """Same points, ε and seed: our cascade of official attacks gives the official run's per-point worst case."""
+    from pyautoattack import AutoAttack
+
+    model, data = digits_models["pgd_at"], digits_models["data"]
+    x, y = data.test.floats()[:40], data.test.y[:40]
+    report = evaluate_model(model, x, y, suites=["autoattack"], eps=0.2, num_classes=10, progress=False, checks=False,
+                            seed=0)
+    official = AutoAttack(model, norm="Linf", eps=0.2, version="standard", seed=0, device="cpu")
+    official.verbose = False
+    adv, _ = official.run_standard_evaluation(x, y, batch_size=40)
+    with torch.no_grad():
+        theirs = (model(adv).argmax(1) == y).float().mean().item()
+    ours = next(r for r in report.rows if r.label == "AutoAttack (worst case)").robust
+    assert abs(ours - theirs) <= 1 / 40 + 1e-9, (ours, theirs)
 
 
 def test_paper_suites_and_specs():
