@@ -115,6 +115,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     eps_curve: list[dict[str, float]] = field(default_factory=list)
     examples: dict[str, Any] = field(default_factory=dict)  # images for the grid (not in JSON)
+    clean_points: Tensor | None = field(default=None, repr=False)  #: per-point clean correctness (not in JSON)
 
     @property
     def worst_case(self) -> float:
@@ -223,6 +224,7 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
     for s in built:
         report.warnings += s.notes
     report.examples = {"clean": x[:8].clone(), "labels": y[:8].clone(), **example_rows}
+    report.clean_points = clean_ok.clone()
     if checks:
         from regdefense.checks import run_checks
 
@@ -379,4 +381,27 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
                          progress=progress, meta=t.meta, check_samples=check_samples)
     if out is None:
         out = (t.run_dir / "eval") if t.run_dir is not None else Path(target).with_suffix("").parent / "eval"
+    _add_best_known(rep, t, Path(out))
     return rep, reporting.write(rep, Path(out))
+
+
+def _add_best_known(rep: Report, t: Target, out: Path) -> None:
+    """Add this evaluation to the checkpoint's ledger (``out/ledger.json``) and its best-known row to the report."""
+    from regdefense import ledger
+
+    weights = Path(str(t.meta.get("target", "")))
+    if not weights.is_file():
+        return
+    rep.meta["weights_sha256"] = ledger.fingerprint(weights)
+    rep.meta.setdefault("dataset", "")
+    broken = {f"{r.label} ({r.suite})": r.points for r in rep.rows
+              if r.kind in ("attack", "cascade step") and r.points is not None}
+    entry = ledger.record(out / "ledger.json", rep.meta, rep.clean_points, broken)
+    value, count = ledger.headline(entry, rep.meta["n"])
+    ok = torch.tensor([entry["points"][str(i)]["broken_by"] is None for i in range(count)])
+    rep.rows.append(Row(label=f"best known (ledger: {len(entry['attacks'])} attacks so far)", suite="ledger",
+                        kind="best known", robust=value, ci=wilson_interval(int(ok.sum()), count),
+                        acc_drop=acc_drop(rep.clean, value), n=count, points=ok))
+    rep.meta["best_known"] = {"robust": value, "n": count, "attacks": list(entry["attacks"]),
+                              "broken_by": {i: p["broken_by"] for i, p in entry["points"].items()
+                                            if int(i) < count and p["broken_by"] not in (None, "clean")}}

@@ -25,7 +25,7 @@ def markdown(report: Report) -> str:
               "| detection AUROC | EOT | s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
-        label = f"**{r.label}**" if r.kind in ("worst case", "group worst case") else r.label
+        label = f"**{r.label}**" if r.kind in ("worst case", "group worst case", "best known") else r.label
         psnr = "–" if r.psnr_mean is None else f"{r.psnr_mean:.1f}"
         auroc = "–" if r.auroc is None or r.auroc != r.auroc else f"{r.auroc:.3f}"
         linf = f"{r.norms['linf_max']:.4g}" if r.norms else "–"
@@ -36,7 +36,8 @@ def markdown(report: Report) -> str:
     lines += ["", "Robust accuracy is per point against the true labels; a worst case is the fraction of points "
                   "that survive every attack. Acc-drop = clean − robust (seed 001, Eq. 21). AUROC separates clean from "
                   "adversarial inputs by 1 − max softmax probability. Cascade steps (`group: after X`) are "
-                  "cumulative.", ""]
+                  "cumulative. The best-known row is the per-point worst case over every attack ever run on these "
+                  "weights at this ε (`ledger.json`); `report.json` names the attack that broke each point.", ""]
     if report.checks:
         lines += [f"## Sanity checks (on {m.get('checks_on', '?')} points)", "", "| check | status | finding |",
                   "|---|---|---|"]

@@ -303,3 +303,29 @@ def test_evaluating_a_run_whose_defense_has_state(tmp_path):
                    out=tmp_path / "run", echo=lambda s: None)
     report, _ = evaluate(result.run_dir, n=32, checks=False, progress=False)
     assert report.meta["stack"] == ["fgsm_pgk", "ema"] and 0 <= report.clean <= 1
+
+
+def test_the_best_known_ledger_only_lowers_the_headline_and_names_the_breaking_attack(tmp_path):
+    from regdefense.evaluate import evaluate
+    from regdefense.run import train
+
+    run = train(overrides=["train.epochs=3", "train.progress=false", "train.device=cpu", "eval.val_samples=32",
+                           "eval.pgd_steps=1"], out=tmp_path / "run", echo=lambda s: None).run_dir
+    weak_spec = "torchattacks:PGD(eps=0.2, alpha=0.005, steps=2)"  # the same ε as quick, a weaker attack
+    kw = {"n": 60, "progress": False, "checks": False}
+    weak, _ = evaluate(run, suites=[weak_spec], **kw)
+    strong, _ = evaluate(run, suites=["quick"], **kw)
+    again, _ = evaluate(run, suites=[weak_spec], **kw)
+    heads = [next(r for r in rep.rows if r.kind == "best known").robust for rep in (weak, strong, again)]
+    assert heads[0] == pytest.approx(weak.worst_case)
+    assert heads[1] <= min(heads[0], strong.worst_case) + 1e-9 and heads[1] < heads[0]
+    assert heads[2] == pytest.approx(heads[1])  # a weaker re-evaluation leaves the best known where it was
+    names = {"PGD (torchattacks:PGD(eps=0.2, alpha=0.005, steps=2))", "FGSM (quick)", "PGD-20 (quick)"}
+    broken = again.meta["best_known"]["broken_by"]
+    assert broken and set(broken.values()) <= names
+    entries = json.loads((run / "eval" / "ledger.json").read_text())["entries"]
+    (entry,) = entries.values()
+    assert set(entry["attacks"]) == names
+    other_eps, _ = evaluate(run, suites=["torchattacks:FGSM(eps=0.05)"], **kw)  # another ε: its own entry
+    assert len(json.loads((run / "eval" / "ledger.json").read_text())["entries"]) == 2
+    assert next(r for r in other_eps.rows if r.kind == "best known").robust == pytest.approx(other_eps.worst_case)
