@@ -51,6 +51,16 @@ def markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+def eps_floor(report: Report) -> dict[str, float] | None:
+    """The largest-ε point of the sweep when accuracy there stays above max(10 %, 1/K) — the "very large ε" check's
+    threshold: a sweep that fails to reach zero is the classic sign of gradient masking. None when it does reach it."""
+    if not report.eps_curve:
+        return None
+    last = max(report.eps_curve, key=lambda p: p["eps"])
+    limit = max(0.10, 1.0 / max(1, int(report.meta.get("num_classes") or 10)))
+    return last if last["acc"] > limit else None
+
+
 def plot_eps_curve(report: Report, path: Path) -> None:
     import matplotlib
 
@@ -61,6 +71,11 @@ def plot_eps_curve(report: Report, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot([p["eps"] for p in pts], [100 * p["acc"] for p in pts], marker="o")
     ax.axvline(report.meta["eps"], color="grey", ls="--", lw=1, label=f"evaluated ε = {report.meta['eps']:.3g}")
+    floor = eps_floor(report)
+    if floor is not None:  # accuracy that no ε brings to zero: the attack, not the model, stops there
+        ax.axhline(100 * floor["acc"], color="red", ls=":", lw=1.2,
+                   label=f"does not reach 0: {100 * floor['acc']:.1f} % at ε = {floor['eps']:.3g} (masking?)")
+        ax.plot([floor["eps"]], [100 * floor["acc"]], marker="X", color="red", ms=10)
     ax.set(title=f"Robust accuracy against ε (PGD-20, {report.meta.get('checks_on', '?')} points)",
            xlabel=f"ε ({report.meta['norm']})", ylabel="accuracy (%)", ylim=(0, 100))
     ax.legend()

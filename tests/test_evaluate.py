@@ -211,6 +211,9 @@ def test_pgd_at_model_passes_every_check(digits_models):
     assert [c["status"] for c in report.checks] == ["pass"] * 7, report.checks
     assert not report.warnings
     assert report.eps_curve[0]["acc"] == report.clean or report.eps_curve[0]["eps"] == 0
+    from regdefense.report import eps_floor
+
+    assert eps_floor(report) is None  # a PGD-AT model's sweep reaches zero: nothing to mark
     accs = [p["acc"] for p in report.eps_curve]
     assert accs[-1] < 0.1 and accs[0] > 0.9
 
@@ -223,6 +226,10 @@ def test_gradient_masking_model_trips_its_checks(digits_models):
     assert _check(report, "input gradients")["status"] == "warn"
     assert _check(report, "black-box vs white-box")["status"] == "warn"
     assert any("input gradients" in w for w in report.warnings)
+    from regdefense.report import eps_floor
+
+    floor = eps_floor(report)  # the ε-sweep plot marks where accuracy fails to reach zero
+    assert floor is not None and floor["eps"] == max(p["eps"] for p in report.eps_curve) and floor["acc"] > 0.1
 
 
 def test_randomized_model_without_eot_is_flagged(digits_models):
