@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -424,12 +425,13 @@ class Trainer:
             "batch": self.state.batch, "partial": partial or {}, "skipped": self.guard.skipped,
             "best_metric": self.state.best_metric, "best_epoch": self.state.best_epoch,
             "rng": checkpoint.rng_state(), "plugins": plugins, "stack": list(self.config.defenses),
-            "roles": self._roles(),
+            "roles": self.roles,
             "metrics": json.loads(json.dumps(metrics or {})), "config": self.config.to_dict(),
             "versions": versions(),
         }
 
-    def _roles(self) -> dict[str, dict[str, Any]]:
+    @functools.cached_property
+    def roles(self) -> dict[str, dict[str, Any]]:
         """Per active defense: whether it builds the evaluated model (a plain ``regdefense_eval_model``) and where it
         comes from — what evaluating the checkpoint needs installed, and what to tell a user who lacks it."""
         from regdefense.plugins import catalogue
