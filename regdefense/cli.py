@@ -238,18 +238,25 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Starting batch size (halved automatically on GPU out-of-memory).")
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
+@click.option("--surrogate", default="auto", show_default=True, metavar="auto|none|RUN",
+              help="The transfer check's clean surrogate: auto (trained once per dataset and cached), none, or a run "
+                   "directory or checkpoint of a model trained without defenses on the same data.")
+@click.option("--surrogate-epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Epochs of the automatic surrogate.")
+@click.option("--no-resume", is_flag=True, help="Start over instead of continuing from OUT/progress.pt.")
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write the reports (default RUN_DIR/eval).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def evaluate(target, suites, eps, n, seed, which, arch, dataset, device, batch_size, no_checks, out, as_json,
-             quiet) -> None:
+def evaluate(target, suites, eps, n, seed, which, arch, dataset, device, batch_size, no_checks, surrogate,
+             surrogate_epochs, no_resume, out, as_json, quiet) -> None:
     """Measure robustness of a run, checkpoint or model file; write report.json, report.md and plots."""
     from regdefense.evaluate import evaluate as run_eval
     from regdefense.report import markdown
 
     report, files = run_eval(target, suites=list(suites) or None, eps=eps, n=n, seed=seed, which=which, arch=arch,
                              dataset=dataset, device=device, batch_size=batch_size, checks=not no_checks, out=out,
-                             progress=not quiet and not as_json)
+                             progress=not quiet and not as_json, resume=not no_resume,
+                             surrogate=None if surrogate == "none" else surrogate, surrogate_epochs=surrogate_epochs)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return

@@ -52,25 +52,76 @@ def logits_of(model: nn.Module, x: Tensor, *, batch_size: int = 256, device: tor
     return _oom_safe(run, batch_size)
 
 
+#: what torch says when an attack differentiates an output that does not depend differentiably on the input
+_NO_GRAD = ("does not require grad", "appears to not have been used in the graph", "does not have a grad_fn")
+
+
+def batch_seed(seed: int, first: int) -> int:
+    """The seed of the batch starting at point ``first`` of an evaluation seeded ``seed``."""
+    return seed * 1_000_003 + first
+
+
+class NoInputGradient(UserError):
+    """A gradient-based attack found no path from the model's output back to its input (a detached forward)."""
+
+
+def attack_points(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, *, measure: nn.Module | None = None,
+                  batch_size: int = 256, device: torch.device | str = "cpu", progress: Any = None, slot: Any = None,
+                  seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """Adversarial versions of ``x`` and, per point, whether ``measure`` (default: ``model``) still classifies them
+    correctly; both on the CPU, computed batch by batch.
+
+    :param measure: the model whose predictions count (an attack run on a BPDA view is measured on the real model).
+    :param slot: a :class:`regdefense.resume.Slot`: its finished points are reused, each new batch is added to it.
+    :param seed: seed each batch with ``seed`` and its first index, so a resumed run draws what a whole one draws.
+    :raises NoInputGradient: the attack needed an input gradient the model does not have.
+    """
+    measure = model if measure is None else measure
+
+    def run(bs: int) -> tuple[Tensor, Tensor]:
+        advs, oks, start = [], [], 0
+        prev = slot.restored(x) if slot is not None else None
+        if prev is not None:
+            advs, oks, start = [prev[0]], [prev[1]], slot.done
+            if progress is not None:
+                progress.update(start)
+        for i in range(start, len(x), bs):
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, i))
+            xb, yb = x[i:i + bs].to(device), y[i:i + bs].to(device)
+            try:
+                adv = attack(model, xb, yb).detach()
+            except RuntimeError as exc:
+                if any(m in str(exc) for m in _NO_GRAD):
+                    raise NoInputGradient(f"no input gradient: the model's output does not depend differentiably on "
+                                          f"its input ({str(exc).splitlines()[0][:120]})") from None
+                raise
+            with torch.no_grad(), model_mode(measure, False):
+                ok = (measure(adv).argmax(1) == yb).cpu()
+            advs.append(adv.cpu())
+            oks.append(ok)
+            if slot is not None:
+                slot.add(x[i:i + bs], adv, ok)
+            if progress is not None:
+                progress.update(len(yb))
+        if not advs:
+            return x.clone(), torch.zeros(0, dtype=torch.bool)
+        return torch.cat(advs), torch.cat(oks)
+
+    return _oom_safe(run, batch_size)
+
+
 def attack_all(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, *, batch_size: int = 256,
                device: torch.device | str = "cpu", progress: Any = None) -> Tensor:
     """Adversarial versions of ``x`` (on the CPU), batched."""
-    def run(bs: int) -> Tensor:
-        out = []
-        for i in range(0, len(x), bs):
-            out.append(attack(model, x[i:i + bs].to(device), y[i:i + bs].to(device)).detach().cpu())
-            if progress is not None:
-                progress.update(min(bs, len(x) - i))
-        return torch.cat(out) if out else x.clone()
-
-    return _oom_safe(run, batch_size)
+    return attack_points(model, x, y, attack, batch_size=batch_size, device=device, progress=progress)[0]
 
 
 def correct(model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None = None, *, batch_size: int = 256,
             device: torch.device | str = "cpu") -> Tensor:
     """Per-sample correctness (bool, on the CPU) of ``model`` on ``x`` or on ``attack(model, x, y)``."""
     if attack is not None:
-        x = attack_all(model, x, y, attack, batch_size=batch_size, device=device)
+        return attack_points(model, x, y.cpu(), attack, batch_size=batch_size, device=device)[1]
     return logits_of(model, x, batch_size=batch_size, device=device).argmax(1) == y.cpu()
 
 
@@ -116,6 +167,8 @@ class Report:
     eps_curve: list[dict[str, float]] = field(default_factory=list)
     examples: dict[str, Any] = field(default_factory=dict)  # images for the grid (not in JSON)
     clean_points: Tensor | None = field(default=None, repr=False)  #: per-point clean correctness (not in JSON)
+    #: the checks' attacks, per point of the first ``meta["checks_on"]`` points (the ledger records them)
+    check_points: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def worst_case(self) -> float:
@@ -131,22 +184,27 @@ class Report:
 
 
 def _row_metrics(model, x, y, adv, clean_scores, mask=None, **kw) -> dict[str, Any]:
-    """PSNR, perturbation norms, detection AUROC and per-point correctness of adversarial images ``adv``."""
+    """PSNR, perturbation norms and detection AUROC of adversarial images ``adv``."""
     sel = torch.ones(len(y), dtype=torch.bool) if mask is None else mask
     logits = logits_of(model, adv[sel], **kw)
     ps = psnr(x[sel], adv[sel])
     finite = ps[torch.isfinite(ps)]
     return {"psnr_mean": float(finite.mean()) if len(finite) else None,
             "norms": perturbation_norms(x[sel], adv[sel]),
-            "auroc": auroc(clean_scores[sel], detection_score(logits)) if sel.any() else None,
-            "pred_correct": logits.argmax(1) == y[sel]}
+            "auroc": auroc(clean_scores[sel], detection_score(logits)) if sel.any() else None}
 
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str], eps: float | None = None,
                    default_eps: float = 8 / 255, norm: str = "linf", num_classes: int | None = None, seed: int = 0,
                    batch_size: int = 256, device: torch.device | str = "cpu", checks: bool = True,
-                   check_samples: int = 256, progress: bool = True, meta: dict[str, Any] | None = None) -> Report:
-    """Evaluate ``model`` on ``(x, y)`` (inputs in [0,1]) under the named suites or attack specs."""
+                   check_samples: int = 256, progress: bool = True, meta: dict[str, Any] | None = None,
+                   state_path: str | Path | None = None, surrogate: nn.Module | None = None) -> Report:
+    """Evaluate ``model`` on ``(x, y)`` (inputs in [0,1]) under the named suites or attack specs.
+
+    :param state_path: save the attacks' progress there as they go and resume from it (see :mod:`regdefense.resume`);
+        the file is removed when the evaluation completes.
+    :param surrogate: a model trained without any defense on the same data, for the transfer check.
+    """
     from regdefense.suites import build_suite
 
     if x.min() < 0 or x.max() > 1:
@@ -162,10 +220,18 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
     clean_acc = float(clean_ok.float().mean())
     clean_scores = detection_score(clean_logits)
     rows: list[Row] = []
+    warnings: list[str] = []
     worst = clean_ok.clone()
     example_rows: dict[str, Tensor] = {}
-    total = sum(len(s.attacks) for s in built) * n
-    bar = _bar(total, "attacks", progress)
+    state = None
+    if state_path is not None:
+        from regdefense.resume import EvalState, digest, model_digest
+
+        state = EvalState(state_path, {"points": digest(x, y), "weights": model_digest(model), "suites": list(suites),
+                                       "eps": eps, "default_eps": default_eps, "norm": norm, "seed": seed})
+        if state.note and progress:
+            print(state.note)
+    bar = _bar(sum(len(s.attacks) for s in built) * n, "attacks", progress)
 
     def make_row(label, suite, kind, ok, a=None, spec="", metrics=None, seconds=0.0):
         acc = float(ok.float().mean())
@@ -175,47 +241,60 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
                    black_box=bool(a and a.black_box), psnr_mean=m.get("psnr_mean"), norms=m.get("norms", {}),
                    auroc=m.get("auroc"), seconds=seconds, points=ok.clone())
 
-    for suite in built:
-        groups: dict[str, tuple[Tensor, Tensor]] = {}  # group -> (still robust, adversarial images)
-        for a in suite.attacks:
-            attack = resolve_attack(a.spec)
-            torch.manual_seed(seed)
-            started = time.perf_counter()
-            target = model
-            if a.surrogate == "bpda":
-                target = getattr(model, "bpda_model", None)
-                if target is None:
-                    raise UserError("suite bpda-pgd needs a model with a purifier (it has no bpda_model); "
-                                    "evaluate an atop run")
-            if a.group is None:
-                adv = attack_all(target, x, y, attack, progress=bar, **kw)
-                m = _row_metrics(model, x, y, adv, clean_scores, **kw)
-                ok = m.pop("pred_correct")
-                worst &= ok
-                rows.append(make_row(a.label, suite.name, "attack", ok, a, a.spec, m, time.perf_counter() - started))
-            else:
-                robust, adv = groups.get(a.group, (clean_ok.clone(), x.clone()))
-                idx = robust.nonzero().flatten()
-                if len(idx):
-                    adv[idx] = attack_all(model, x[idx], y[idx], attack, **kw)
-                    robust = robust.clone()
-                    robust[idx] = logits_of(model, adv[idx], **kw).argmax(1) == y[idx]
+    try:
+        for suite in built:
+            groups: dict[str, tuple[Tensor, Tensor]] = {}  # group -> (still robust, adversarial images)
+            for a in suite.attacks:
+                attack = resolve_attack(a.spec)
+                started = time.perf_counter()
                 if bar is not None:
-                    bar.update(n)
-                groups[a.group] = (robust, adv)
-                rows.append(make_row(f"{a.group}: after {a.label}", suite.name, "cascade step", robust, a, a.spec,
-                                     seconds=time.perf_counter() - started))
-            example_rows.setdefault(a.label if len(built) == 1 else f"{suite.name}: {a.label}", adv[:8].clone())
-        for group, (robust, adv) in groups.items():
-            worst &= robust
-            m = _row_metrics(model, x, y, adv, clean_scores, mask=clean_ok, **kw)
-            m.pop("pred_correct")
-            steps = [r for r in rows if r.label.startswith(group + ": ") and r.suite == suite.name]
-            rows.append(make_row(f"{group} (worst case)", suite.name, "group worst case", robust,
-                                 spec=" -> ".join(a.label for a in suite.attacks if a.group == group), metrics=m,
-                                 seconds=sum(r.seconds for r in steps)))
-    if bar is not None:
-        bar.close()
+                    bar.set_description(f"{suite.name}: {a.label}")
+                target = model
+                if a.surrogate == "bpda":
+                    target = getattr(model, "bpda_model", None)
+                    if target is None:
+                        raise UserError("suite bpda-pgd needs a model with a purifier (it has no bpda_model); "
+                                        "evaluate an atop run")
+                robust, adv = groups.get(a.group, (clean_ok.clone(), x.clone())) if a.group else (None, x.clone())
+                idx = robust.nonzero().flatten() if a.group else torch.arange(n)
+                try:
+                    adv_i, ok_i = attack_points(target, x[idx], y[idx], attack, measure=model, progress=bar, seed=seed,
+                                                slot=state.slot(f"{suite.name}/{a.label}") if state else None, **kw)
+                except NoInputGradient as exc:
+                    adv_i, ok_i = x[idx].clone(), clean_ok[idx].clone()
+                    warnings.append(f"{suite.name}: {a.label} did not run — {exc}; its row is the clean accuracy and "
+                                    f"means nothing: see the transfer, black-box and BPDA checks")
+                    if bar is not None:
+                        bar.update(len(idx))
+                adv[idx] = adv_i
+                seconds = time.perf_counter() - started
+                if a.group is None:
+                    worst &= ok_i
+                    m = _row_metrics(model, x, y, adv, clean_scores, **kw)
+                    rows.append(make_row(a.label, suite.name, "attack", ok_i, a, a.spec, m, seconds))
+                else:
+                    robust = robust.clone()
+                    robust[idx] = ok_i
+                    if bar is not None:
+                        bar.update(n - len(idx))  # the points already broken count as done
+                    groups[a.group] = (robust, adv)
+                    rows.append(make_row(f"{a.group}: after {a.label}", suite.name, "cascade step", robust, a, a.spec,
+                                         seconds=seconds))
+                example_rows.setdefault(a.label if len(built) == 1 else f"{suite.name}: {a.label}", adv[:8].clone())
+            for group, (robust, adv) in groups.items():
+                worst &= robust
+                m = _row_metrics(model, x, y, adv, clean_scores, mask=clean_ok, **kw)
+                steps = [r for r in rows if r.label.startswith(group + ": ") and r.suite == suite.name]
+                rows.append(make_row(f"{group} (worst case)", suite.name, "group worst case", robust,
+                                     spec=" -> ".join(a.label for a in suite.attacks if a.group == group), metrics=m,
+                                     seconds=sum(r.seconds for r in steps)))
+    except BaseException:  # an interruption (Ctrl-C, a killed job, an error): keep every finished batch
+        if state is not None:
+            state.save()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     rows.append(make_row("worst case over all attacks", "all", "worst case", worst))
     report = Report(meta=dict(meta or {}) | {"n": n, "eps": built[0].eps if built else eps, "norm": norm,
                                                "seed": seed, "suites": suites, "num_classes": num_classes},
@@ -223,13 +302,16 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
                     protocols={s.name: s.protocol for s in built})
     for s in built:
         report.warnings += s.notes
+    report.warnings += warnings
     report.examples = {"clean": x[:8].clone(), "labels": y[:8].clone(), **example_rows}
     report.clean_points = clean_ok.clone()
     if checks:
         from regdefense.checks import run_checks
 
         run_checks(report, model, x, y, eps=report.meta["eps"], norm=norm, num_classes=num_classes, seed=seed,
-                   n_check=check_samples, suites=built, **kw)
+                   n_check=check_samples, suites=built, surrogate=surrogate, **kw)
+    if state is not None:
+        state.finish()
     return report
 
 
@@ -255,6 +337,7 @@ class Target:
     device: torch.device
     meta: dict[str, Any]
     run_dir: Path | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)  #: the run's data section (for a clean surrogate)
 
 
 def load_target(target: str | Path, *, which: str = "best", arch: str | None = None, dataset: str | None = None,
@@ -303,7 +386,7 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
             raise UserError(f"{path} does not fit architecture '{arch}': {str(exc).splitlines()[0][:300]}") from None
         model.to(dev)
     return Target(model=model.eval(), x=data.test.floats(), y=data.test.y, default_eps=data.default_eps, norm="linf",
-                  num_classes=data.num_classes, device=dev,
+                  num_classes=data.num_classes, device=dev, data_config={"name": data.name},
                   meta={"target": str(path), "dataset": data.name, "model": arch})
 
 
@@ -325,6 +408,7 @@ def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | Non
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     return Target(model=model, x=test.floats(), y=test.y, default_eps=trainer.eps_full, norm=trainer.norm,
                   num_classes=trainer.data.num_classes, device=trainer.device, run_dir=run_dir,
+                  data_config=dict(raw.get("data") or {}) | ({"name": dataset} if dataset else {}),
                   meta={"target": str(ckpt), "dataset": cfg.data.name, "stack": cfg.defenses,
                         "epoch": payload["epoch"], "model": type(trainer.raw_model).__name__,
                         **({"not_installed_training_only": missing} if missing else {})})
@@ -360,13 +444,18 @@ def _drop_training_only(raw: dict[str, Any], payload: dict[str, Any]) -> list[st
 def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float | None = None, n: int | None = None,
              seed: int = 0, which: str = "best", arch: str | None = None, dataset: str | None = None,
              device: str = "auto", batch_size: int = 256, checks: bool = True, out: str | Path | None = None,
-             progress: bool = True, check_samples: int = 256) -> tuple[Report, dict[str, Path]]:
+             progress: bool = True, check_samples: int = 256, resume: bool = True,
+             surrogate: str | Path | nn.Module | None = "auto", surrogate_epochs: int = 10) -> tuple[Report, dict[str, Path]]:
     """Evaluate a run, checkpoint or model file and write the report files.
 
     :param suites: suite names (``quick``, ``paper-001``, ``paper-002``, ``autoattack``,
         ``autoattack-ta``, ``autoattack-rand``, ...) or attack specs; default ``["quick"]``.
     :param n: evaluate the first ``n`` test points (default: all).
     :param out: where to write the reports (default: ``RUN_DIR/eval`` or next to the file).
+    :param resume: save progress to ``OUT/progress.pt`` as attacks finish batches, and continue from it.
+    :param surrogate: for the transfer check: ``"auto"`` (a model trained ``surrogate_epochs`` epochs without any
+        defense on the same data, trained once and cached, see :func:`clean_surrogate`), a run directory or
+        checkpoint of such a model, a module, or None to skip the check.
     :return: the report and the paths written.
     """
     from regdefense import report as reporting
@@ -375,14 +464,57 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
         raise UserError(f"--eps must be >= 0, got {eps}")
     t = load_target(target, which=which, arch=arch, dataset=dataset, device=device)
     x, y = (t.x[:n], t.y[:n]) if n else (t.x, t.y)
+    if out is None:
+        out = (t.run_dir / "eval") if t.run_dir is not None else Path(target).with_suffix("").parent / "eval"
+    sur = None
+    if checks and surrogate is not None:
+        sur = surrogate if isinstance(surrogate, nn.Module) else (
+            clean_surrogate(t.data_config, epochs=surrogate_epochs, device=device, echo=print if progress else None)
+            if surrogate == "auto" else load_target(surrogate, which="last" if Path(surrogate).is_dir() else which,
+                                                    dataset=dataset, device=device).model)
     torch.manual_seed(seed)
     rep = evaluate_model(t.model, x, y, suites=suites or ["quick"], eps=eps, default_eps=t.default_eps, norm=t.norm,
                          num_classes=t.num_classes, seed=seed, batch_size=batch_size, device=t.device, checks=checks,
-                         progress=progress, meta=t.meta, check_samples=check_samples)
-    if out is None:
-        out = (t.run_dir / "eval") if t.run_dir is not None else Path(target).with_suffix("").parent / "eval"
+                         progress=progress, meta=t.meta, check_samples=check_samples, surrogate=sur,
+                         state_path=Path(out) / "progress.pt" if resume else None)
     _add_best_known(rep, t, Path(out))
     return rep, reporting.write(rep, Path(out))
+
+
+def cache_dir() -> Path:
+    """Where regdefense keeps what it can rebuild (clean surrogates): ``$REGDEFENSE_CACHE``, else
+    ``$XDG_CACHE_HOME/regdefense`` or ``~/.cache/regdefense``."""
+    import os
+
+    if os.environ.get("REGDEFENSE_CACHE"):
+        return Path(os.environ["REGDEFENSE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "regdefense"
+
+
+def clean_surrogate(data: dict[str, Any], *, epochs: int = 10, seed: int = 1, device: str = "auto",
+                    echo: Callable[[str], None] | None = print) -> nn.Module:
+    """A model of the data's default architecture trained ``epochs`` epochs with no defense on ``data`` (a run's
+    data section), for the transfer check. Trained once per (data, epochs, seed) into the cache and reused."""
+    import hashlib
+
+    from regdefense.run import train
+
+    key = hashlib.sha256(json.dumps([data, epochs, seed], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    run = cache_dir() / "surrogates" / f"{data.get('name', 'data')}-{key}"
+    ckpt = run / "checkpoints" / "last.pt"
+    if not ckpt.exists():
+        if echo:
+            echo(f"training a clean surrogate for the transfer check ({epochs} epochs, cached in {run}; "
+                 f"--surrogate none skips it)")
+        if run.exists():  # an earlier attempt stopped before its last checkpoint
+            import shutil
+
+            shutil.rmtree(run)
+        train(defenses=[], overrides={"data": data, "train": {"epochs": epochs, "seed": seed, "progress": False,
+                                                              "device": device},
+                                      "eval": {"val_samples": 32, "pgd_steps": 1}},
+              out=run, echo=lambda _m: None)
+    return load_target(ckpt, device=device).model
 
 
 def _add_best_known(rep: Report, t: Target, out: Path) -> None:
@@ -395,7 +527,7 @@ def _add_best_known(rep: Report, t: Target, out: Path) -> None:
     rep.meta["weights_sha256"] = ledger.fingerprint(weights)
     rep.meta.setdefault("dataset", "")
     broken = {f"{r.label} ({r.suite})": r.points for r in rep.rows
-              if r.kind in ("attack", "cascade step") and r.points is not None}
+              if r.kind in ("attack", "cascade step") and r.points is not None} | rep.check_points
     entry = ledger.record(out / "ledger.json", rep.meta, rep.clean_points, broken)
     value, count = ledger.headline(entry, rep.meta["n"])
     ok = torch.tensor([entry["points"][str(i)]["broken_by"] is None for i in range(count)])

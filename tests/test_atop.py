@@ -114,3 +114,6 @@ def test_pretrain_then_finetune_and_adaptive_evaluation(tmp_path):
     assert {"BPDA-PGD-20", "PGD-20 EOT-20"} <= labels
     assert report.meta["stack"] == ["atop"]
     assert any(c["name"] == "randomized model without EOT" and c["numbers"]["randomized"] for c in report.checks)
+    # the purified model declares its BPDA view; the check attacks through it and measures the real model
+    bpda = next(c for c in report.checks if c["name"] == "BPDA (identity) vs white-box")
+    assert bpda["status"] != "skip" and bpda["numbers"]["through"] == "the model's declared bpda_model"
