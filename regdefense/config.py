@@ -118,8 +118,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = option("auto", "architecture (see `regdefense models`); auto picks one for the dataset")
-    pretrained: bool = option(False, "torchvision architectures: start from ImageNet weights (needs a network)")
+    name: str = option("auto", "architecture (see `regdefense models`), or timm:NAME for any timm model; auto picks "
+                               "one for the dataset")
+    pretrained: bool = option(False, "torchvision and timm architectures: start from ImageNet weights (needs a network, "
+                                     "or model.weights)")
+    weights: str | None = option(None, "timm architectures: a local weights file to start from (offline pretrained)")
     normalize: bool = option(False, "put the dataset's mean/std normalisation inside the model as buffers")
     depth: int | None = option(None, "wideresnet: depth (e.g. 34)", ge=10)
     widen: int | None = option(None, "wideresnet: widen factor (e.g. 10)", ge=1)

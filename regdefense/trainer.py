@@ -512,7 +512,7 @@ class Trainer:
         norm = (self.data.mean, self.data.std) if m.normalize else None
         return create_model(name, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w),
                             pretrained=m.pretrained, normalize=norm, depth=m.depth, widen=m.widen,
-                            input_size=m.input_size)
+                            input_size=m.input_size, weights=m.weights)
 
     def _load_init(self, target: str) -> None:
         """Start from another run's weights (its best.pt, or a checkpoint file): the paper-001 fine-tuning flow."""

@@ -53,9 +53,23 @@ def create_model(name: str, *, in_channels: int, num_classes: int, image_size: i
         are dropped so they never override an architecture's defaults.
     """
     _load_all()
-    if name not in _REGISTRY:
-        raise ConfigError(unknown("model", name, _REGISTRY))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if name.startswith("timm:"):
+        from regdefense.models.timm_models import create_timm
+
+        extra = {k: kwargs.pop(k) for k in ("weights", "input_size") if k in kwargs}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("depth", "widen")}
+        if kwargs:
+            raise ConfigError(f"timm models take model.pretrained, model.weights and model.input_size, not "
+                              f"{', '.join(sorted(kwargs))}")
+        net = create_timm(name[5:], in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                          pretrained=pretrained, **extra)
+        return nn.Sequential(Normalize(*normalize), net) if normalize is not None else net
+    if name not in _REGISTRY:
+        raise ConfigError(unknown("model", name, _REGISTRY) + ", or timm:NAME for any timm model")
+    if "weights" in kwargs:
+        raise ConfigError(f"model.weights loads a local file into a timm model; '{name}' is not one (use --init for a "
+                          f"regdefense checkpoint)")
     try:
         net = _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                               pretrained=pretrained, **kwargs)
