@@ -108,9 +108,17 @@ class DataConfig:
     data_dir: str = option("data", "where torchvision datasets are stored")
     download: bool = option(False, "download torchvision datasets that are missing")
     val_fraction: float = option(0.1, "fraction of the training split held out for per-epoch evaluation", ge=0, le=0.5)
-    augment: Literal["auto", "none", "crop", "crop_flip"] = option(
-        "auto", "training augmentation (auto: crop_flip for CIFAR, crop for SVHN, none otherwise)")
-    image_size: int | None = option(None, "resize image-folder datasets to this size", ge=1)
+    augment: Literal["auto", "none", "crop", "crop_flip", "imagenet"] = option(
+        "auto", "training augmentation (auto: crop_flip for CIFAR, crop for SVHN, none otherwise; imagenet: "
+                "random-resized crop and flip, streamed image folders only)")
+    image_size: int | None = option(None, "resize image-folder datasets to this size (streamed: resize the shorter "
+                                          "side to size/0.875 and centre-crop)", ge=1)
+    stream: Literal["auto", "on", "off"] = option("auto", "image folders: read files lazily in DataLoader workers "
+                                                          "instead of decoding everything into memory (auto: when the "
+                                                          "decoded images would take over 2 GiB)")
+    workers: int = option(2, "streamed data: DataLoader worker processes per training process", ge=0)
+    skip_corrupt: bool = option(False, "streamed data: leave out (and count) images that cannot be decoded instead of "
+                                       "stopping with the file's name")
     limit: int | None = option(None, "use only the first N training samples (quick experiments)", ge=1)
     on_device: Literal["auto", "on", "off"] = option("auto", "keep the training split in GPU memory (auto: when "
                                                              "it takes under a quarter of the GPU's memory)")

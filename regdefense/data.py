@@ -40,13 +40,17 @@ class Split:
     def subset(self, idx: Tensor) -> "Split":
         return Split(self.x[idx], self.y[idx])
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape)
+
 
 @dataclass
 class Data:
     """A dataset ready for training: train/val/test splits and what the model and attacks need to know."""
 
     name: str
-    train: Split
+    train: Split  #: or a regdefense.stream.FileSplit (streamed image folders)
     val: Split | None
     test: Split
     num_classes: int
@@ -57,7 +61,7 @@ class Data:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+        return tuple(self.train.shape[1:])  # type: ignore[return-value]
 
 
 class BatchLoader:
@@ -244,6 +248,13 @@ def _folder(path: Path, cfg: DataConfig) -> tuple[Split, Split]:
     if (path / "train.npz").exists() and (path / "test.npz").exists():
         return _npz(path / "train.npz"), _npz(path / "test.npz")
     if (path / "train").is_dir() and (path / "test").is_dir():
+        if cfg.stream != "off":
+            from regdefense.stream import STREAM_ABOVE, scan_folder
+
+            train, classes = scan_folder(path / "train", None, cfg.image_size)
+            if cfg.stream == "on" or len(train) * train.channels * train.size ** 2 > STREAM_ABOVE:
+                test, _ = scan_folder(path / "test", classes, train.size)
+                return train, test
         train, classes = _image_folder(path / "train", None, cfg.image_size)
         test, _ = _image_folder(path / "test", classes, cfg.image_size)
         return train, test
@@ -266,8 +277,8 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Data:
         raise DataError(unknown("dataset", name, ("digits",) + TORCHVISION_SETS) + ", or a folder path")
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"dataset '{name}' has an empty train or test split")
-    if train.x.shape[1:] != test.x.shape[1:]:
-        raise DataError(f"train images are {tuple(train.x.shape[1:])} but test images are {tuple(test.x.shape[1:])}")
+    if train.shape[1:] != test.shape[1:]:
+        raise DataError(f"train images are {tuple(train.shape[1:])} but test images are {tuple(test.shape[1:])}")
     num_classes = int(max(train.y.max(), test.y.max())) + 1
     if cfg.limit:
         train = train.subset(torch.arange(min(cfg.limit, len(train))))
@@ -277,9 +288,13 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Data:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED + 1))
         val, train = train.subset(order[:n_val]), train.subset(order[n_val:])
     augment = cfg.augment
+    streamed = not isinstance(train, Split)
+    if augment == "imagenet" and not streamed:
+        raise DataError("data.augment=imagenet needs streamed image folders (data.stream=on); in-memory data takes "
+                        "none, crop or crop_flip")
     if augment == "auto":
         augment = {"cifar10": "crop_flip", "cifar100": "crop_flip", "svhn": "crop"}.get(name, "none")
-    sample = train.floats(torch.arange(min(len(train), 2048)))
+    sample = train.sample(64) if streamed else train.floats(torch.arange(min(len(train), 2048)))
     mean = sample.mean(dim=(0, 2, 3)).tolist()
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     return Data(name=name, train=train, val=val, test=test, num_classes=num_classes,
@@ -294,9 +309,13 @@ def check_data(data: Data) -> None:
     """
     if data.train is None or len(data.train) == 0:
         raise DataError(f"dataset '{data.name}': the training split is empty")
-    shape = tuple(data.train.x.shape[1:])
+    shape = tuple(data.train.shape[1:])
     for name, split in (("train", data.train), ("val", data.val), ("test", data.test)):
         if split is None:
+            continue
+        if not isinstance(split, Split):  # streamed: files are checked as they are decoded; labels here
+            if len(split.y) and (int(split.y.min()) < 0 or int(split.y.max()) >= data.num_classes):
+                raise DataError(f"dataset '{data.name}' {name} split: labels outside [0, {data.num_classes - 1}]")
             continue
         x, y = split.x, split.y
         if x.ndim != 4:

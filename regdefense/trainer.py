@@ -144,8 +144,15 @@ class Trainer:
         self.model = torch.compile(self.raw_model) if t.compile else self.raw_model
         self.optimizer = self._build_optimizer() if optimizer is None else self._adopt(optimizer)
         on_device = self._place_train_split()
-        self.train_loader = BatchLoader(self.data.train, t.batch_size, seed=t.seed, augment=self.data.augment,
-                                        dist=self.dist, pin=self.device.type == "cuda" and not on_device)
+        if isinstance(self.data.train, Split):
+            self.train_loader = BatchLoader(self.data.train, t.batch_size, seed=t.seed, augment=self.data.augment,
+                                            dist=self.dist, pin=self.device.type == "cuda" and not on_device)
+        else:  # streamed image files, decoded in worker processes
+            from regdefense.stream import StreamLoader
+
+            self.train_loader = StreamLoader(self.data.train, t.batch_size, seed=t.seed, augment=self.data.augment,
+                                             workers=config.data.workers, skip_corrupt=config.data.skip_corrupt,
+                                             dist=self.dist, pin=self.device.type == "cuda")
         self.train_size = len(self.data.train)
         self.scheduler = self._build_scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
@@ -583,7 +590,7 @@ class Trainer:
     def _place_train_split(self) -> bool:
         """Move the training split into GPU memory when ``data.on_device`` asks (auto: if it fits easily)."""
         mode, split = self.config.data.on_device, self.data.train
-        if self.device.type != "cuda" or mode == "off":
+        if self.device.type != "cuda" or mode == "off" or not isinstance(split, Split):
             return False
         if mode == "auto":
             total = torch.cuda.get_device_properties(self.device).total_memory
@@ -615,6 +622,8 @@ class Trainer:
         metrics.update(means)
         if self.guard.skipped:
             metrics["skipped_batches"] = self.guard.skipped
+        if getattr(self.train_loader, "skipped", None):
+            metrics["skipped_images"] = len(self.train_loader.skipped)
         return metrics
 
     def _log(self, metrics: dict[str, Any]) -> None:

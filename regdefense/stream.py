@@ -1,0 +1,206 @@
+"""Streamed image folders: files read lazily, decoded and augmented in DataLoader workers.
+
+``data.stream = on`` (or ``auto`` when a folder's decoded images would take more than ``STREAM_ABOVE`` bytes) keeps
+only file names and labels in memory. :class:`FileSplit` stands where an in-memory :class:`~regdefense.data.Split`
+does; :class:`StreamLoader` serves it with the :class:`~regdefense.data.BatchLoader` contract:
+
+- the order of epoch ``e`` is the permutation drawn from ``(seed, e)``, and every random choice of a sample's
+  augmentation is seeded by ``(seed, e, index)`` and of a batch's by ``(seed, e, batch)``, so what a worker computes
+  does not depend on which worker computes it, and a run resumed at batch ``k`` (``set_epoch(e, start=k)``) sees
+  exactly what an uninterrupted one would have: the position in the order is the whole state;
+- under torchrun each process reads only its slice of every global batch; ``index`` stays the global dataset index,
+  so per-sample buffers (FGSM-PGK) keep working;
+- a file that cannot be decoded is named in a ``DataError``; with ``data.skip_corrupt`` it is left out of its batch
+  and counted (``skipped_images`` in the epoch's metrics).
+
+Transforms: ``data.augment = imagenet`` is the standard ImageNet training pipeline (random-resized crop, scale
+0.08–1, and a horizontal flip); every image is otherwise resized (shorter side to size/0.875) and centre-cropped to
+``data.image_size`` — ImageNet's test pipeline. ``crop`` and ``crop_flip`` act on whole batches as in memory.
+Normalisation stays inside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from regdefense.errors import DataError
+
+STREAM_ABOVE = 2 << 30  #: data.stream=auto streams a folder whose decoded images would exceed 2 GiB
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _seed(*parts: int) -> int:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p)) % (2 ** 63)
+    return s
+
+
+@dataclass
+class FileSplit:
+    """A split as image files and labels; images are decoded only when asked for."""
+
+    files: list[str]
+    y: Tensor
+    size: int
+    channels: int
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), self.channels, self.size, self.size)
+
+    def subset(self, idx: Tensor) -> "FileSplit":
+        return FileSplit([self.files[i] for i in idx.tolist()], self.y[idx], self.size, self.channels)
+
+    def read(self, i: int, augment: str = "none", seed: int | None = None) -> Tensor:
+        """Image ``i`` as a C×S×S uint8 tensor (raises DataError naming the file when it cannot be decoded)."""
+        from PIL import Image, UnidentifiedImageError
+        from torchvision.transforms import v2
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.channels == 1 else "RGB")
+        except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
+            raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {str(exc)[:120]}; replace or remove "
+                            f"it, or set data.skip_corrupt=true to leave such files out (they are counted)") from None
+        if augment == "imagenet":
+            if seed is not None:
+                torch.manual_seed(seed)
+            img = v2.RandomHorizontalFlip()(v2.RandomResizedCrop(self.size, scale=(0.08, 1.0), antialias=True)(img))
+        else:
+            img = v2.CenterCrop(self.size)(v2.Resize(round(self.size / 0.875) if min(img.size) != self.size
+                                                     else self.size, antialias=True)(img))
+        arr = np.asarray(img)
+        return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+
+    def floats(self, idx: Tensor | None = None) -> Tensor:
+        """Decode (with the test transform, in this process) the images ``idx`` (default: all) as floats in [0,1]."""
+        ids = range(len(self)) if idx is None else idx.tolist()
+        if not len(ids):
+            return torch.zeros(0, self.channels, self.size, self.size)
+        return torch.stack([self.read(i) for i in ids]).float().div_(255.0)
+
+
+    def sample(self, n: int) -> Tensor:
+        """Up to ``n`` of the first images as floats, leaving out files that cannot be decoded (for statistics)."""
+        out = []
+        for i in range(min(n, len(self))):
+            try:
+                out.append(self.read(i))
+            except DataError:
+                continue
+        return torch.stack(out).float().div_(255.0) if out else torch.zeros(1, self.channels, self.size, self.size)
+
+
+def scan_folder(root: Path, classes: list[str] | None, size: int | None) -> tuple[FileSplit, list[str]]:
+    """List ``root/<class>/<image>`` without decoding (one image is opened to learn the channels and, when
+    ``size`` is not given, the size)."""
+    from PIL import Image
+
+    classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        folder = root / cls
+        if folder.is_dir():
+            names = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += [str(f) for f in names]
+            labels += [label] * len(names)
+    if not files:
+        raise DataError(f"{root} holds no images")
+    with Image.open(files[0]) as first:
+        channels = 1 if first.mode in ("L", "1", "I;16", "I") else 3
+        size = size or min(first.size)
+    return FileSplit(files, torch.tensor(labels, dtype=torch.long), size, channels), classes
+
+
+class _Reader(torch.utils.data.Dataset):
+    """What a worker computes for one index: the image (or the error), its label and its index."""
+
+    def __init__(self, split: FileSplit, augment: str, seed: int, epoch: int) -> None:
+        self.split, self.augment, self.seed, self.epoch = split, augment, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        try:
+            x = self.split.read(i, self.augment, _seed(self.seed, self.epoch, i))
+        except DataError as exc:
+            return None, str(exc), i
+        return x, int(self.split.y[i]), i
+
+
+def _collate(samples):
+    good = [s for s in samples if s[0] is not None]
+    errors = [s[1] for s in samples if s[0] is None]
+    if not good:
+        return None, None, None, errors
+    return (torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long),
+            torch.tensor([s[2] for s in good], dtype=torch.long), errors)
+
+
+class StreamLoader:
+    """Batches ``(x, y, index)`` of a :class:`FileSplit`, decoded by ``workers`` DataLoader processes."""
+
+    def __init__(self, split: FileSplit, batch_size: int, *, seed: int = 0, augment: str = "none", workers: int = 2,
+                 skip_corrupt: bool = False, dist=None, pin: bool = False, drop_last: bool = False) -> None:
+        self.split, self.batch_size, self.seed, self.augment = split, batch_size, seed, augment
+        self.workers, self.skip_corrupt, self.dist, self.pin, self.drop_last = workers, skip_corrupt, dist, pin, drop_last
+        self.epoch, self.start = 0, 0
+        self.skipped: list[str] = []  #: messages of the files left out so far
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _batches(self) -> list[list[int]]:
+        order = torch.randperm(len(self.split), generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch)))
+        out = []
+        for b in range(self.start, len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            out.append((self.dist.shard(idx) if self.dist is not None and self.dist.enabled else idx).tolist())
+        return out
+
+    def __iter__(self):
+        from regdefense.data import augment_batch, draw_augment
+
+        per_sample = "imagenet" if self.augment == "imagenet" else "none"
+        batches = self._batches()
+        loader = torch.utils.data.DataLoader(_Reader(self.split, per_sample, self.seed, self.epoch),
+                                             batch_sampler=batches, num_workers=self.workers,
+                                             collate_fn=_collate, pin_memory=self.pin,
+                                             # its workers' base seed from here, not from the global generator: the
+                                             # attacks' random starts must not depend on where an epoch was resumed
+                                             generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch, 3)))
+        for b, (x, y, idx, errors) in enumerate(loader, self.start):
+            if errors:
+                if not self.skip_corrupt:
+                    raise DataError(errors[0])
+                self.skipped += errors
+            if x is None:
+                continue
+            x = x.float().div_(255.0)
+            if self.augment in ("crop", "crop_flip"):  # drawn for the global batch, as BatchLoader does
+                n_global = min(self.batch_size, len(self.split) - b * self.batch_size)
+                params = draw_augment(n_global, self.augment,
+                                      torch.Generator().manual_seed(_seed(self.seed, self.epoch, b, 7)))
+                if self.dist is not None and self.dist.enabled:
+                    params = tuple(self.dist.shard(p) for p in params)
+                kept = set(idx.tolist())
+                keep = torch.tensor([i in kept for i in batches[b - self.start]], dtype=torch.bool)
+                x = augment_batch(x, *(p[keep] for p in params))
+            yield x, y, idx

@@ -1,0 +1,131 @@
+"""Streamed image folders: lazy files decoded in DataLoader workers, exact mid-epoch resume, each process's share,
+corrupt files named or skipped and counted — on small PNG/JPEG folders made here."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from regdefense import checkpoint, hookimpl
+from regdefense.data import load_data
+from regdefense.config import DataConfig
+from regdefense.errors import DataError
+from regdefense.plugins import activate
+from regdefense.run import load_config
+from regdefense.safety import TrainingInterrupted
+from regdefense.stream import FileSplit, StreamLoader
+from regdefense.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 classes of 16×16 RGB images (a coloured square on noise), PNG and JPEG mixed: 90 train, 30 test."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("test", 10)):
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+                img[4:12, 4:12, c] = 200 + rng.integers(0, 50)
+                Image.fromarray(img).save(d / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def _cfg(folder, extra=()):
+    return load_config(defenses=["pgd_at"], overrides=[
+        f"data.name={folder}", "data.stream=on", "data.workers=2", "data.image_size=12", "data.augment=imagenet",
+        "train.batch_size=16", "train.epochs=2", "train.device=cpu", "train.progress=false", "train.deterministic=true",
+        "pgd_at.steps=2", "eval.val_samples=16", "eval.pgd_steps=1", "eval.test_samples=16", "model.name=digits_cnn",
+        *extra])
+
+
+def test_folders_stream_as_files_and_the_transforms_give_the_asked_size(folder):
+    data = load_data(DataConfig(name=str(folder), stream="on", image_size=12, augment="imagenet"))
+    assert isinstance(data.train, FileSplit) and isinstance(data.test, FileSplit)
+    assert data.input_shape == (3, 12, 12) and len(data.train) + len(data.val) == 90
+    x = data.test.floats(torch.arange(4))
+    assert x.shape == (4, 3, 12, 12) and 0 <= x.min() and x.max() <= 1
+    with pytest.raises(DataError, match="augment=imagenet needs streamed"):
+        load_data(DataConfig(name=str(folder), stream="off", augment="imagenet", image_size=12))
+
+
+def test_workers_do_not_change_the_batches(folder):
+    data = load_data(DataConfig(name=str(folder), stream="on", image_size=12, val_fraction=0))
+    seen = []
+    for workers in (0, 2):
+        loader = StreamLoader(data.train, 16, seed=3, augment="imagenet", workers=workers)
+        loader.set_epoch(1)
+        seen.append(list(loader))
+    for (xa, ya, ia), (xb, yb, ib) in zip(*seen):
+        assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
+    first = StreamLoader(data.train, 16, seed=3, augment="imagenet", workers=0)
+    first.set_epoch(2)
+    assert not torch.equal(next(iter(first))[2], seen[0][0][2])  # another epoch, another order
+
+
+class _Dist:
+    """torchrun's view for one of two processes (the loader only asks for the rank's slice)."""
+
+    def __init__(self, rank):
+        self.rank, self.world, self.enabled = rank, 2, True
+
+    def shard(self, idx):
+        return idx.tensor_split(2)[self.rank]
+
+
+def test_two_processes_see_every_index_of_an_epoch_exactly_once(folder):
+    data = load_data(DataConfig(name=str(folder), stream="on", image_size=12, val_fraction=0))
+    shares = []
+    for rank in (0, 1):
+        loader = StreamLoader(data.train, 16, seed=0, augment="crop_flip", workers=2, dist=_Dist(rank))
+        shares.append(torch.cat([idx for _, _, idx in loader]))
+    both = torch.cat(shares)
+    assert sorted(both.tolist()) == list(range(len(data.train)))  # each exactly once, global indices
+    assert not set(shares[0].tolist()) & set(shares[1].tolist())
+
+
+class _SignalAt:
+    name = "signal_at"
+
+    def __init__(self, step):
+        self.step = step
+
+    @hookimpl
+    def regdefense_batch_end(self, trainer, step):
+        if trainer.state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_streamed_run_interrupted_mid_epoch_resumes_bit_identically(folder, tmp_path):
+    full = Trainer(_cfg(folder), pm=activate(["pgd_at"], _cfg(folder).defense), run_dir=tmp_path / "full")
+    full.fit()
+    cut = Trainer(_cfg(folder), pm=activate(["pgd_at", _SignalAt(7)], _cfg(folder).defense), run_dir=tmp_path / "cut")
+    with pytest.raises(TrainingInterrupted):
+        cut.fit()
+    saved = checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 1 and saved["batch"] > 0  # stopped inside the second epoch
+    resumed = Trainer(_cfg(folder), pm=activate(["pgd_at"], _cfg(folder).defense), run_dir=tmp_path / "cut")
+    resumed.resume_from(tmp_path / "cut" / "checkpoints" / "last.pt")
+    resumed.fit()
+    a, b = full.raw_model.state_dict(), resumed.raw_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):
+    import shutil
+
+    bad = tmp_path / "data"
+    shutil.copytree(folder, bad)
+    (bad / "train" / "class1" / "000.jpg").write_bytes(b"this is not a JPEG")
+    cfg = _cfg(bad, ["data.val_fraction=0", "train.epochs=1"])
+    with pytest.raises(DataError, match=r"cannot decode image .*class1/000\.jpg.*data\.skip_corrupt=true"):
+        Trainer(cfg, pm=activate(["pgd_at"], cfg.defense)).fit()
+    cfg = _cfg(bad, ["data.val_fraction=0", "train.epochs=1", "data.skip_corrupt=true"])
+    trainer = Trainer(cfg, pm=activate(["pgd_at"], cfg.defense))
+    history = trainer.fit()
+    assert history[-1]["skipped_images"] == 1 and "000.jpg" in trainer.train_loader.skipped[0]
