@@ -30,11 +30,11 @@ MODES = {  # name: (train.amp, train.channels_last, train.compile)
 }
 
 
-def synthetic(n: int, seed: int = 0) -> Data:
+def synthetic(n: int, seed: int = 0, size: int = 32, classes: int = 10) -> Data:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return Data(name="synthetic", train=Split(x, y), val=None, test=Split(x[:16], y[:16]), num_classes=10,
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return Data(name="synthetic", train=Split(x, y), val=None, test=Split(x[:16], y[:16]), num_classes=classes,
                 default_eps=8 / 255)
 
 
@@ -44,8 +44,9 @@ def make_trainer(args, mode: str, steps: int) -> Trainer:
         f"model.name={args.model}", f"train.batch_size={args.batch_size}", "train.epochs=1000",
         "train.progress=false", f"train.device={args.device}", f"train.amp={amp}",
         f"train.channels_last={str(channels_last).lower()}", f"train.compile={str(compile_).lower()}",
-        "pgd_at.steps=10", "train.schedule=constant", "train.lr=0.01"])
-    return Trainer(cfg, pm=activate(cfg.defenses, cfg.defense), data=synthetic(args.batch_size * steps))
+        f"pgd_at.steps={args.pgd_steps}", "train.schedule=constant", "train.lr=0.01"])
+    data = synthetic(args.batch_size * steps, size=args.size, classes=args.classes)
+    return Trainer(cfg, pm=activate(cfg.defenses, cfg.defense), data=data)
 
 
 def run_epochs(trainer: Trainer, epochs: int) -> None:
@@ -54,7 +55,7 @@ def run_epochs(trainer: Trainer, epochs: int) -> None:
 
 
 def step_flops(args) -> float:
-    """FLOPs of one PGD-10 training step (11 forwards, 10 input-gradient backwards, 1 full backward)."""
+    """FLOPs of one PGD-K training step (K + 1 forwards, K input-gradient backwards, 1 full backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     trainer = make_trainer(args, "fp32", 1)
@@ -93,6 +94,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="training steps per timed epoch")
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--size", type=int, default=32, help="image side (224 for ImageNet-sized inputs)")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--pgd-steps", type=int, default=10, help="attack steps per training step")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -106,7 +110,8 @@ def main() -> None:
     flops = step_flops(args)
     peak = matmul_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"PGD-10 AT, {args.model}, synthetic 3x32x32, batch {args.batch_size}, {name}, torch {torch.__version__}")
+    print(f"PGD-{args.pgd_steps} AT, {args.model}, synthetic 3x{args.size}x{args.size}, {args.classes} classes, "
+          f"batch {args.batch_size}, {name}, torch {torch.__version__}")
     print(f"one step = {flops / 1e12:.3f} TFLOP; measured matmul peak {peak / 1e12:.1f} TFLOP/s "
           f"({'bf16' if device.type == 'cuda' else 'fp32'} {8192 if device.type == 'cuda' else 1024}^3)")
     print(f"{'setting':28s} {'images/s':>10s} {'vs fp32':>8s} {'peak mem':>10s} {'of matmul peak':>15s}")

@@ -104,7 +104,8 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     name: str = option("digits", "dataset: digits (embedded), mnist, fashion_mnist, cifar10, cifar100, svhn, "
-                                 "or a folder with train.npz/test.npz or train/ and test/ image folders")
+                                 "or a folder with train.npz/test.npz, train/ and test/ image folders, or train/ and test/ "
+                                 "folders of WebDataset tar shards (KEY.jpg + KEY.cls)")
     data_dir: str = option("data", "where torchvision datasets are stored")
     download: bool = option(False, "download torchvision datasets that are missing")
     val_fraction: float = option(0.1, "fraction of the training split held out for per-epoch evaluation", ge=0, le=0.5)

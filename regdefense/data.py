@@ -247,6 +247,11 @@ def _image_folder(root: Path, classes: list[str] | None, size: int | None) -> tu
 def _folder(path: Path, cfg: DataConfig) -> tuple[Split, Split]:
     if (path / "train.npz").exists() and (path / "test.npz").exists():
         return _npz(path / "train.npz"), _npz(path / "test.npz")
+    if (path / "train").is_dir() and (path / "test").is_dir() and any((path / "train").glob("*.tar")):
+        from regdefense.stream import scan_shards
+
+        train = scan_shards(path / "train", cfg.image_size)  # tar shards are always streamed
+        return train, scan_shards(path / "test", train.size)
     if (path / "train").is_dir() and (path / "test").is_dir():
         if cfg.stream != "off":
             from regdefense.stream import STREAM_ABOVE, scan_folder
@@ -258,7 +263,8 @@ def _folder(path: Path, cfg: DataConfig) -> tuple[Split, Split]:
         train, classes = _image_folder(path / "train", None, cfg.image_size)
         test, _ = _image_folder(path / "test", classes, cfg.image_size)
         return train, test
-    raise DataError(f"{path} must hold train.npz and test.npz, or train/ and test/ image folders")
+    raise DataError(f"{path} must hold train.npz and test.npz, train/ and test/ image folders, or train/ and test/ "
+                    f"folders of WebDataset tar shards")
 
 
 def load_data(cfg: DataConfig, seed: int = 0) -> Data:

@@ -41,11 +41,43 @@ def _seed(*parts: int) -> int:
     return s
 
 
+def _open(source):
+    """A PIL image from a file path, or from ``(shard, offset, size, name)``: one member of a tar shard."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, str):
+        return Image.open(source)
+    shard, offset, size, _ = source
+    with open(shard, "rb") as fh:
+        fh.seek(offset)
+        return Image.open(io.BytesIO(fh.read(size)))
+
+
+def _probe(sources: list, size: int | None, where) -> tuple[int, int]:
+    """Channels and side from the first decodable of the first few images (a corrupt first file is not fatal)."""
+    from PIL import UnidentifiedImageError
+
+    for src in sources[:32]:
+        try:
+            with _open(src) as img:
+                return (1 if img.mode in ("L", "1", "I;16", "I") else 3), size or min(img.size)
+        except (OSError, ValueError, UnidentifiedImageError, SyntaxError):
+            continue
+    raise DataError(f"none of the first {min(len(sources), 32)} images under {where} can be decoded")
+
+
+def _name(source) -> str:
+    return source if isinstance(source, str) else f"{source[0]}:{source[3]}"
+
+
 @dataclass
 class FileSplit:
-    """A split as image files and labels; images are decoded only when asked for."""
+    """A split as image sources and labels; images are decoded only when asked for. A source is a file path or a
+    member of a WebDataset tar shard, ``(shard, offset, size, member name)``."""
 
-    files: list[str]
+    files: list
     y: Tensor
     size: int
     channels: int
@@ -62,15 +94,14 @@ class FileSplit:
 
     def read(self, i: int, augment: str = "none", seed: int | None = None) -> Tensor:
         """Image ``i`` as a C×S×S uint8 tensor (raises DataError naming the file when it cannot be decoded)."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
         from torchvision.transforms import v2
 
-        path = self.files[i]
         try:
-            with Image.open(path) as img:
+            with _open(self.files[i]) as img:
                 img = img.convert("L" if self.channels == 1 else "RGB")
         except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
-            raise DataError(f"cannot decode image {path}: {type(exc).__name__}: {str(exc)[:120]}; replace or remove "
+            raise DataError(f"cannot decode image {_name(self.files[i])}: {type(exc).__name__}: {str(exc)[:120]}; replace or remove "
                             f"it, or set data.skip_corrupt=true to leave such files out (they are counted)") from None
         if augment == "imagenet":
             if seed is not None:
@@ -104,8 +135,6 @@ class FileSplit:
 def scan_folder(root: Path, classes: list[str] | None, size: int | None) -> tuple[FileSplit, list[str]]:
     """List ``root/<class>/<image>`` without decoding (one image is opened to learn the channels and, when
     ``size`` is not given, the size)."""
-    from PIL import Image
-
     classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
@@ -118,10 +147,51 @@ def scan_folder(root: Path, classes: list[str] | None, size: int | None) -> tupl
             labels += [label] * len(names)
     if not files:
         raise DataError(f"{root} holds no images")
-    with Image.open(files[0]) as first:
-        channels = 1 if first.mode in ("L", "1", "I;16", "I") else 3
-        size = size or min(first.size)
+    channels, size = _probe(files, size, root)
     return FileSplit(files, torch.tensor(labels, dtype=torch.long), size, channels), classes
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's convention: a member's key is its path up to the first dot of its base name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def scan_shards(root: Path, size: int | None) -> FileSplit:
+    """Index the WebDataset tar shards ``root/*.tar`` (each sample: ``KEY.jpg|png|...`` and ``KEY.cls``, the label
+    as text) by reading their headers and labels once; images stay in the shards and are read by offset, so any
+    sample is reachable by its global index — the exact, resumable (seed, epoch) order of image folders."""
+    import tarfile
+
+    shards = sorted(root.glob("*.tar"))
+    files, labels = [], []
+    for shard in shards:
+        images, classes = {}, {}
+        try:
+            with tarfile.open(shard) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_key(m.name)
+                    if "." + ext.lower() in IMAGE_SUFFIXES:
+                        images[key] = (str(shard), m.offset_data, m.size, m.name)
+                    elif ext in ("cls", "label"):
+                        classes[key] = tf.extractfile(m).read()
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"{shard} is not a readable tar shard: {exc}") from None
+        for key, src in images.items():
+            if key not in classes:
+                raise DataError(f"{shard}: sample '{key}' has an image but no .cls label")
+            try:
+                labels.append(int(classes[key].decode().strip()))
+            except ValueError:
+                raise DataError(f"{shard}: the label of sample '{key}' is not an integer: {classes[key][:20]!r}") from None
+            files.append(src)
+    if not files:
+        raise DataError(f"{root} holds no samples in *.tar shards")
+    channels, size = _probe(files, size, root)
+    return FileSplit(files, torch.tensor(labels, dtype=torch.long), size, channels)
 
 
 class _Reader(torch.utils.data.Dataset):

@@ -23,7 +23,7 @@ def _run(args: list[str], nproc: int | None, tmp_path: Path, timeout: int = 300)
 
 
 def _worker(mode: str, nproc: int | None, tmp_path: Path) -> dict:
-    out = tmp_path / f"{mode}-{nproc}.json"
+    out = tmp_path / f"{mode.replace('/', '_')}-{nproc}.json"
     proc = _run([str(WORKER), mode, str(out)], nproc, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -49,6 +49,25 @@ def test_per_sample_buffers_and_extra_optimizers_stay_identical_across_processes
 def test_a_guide_network_added_by_a_defense_is_trained_in_step_on_every_process(tmp_path, stack, guide):
     r = _worker(f"stack:{stack}", 2, tmp_path)
     assert r["networks"] == sorted([guide, "model"]) and all(r["equal_on_all_ranks"].values())
+
+
+def test_two_processes_stream_an_image_folder_each_index_once_per_epoch(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 4)):  # 80 training images: 5 global batches of 16, 8 per process
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (14, 14, 3), dtype=np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+    r = _worker(f"stream:{root}", 2, tmp_path)
+    assert r["n"] == 80 and set(r["epochs"]) == {"0", "1"}
+    for seen in r["epochs"].values():  # gathered from both processes: every index exactly once
+        assert sorted(seen) == list(range(80))
+    assert r["epochs"]["0"] != r["epochs"]["1"]  # reshuffled per epoch
+    assert r["weights_equal_on_all_ranks"]
 
 
 def test_drifting_weights_are_caught_at_the_epoch_end(tmp_path):

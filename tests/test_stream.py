@@ -3,6 +3,7 @@ corrupt files named or skipped and counted — on small PNG/JPEG folders made he
 
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,69 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):
     trainer = Trainer(cfg, pm=activate(["pgd_at"], cfg.defense))
     history = trainer.fit()
     assert history[-1]["skipped_images"] == 1 and "000.jpg" in trainer.train_loader.skipped[0]
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory):
+    """The same images as WebDataset tar shards written by webdataset's own TarWriter (KEY.jpg/png + KEY.cls),
+    two shards per split."""
+    wds = pytest.importorskip("webdataset")
+    root = tmp_path_factory.mktemp("shards")
+    for split in ("train", "test"):
+        (root / split).mkdir()
+        files = sorted((folder / split).glob("*/*"))
+        half = len(files) // 2
+        for k, chunk in enumerate((files[:half], files[half:])):
+            with wds.TarWriter(str(root / split / f"{split}-{k:06d}.tar")) as sink:
+                for f in chunk:
+                    sink.write({"__key__": f"{f.parent.name}_{f.stem}", f.suffix[1:]: f.read_bytes(),
+                                "cls": str(int(f.parent.name[-1])).encode()})
+    return root
+
+
+def test_tar_shards_give_the_same_samples_as_the_folder(folder, shards):
+    a = load_data(DataConfig(name=str(folder), stream="on", image_size=12, val_fraction=0))
+    b = load_data(DataConfig(name=str(shards), image_size=12, val_fraction=0))
+    assert isinstance(b.train.files[0], tuple) and len(b.train) == len(a.train) == 90
+    assert sorted(b.train.y.tolist()) == sorted(a.train.y.tolist())
+    # sample by sample, the bytes in the shard decode to the file's image
+    by_name = {f"{Path(f).parent.name}_{Path(f).stem}": i for i, f in enumerate(a.train.files)}
+    for j in (0, 17, 89):
+        key = Path(b.train.files[j][3]).name.split(".")[0]
+        assert torch.equal(b.train.read(j), a.train.read(by_name[key])) and b.train.y[j] == a.train.y[by_name[key]]
+
+
+def test_a_run_on_tar_shards_trains_and_resumes_bit_identically(shards, tmp_path):
+    full = Trainer(_cfg(shards), pm=activate(["pgd_at"], _cfg(shards).defense), run_dir=tmp_path / "full")
+    full.fit()
+    cut = Trainer(_cfg(shards), pm=activate(["pgd_at", _SignalAt(6)], _cfg(shards).defense), run_dir=tmp_path / "cut")
+    with pytest.raises(TrainingInterrupted):
+        cut.fit()
+    resumed = Trainer(_cfg(shards), pm=activate(["pgd_at"], _cfg(shards).defense), run_dir=tmp_path / "cut")
+    resumed.resume_from(tmp_path / "cut" / "checkpoints" / "last.pt")
+    resumed.fit()
+    a, b = full.raw_model.state_dict(), resumed.raw_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_corrupt_sample_in_a_shard_is_named(shards, tmp_path):
+    import tarfile
+
+    bad = tmp_path / "bad"
+    for split in ("train", "test"):
+        (bad / split).mkdir(parents=True)
+        for shard in (shards / split).glob("*.tar"):
+            (bad / split / shard.name).write_bytes(shard.read_bytes())
+    shard = sorted((bad / "train").glob("*.tar"))[0]
+    with tarfile.open(shard) as tf:
+        member = next(m for m in tf if m.name.endswith((".png", ".jpg")))
+    with open(shard, "r+b") as fh:  # overwrite that image's bytes inside the shard
+        fh.seek(member.offset_data)
+        fh.write(b"\0" * member.size)
+    data = load_data(DataConfig(name=str(bad), image_size=12, val_fraction=0))
+    i = next(i for i, f in enumerate(data.train.files) if f[3] == member.name)
+    with pytest.raises(DataError, match=f"cannot decode image .*{shard.name}:{member.name}"):
+        data.train.read(i)
+    (bad / "train" / "junk.tar").write_bytes(b"not a tar file at all" * 30)
+    with pytest.raises(DataError, match="junk.tar is not a readable tar shard"):
+        load_data(DataConfig(name=str(bad), image_size=12))

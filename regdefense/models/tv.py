@@ -79,5 +79,5 @@ def _factory(arch: str):
     return make
 
 
-for _arch in ("resnet50", "resnet101", "alexnet", "mobilenet_v2", "densenet121", "inception_v3", "vgg16"):
+for _arch in ("resnet50", "resnet101", "alexnet", "mobilenet_v2", "densenet121", "inception_v3", "vgg16", "convnext_tiny"):
     register_model(_factory(_arch))

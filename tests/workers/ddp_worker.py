@@ -66,6 +66,29 @@ def main(mode: str, out: str) -> None:
         result["equal_on_all_ranks"] = {
             n: all(torch.equal(w, f) for w in gather(f))
             for n, f in ((n, torch.cat([p.detach().flatten() for p in m.parameters()])) for n, m in nets.items())}
+    elif mode.startswith("stream:"):  # a streamed image folder: which global indices each process trained on
+        class Seen:
+            name = "seen"
+
+            def __init__(self):
+                self.by_epoch = {}
+
+            @hookimpl
+            def regdefense_batch_end(self, trainer, step):
+                self.by_epoch.setdefault(trainer.state.epoch, []).extend(step.index.tolist())
+
+        seen = Seen()
+        cfg = tiny_config([], base[:1] + [f"data.name={mode.split(':', 1)[1]}", "data.stream=on", "data.workers=1",
+                                          "data.image_size=12", "data.augment=imagenet", "data.val_fraction=0",
+                                          "train.batch_size=16", "train.epochs=2", "data.limit=1000000",
+                                          "model.name=digits_cnn"])
+        trainer = Trainer(cfg, pm=activate([seen]))
+        trainer.fit()
+        result["n"] = len(trainer.data.train)
+        result["epochs"] = {str(e): sum((g.tolist() for g in gather(torch.tensor(v))), [])
+                            for e, v in seen.by_epoch.items()}
+        flat = torch.cat([p.detach().flatten() for p in trainer.raw_model.parameters()])
+        result["weights_equal_on_all_ranks"] = all(torch.equal(w, flat) for w in gather(flat))
     elif mode == "drift":
         cfg = tiny_config([], base)
         trainer = Trainer(cfg, pm=activate([Drift()]))
