@@ -75,11 +75,12 @@ class Dist:
     def set_rows(self, buffer: Tensor, index: Tensor, values: Tensor) -> None:
         """``buffer[index] = values`` on every rank, for the rows every rank wrote this step."""
         if not self.enabled:
-            buffer[index] = values
+            buffer[index.to(buffer.device)] = values.to(buffer.device, buffer.dtype)
             return
         width = -(-int(self.batch_size) // self.world)  # every slice holds at most this many rows
-        idx = torch.full((width,), -1, dtype=torch.long, device=buffer.device)
-        val = torch.zeros((width, *values.shape[1:]), dtype=values.dtype, device=buffer.device)
+        where = values.device  # the collective runs where the values are (a buffer may live in host memory)
+        idx = torch.full((width,), -1, dtype=torch.long, device=where)
+        val = torch.zeros((width, *values.shape[1:]), dtype=values.dtype, device=where)
         idx[:len(index)], val[:len(index)] = index, values
         all_idx = [torch.empty_like(idx) for _ in range(self.world)]
         all_val = [torch.empty_like(val) for _ in range(self.world)]
@@ -87,7 +88,7 @@ class Dist:
         dist.all_gather(all_val, val)
         idx, val = torch.cat(all_idx), torch.cat(all_val)
         keep = idx >= 0
-        buffer[idx[keep]] = val[keep].to(buffer.dtype)
+        buffer[idx[keep].to(buffer.device)] = val[keep].to(buffer.device, buffer.dtype)
 
     batch_size: int = 1  #: the global batch size, set by the trainer (bounds a slice for :meth:`set_rows`)
     device: torch.device = torch.device("cpu")  #: where collectives' tensors live (the rank's GPU under NCCL)

@@ -175,7 +175,39 @@ def check(config: RunConfig | str | None = None, defenses: list[str] | None = No
         + (f"; extra networks: {', '.join(trainer.modules)}" if trainer.modules else ""),
         f"  threat {cfg.threat.norm} eps={trainer.eps_full:.4g}",
         f"  train  {t.epochs} epochs x {len(trainer.train_loader)} batches of {t.batch_size} on {trainer.device}, "
-        f"{t.optimizer} lr={t.lr:g} ({t.schedule})"])
+        f"{t.optimizer} lr={t.lr:g} ({t.schedule})",
+        *memory_lines(trainer)])
+
+
+def memory_lines(trainer) -> list[str]:
+    """What the run will hold, before it holds it: weights with their gradients and optimizer state, the training
+    split when it is in memory, and every defense's declared per-sample buffers (``memory_needs``) with their place.
+    Activations are not counted: they scale with the batch and the attack, and PyTorch decides them at run time."""
+    from regdefense.buffers import human
+    from regdefense.data import Split
+
+    per_param = {"sgd": 3, "adam": 4, "adamw": 4}.get(trainer.config.train.optimizer, 4)  # weight, grad, state(s)
+    nets = [trainer.raw_model, *trainer.modules.values()]
+    weights = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
+    items = [(f"networks ({len(nets)}): weights, gradients, {trainer.config.train.optimizer} state",
+              weights * per_param, str(trainer.device))]
+    train = trainer.data.train
+    if isinstance(train, Split):
+        items.append(("training split, in memory", train.x.element_size() * train.x.nelement(),
+                      str(train.x.device)))
+    else:
+        items.append((f"training split, streamed ({len(train)} files; decoded per batch)", 0, "disk"))
+    for plugin in trainer.pm.get_plugins():
+        needs = getattr(plugin, "memory_needs", None)
+        if callable(needs):
+            names = {"device": str(trainer.device), "host": "host memory" if trainer.device.type == "cuda" else "cpu"}
+            items += [(label, n, names.get(where, where)) for label, (n, where) in needs(trainer).items()]
+    total = {}
+    for _, n, where in items:
+        total[where] = total.get(where, 0) + n
+    lines = [f"  memory {label}: {human(n)} ({where})" for label, n, where in items]
+    lines.append("  memory total (without activations): " + ", ".join(f"{human(n)} {w}" for w, n in total.items() if n))
+    return lines
 
 
 def train(config: RunConfig | str | None = None, *, defenses: list[str] | None = None,

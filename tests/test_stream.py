@@ -216,3 +216,45 @@ def test_memory_stays_flat_as_the_streamed_dataset_grows(tmp_path):
     assert peak[20000, "on"] < 1.10 * peak[2000, "on"], peak
     # 18 000 more 32-px RGB images are 53 MiB decoded: the in-memory path holds them (and their decoding copies)
     assert peak[20000, "off"] - peak[2000, "off"] > 40, peak
+
+
+# --- per-sample buffers that do not fit -------------------------------------------------------
+
+
+def test_fgsm_pgk_buffers_memory_mapped_on_disk_train_exactly_as_in_host_memory(tmp_path):
+    from regdefense.testing import make_trainer
+
+    runs = {}
+    for where in ("host", "disk"):
+        trainer = make_trainer(["fgsm_pgk"], ["train.epochs=2", "train.deterministic=true",
+                                              f"fgsm_pgk.buffers={where}", "fgsm_pgk.precision=float16"],
+                               run_dir=tmp_path / where)
+        trainer.fit()
+        runs[where] = trainer
+    a, b = runs["host"].raw_model.state_dict(), runs["disk"].raw_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # where the rows live changes nothing
+    plugin = runs["disk"].pm.get_plugin("fgsm_pgk")
+    files = sorted((tmp_path / "disk" / "buffers").glob("*.bin"))
+    n = runs["disk"].train_size * 64
+    assert [f.name for f in files] == ["fgsm_pgk-momentum.bin", "fgsm_pgk-prior.bin"]
+    assert all(f.stat().st_size == n * 2 for f in files)  # float16, N×1×8×8 each
+    assert plugin.prior.dtype == torch.float16 and plugin.prior.abs().max() > 0  # rows were written through the map
+    on_disk = torch.from_file(str(files[1]), size=n, dtype=torch.float16).view_as(plugin.prior)
+    assert torch.equal(on_disk, plugin.prior)
+    assert plugin.state_dict() == {"files": [str(files[1]), str(files[0])]}  # the checkpoint names, not copies
+
+
+def test_train_check_says_how_much_memory_a_stack_needs_and_where():
+    import re
+
+    from regdefense.buffers import human, place
+    from regdefense.run import check
+
+    text = check(defenses=["fgsm_pgk"], overrides=["fgsm_pgk.precision=float16", "train.device=cpu"])
+    n = int(re.search(r"data   train (\d+)", text).group(1))
+    line = next(l for l in text.splitlines() if "fgsm_pgk prior + momentum (float16)" in l)
+    assert line.endswith(f": {human(2 * n * 1 * 8 * 8 * 2)} (cpu)")  # two N×1×8×8 float16 buffers, on the device
+    assert "memory total (without activations)" in text
+    assert place(10 ** 15, torch.device("cpu")) == "disk" and place(10 ** 3, torch.device("cpu")) == "device"
+    disk = check(defenses=["fgsm_pgk"], overrides=["fgsm_pgk.buffers=disk", "train.device=cpu"])
+    assert f"{human(2 * n * 64 * 4)} (disk)" in disk
