@@ -52,8 +52,16 @@ def option(default: Any = MISSING, help: str = "", *, ge: float | None = None, g
 class TrainConfig:
     epochs: int = option(30, "number of training epochs", ge=1)
     batch_size: int = option(128, "training batch size", ge=1)
-    optimizer: Literal["sgd", "adam"] = option("sgd", "optimizer")
-    lr: float = option(0.1, "peak learning rate", gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = option("sgd", "optimizer (adamw: Adam with decoupled weight decay, "
+                                                                "the large-scale transformer recipes')")
+    lr: float = option(0.1, "peak learning rate (with lr_scaling=linear: at a global batch of lr_base_batch)", gt=0)
+    lr_scaling: Literal["none", "linear"] = option("none", "linear: scale lr by (batch_size × accumulate) / "
+                                                           "lr_base_batch (Goyal et al. 2017)")
+    lr_base_batch: int = option(256, "the global batch the given lr is meant for (lr_scaling=linear)", ge=1)
+    accumulate: int = option(1, "gradient accumulation: one optimizer step per this many batches of batch_size "
+                                "(a global batch of batch_size × accumulate that memory could not hold at once)", ge=1)
+    sync_bn: Literal["auto", "on", "off"] = option("auto", "SyncBatchNorm under torchrun: batch statistics over every "
+                                                           "process's slice (auto: on with several CUDA processes)")
     momentum: float = option(0.9, "SGD momentum", ge=0, le=1)
     betas: list[float] = option(default_factory=lambda: [0.9, 0.999], help="Adam betas (AToP's code: 0.5, 0.999)")
     nesterov: bool = option(False, "Nesterov momentum (SGD)")

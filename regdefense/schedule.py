@@ -15,15 +15,17 @@ import torch
 from regdefense.config import TrainConfig
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, batches_per_epoch: int):
-    """The scheduler ``[train]`` asks for, stepped once per epoch or once per batch (``schedule_step``)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, batches_per_epoch: int,
+                    peak_lr: float | None = None):
+    """The scheduler ``[train]`` asks for, stepped once per epoch or once per optimizer step (``schedule_step``);
+    ``peak_lr``: the rate after linear scaling (default ``t.lr``)."""
     per_epoch = batches_per_epoch if t.schedule_step == "iter" else 1
     total = max(1, t.epochs * per_epoch)
     sched = torch.optim.lr_scheduler
     if t.schedule == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=total)
     elif t.schedule == "onecycle":
-        main = sched.OneCycleLR(optimizer, max_lr=t.lr, total_steps=total)
+        main = sched.OneCycleLR(optimizer, max_lr=peak_lr or t.lr, total_steps=total)
     else:
         milestones = [] if t.schedule == "constant" else sorted(
             int(round((m * t.epochs if m < 1 else m) * per_epoch)) for m in t.milestones)

@@ -133,6 +133,9 @@ class Trainer:
                 if name in self.modules:
                     raise UserError(f"two defenses add a module named '{name}'")
                 self.modules[name] = module
+        if self.sync_bn:  # batch statistics over every process's slice, as one large batch would have them
+            self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
+            self.modules = {k: nn.SyncBatchNorm.convert_sync_batchnorm(m) for k, m in self.modules.items()}
         channels_last = t.channels_last if t.channels_last is not None else self.device.type == "cuda"
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for net in [self.raw_model, *self.modules.values()]:
@@ -164,6 +167,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._resume_payload: dict[str, Any] | None = None
         self.guard = NonFiniteGuard(t.nonfinite)
+        self._micro_weight = 1.0  #: this batch's share of an accumulation group (train.accumulate)
         self.interrupt = Interrupt(self.echo)
 
     # --- the loop -----------------------------------------------------------------------------
@@ -203,25 +207,39 @@ class Trainer:
             started = time.perf_counter()
             self.model.train()
             batches = self._progress(self.train_loader, f"epoch {epoch + 1}/{t.epochs}", start)
+            acc, n_batches = t.accumulate, len(self.train_loader)
             for i, batch in enumerate(batches, start):
-                self._ramp_eps(epoch + i / len(self.train_loader))
+                self._ramp_eps(epoch + i / n_batches)
                 step = Step.from_batch(batch, self.device)
+                first, last = i % acc == 0, i % acc == acc - 1 or i == n_batches - 1
                 hook.regdefense_batch_start(trainer=self, step=step)
+                held = None if first else [p.grad for p in self._trainable()]  # an attack may write .grad
                 step.adv_inputs = hook.regdefense_make_adversarial(trainer=self, step=step, model=self.model)
-                self.optimizer.zero_grad(set_to_none=True)
+                if first:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    group_n, group_bad, group_size = 0, False, self._group_size(i, n_batches)
+                else:
+                    for p, g in zip(self._trainable(), held):
+                        p.grad = g
+                self._micro_weight = step.batch_size / group_size if acc > 1 else 1.0
                 hook.regdefense_forward_backward(trainer=self, step=step)
-                self.dist.reduce_grads(self._trainable(), step.batch_size)
+                group_n += step.batch_size
                 skip = self._skip_nonfinite(step)  # train.nonfinite=skip and a NaN/Inf term: no update
-                if not skip:
-                    self.scaler.unscale_(self.optimizer)
-                    if t.grad_clip:
-                        nn.utils.clip_grad_norm_(self._trainable(), t.grad_clip)
-                    hook.regdefense_before_optimizer_step(trainer=self, step=step)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                lr = self.optimizer.param_groups[0]["lr"]
-                if t.schedule_step == "iter":
-                    self.scheduler.step()
+                group_bad = group_bad or skip
+                if last:
+                    self.dist.reduce_grads(self._trainable(), group_n)
+                    if not group_bad:
+                        self.scaler.unscale_(self.optimizer)
+                        if t.grad_clip:
+                            nn.utils.clip_grad_norm_(self._trainable(), t.grad_clip)
+                        hook.regdefense_before_optimizer_step(trainer=self, step=step)
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.zero_grad(set_to_none=True)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if t.schedule_step == "iter":
+                        self.scheduler.step()
                 if not skip:
                     hook.regdefense_batch_end(trainer=self, step=step)
                     self._accumulate(sums, step)
@@ -229,7 +247,7 @@ class Trainer:
                 self.state.batch = i + 1
                 if self.guard.every and self.state.global_step % self.guard.every == 0:
                     self.guard.check(self._last_good())
-                if self.state.batch < len(self.train_loader) and self.interrupt.requested(self.dist, self.state.global_step):
+                if last and self.state.batch < n_batches and self.interrupt.requested(self.dist, self.state.global_step):
                     self._stop_for_signal(sums)
             self.state.batch = 0
             self.guard.check(self._last_good())
@@ -251,6 +269,14 @@ class Trainer:
                 break
         hook.regdefense_fit_end(trainer=self)
         return self.history
+
+    def _group_size(self, i: int, n_batches: int) -> int:
+        """This process's samples in the accumulation group starting at batch ``i`` (its slice of each batch)."""
+        t, n, size = self.config.train, self.train_size, 0
+        for j in range(i, min(i + t.accumulate, n_batches)):
+            g = min(t.batch_size, n - j * t.batch_size)  # the global batch j
+            size += g // self.dist.world + (self.dist.rank < g % self.dist.world)
+        return size
 
     def _skip_nonfinite(self, step: Step) -> bool:
         """Record the step's loss terms for the non-finite check; in ``skip`` mode drop a bad batch's update."""
@@ -330,8 +356,9 @@ class Trainer:
         return self.autocast()
 
     def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss`` through the gradient scaler (a pass-through unless fp16)."""
-        self.scaler.scale(loss).backward()
+        """Back-propagate ``loss`` through the gradient scaler (a pass-through unless fp16); with gradient
+        accumulation, weighted by this batch's share of the accumulated group."""
+        self.scaler.scale(loss * self._micro_weight if self._micro_weight != 1.0 else loss).backward()
 
     def build_network(self, arch: str) -> nn.Module:
         """A zoo architecture sized for this run's data (channels, classes, image size), for defenses that add
@@ -566,15 +593,41 @@ class Trainer:
             optimizer.add_param_group({"params": extra})
         return optimizer
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
+    @functools.cached_property
+    def sync_bn(self) -> bool:
+        """Whether BatchNorm layers synchronise their statistics across processes (``train.sync_bn``)."""
+        mode = self.config.train.sync_bn
+        if mode == "off" or not self.dist.enabled:
+            return False
+        if self.device.type != "cuda":
+            if mode == "on":
+                raise ConfigError("train.sync_bn=on needs CUDA processes: torch's SyncBatchNorm runs on GPUs only "
+                                  "(under torchrun on CPUs each process keeps its own batch statistics; use "
+                                  "train.sync_bn=auto or off)")
+            return False
+        return True
+
+    @property
+    def peak_lr(self) -> float:
+        """``train.lr``, scaled by the global batch over ``lr_base_batch`` with ``lr_scaling=linear``."""
         t = self.config.train
+        return t.lr * (t.batch_size * t.accumulate / t.lr_base_batch if t.lr_scaling == "linear" else 1.0)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        t, lr = self.config.train, self.peak_lr
         if t.optimizer == "sgd":
-            return torch.optim.SGD(self._trainable(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+            return torch.optim.SGD(self._trainable(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                    nesterov=t.nesterov and t.momentum > 0)
-        return torch.optim.Adam(self._trainable(), lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        return cls(self._trainable(), lr=lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: one per ``train.accumulate`` batches."""
+        return -(-len(self.train_loader) // self.config.train.accumulate)
 
     def _build_scheduler(self):
-        return build_scheduler(self.optimizer, self.config.train, len(self.train_loader))
+        return build_scheduler(self.optimizer, self.config.train, self.steps_per_epoch, self.peak_lr)
 
     def _ramp_eps(self, progress: float) -> None:
         warm = self.config.train.eps_warmup_epochs

@@ -32,7 +32,7 @@ def test_toml_file_and_overrides_merge(tmp_path):
     ("train.epochs=three", r"train.epochs must be int"),
     ("train.epochs=0", r"train.epochs must be >= 1"),
     ("pgd_at.eps=-0.1", r"pgd_at.eps must be >= 0"),
-    ("train.optimizer=adamw", r"train.optimizer must be one of 'sgd' \| 'adam'"),
+    ("train.optimizer=lamb", r"train.optimizer must be one of 'sgd' \| 'adam' \| 'adamw'"),
     ("train.lr=nan", r"train.lr must be"),
     ("epochs", r"must look like section.key=value"),
 ])
