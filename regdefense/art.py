@@ -202,7 +202,7 @@ class PurifierPreprocessor(PreprocessorPyTorch):
     def from_run(cls, run: str, which: str = "best", device_type: str = "cpu") -> "PurifierPreprocessor":
         from regdefense.evaluate import load_target
 
-        model = load_target(run, which=which).model
+        model = load_target(run, which=which, n=1).model
         if not hasattr(model, "purified"):
             raise UserError(f"{run} is not an atop run (its evaluated model has no purifier)")
         return cls(model.purified, device_type=device_type)

@@ -245,26 +245,29 @@ def _image_folder(root: Path, classes: list[str] | None, size: int | None) -> tu
 
 
 def _folder(path: Path, cfg: DataConfig) -> tuple[Split, Split]:
+    """train.npz/test.npz, or train/ with test/ (or val/, ImageNet's name) as image folders or tar shards."""
     if (path / "train.npz").exists() and (path / "test.npz").exists():
         return _npz(path / "train.npz"), _npz(path / "test.npz")
-    if (path / "train").is_dir() and (path / "test").is_dir() and any((path / "train").glob("*.tar")):
+    train_dir = path / "train"
+    test_dir = path / "test" if (path / "test").is_dir() else path / "val"
+    if train_dir.is_dir() and test_dir.is_dir() and any(train_dir.glob("*.tar")):
         from regdefense.stream import scan_shards
 
-        train = scan_shards(path / "train", cfg.image_size)  # tar shards are always streamed
-        return train, scan_shards(path / "test", train.size)
-    if (path / "train").is_dir() and (path / "test").is_dir():
+        train = scan_shards(train_dir, cfg.image_size)  # tar shards are always streamed
+        return train, scan_shards(test_dir, train.size)
+    if train_dir.is_dir() and test_dir.is_dir():
         if cfg.stream != "off":
             from regdefense.stream import STREAM_ABOVE, scan_folder
 
-            train, classes = scan_folder(path / "train", None, cfg.image_size)
+            train, classes = scan_folder(train_dir, None, cfg.image_size)
             if cfg.stream == "on" or len(train) * train.channels * train.size ** 2 > STREAM_ABOVE:
-                test, _ = scan_folder(path / "test", classes, train.size)
+                test, _ = scan_folder(test_dir, classes, train.size)
                 return train, test
-        train, classes = _image_folder(path / "train", None, cfg.image_size)
-        test, _ = _image_folder(path / "test", classes, cfg.image_size)
+        train, classes = _image_folder(train_dir, None, cfg.image_size)
+        test, _ = _image_folder(test_dir, classes, cfg.image_size)
         return train, test
-    raise DataError(f"{path} must hold train.npz and test.npz, train/ and test/ image folders, or train/ and test/ "
-                    f"folders of WebDataset tar shards")
+    raise DataError(f"{path} must hold train.npz and test.npz, train/ and test/ (or val/) image folders, or train/ "
+                    f"and test/ folders of WebDataset tar shards")
 
 
 def load_data(cfg: DataConfig, seed: int = 0) -> Data:

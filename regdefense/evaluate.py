@@ -340,14 +340,28 @@ class Target:
     data_config: dict[str, Any] = field(default_factory=dict)  #: the run's data section (for a clean surrogate)
 
 
+def test_points(test, n: int | None = None, subset: str | None = None) -> tuple[Tensor, Tensor]:
+    """The evaluated points of a test split: its ``subset`` (see :func:`regdefense.stream.subset_of`), then the
+    first ``n``; a streamed split decodes only those."""
+    if subset is not None:
+        from regdefense.stream import subset_of
+
+        test = subset_of(test, subset)
+    count = min(n, len(test)) if n else len(test)
+    return test.floats(torch.arange(count)), test.y[:count]
+
+
 def load_target(target: str | Path, *, which: str = "best", arch: str | None = None, dataset: str | None = None,
-                device: str = "auto") -> Target:
+                device: str = "auto", n: int | None = None, subset: str | None = None) -> Target:
     """Load what to evaluate.
 
     :param target: a run directory (its ``checkpoints/<which>.pt``), a regdefense checkpoint, or, with
         ``arch``, a user's state_dict file (``arch`` = an architecture name) or TorchScript file
         (``arch="torchscript"``).
     :param dataset: the data to evaluate on (default: the run's, else ``digits``); the test split is used.
+    :param n: only the first ``n`` test points (of the subset).
+    :param subset: ``robustbench`` (RobustBench's fixed 5 000 ImageNet validation images) or a file listing the
+        test images to use, one path per line relative to the test folder.
     """
     from regdefense import checkpoint
     from regdefense.config import DataConfig
@@ -366,8 +380,8 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
         else:
             ckpt = path
         payload = checkpoint.load(ckpt)
-        return _target_from_payload(payload, ckpt, dataset, device)
-    data = load_data(DataConfig(name=dataset or "digits", val_fraction=0.0))
+        return _target_from_payload(payload, ckpt, dataset, device, n, subset)
+    data = load_data(DataConfig(name=dataset or "digits", val_fraction=0.0, stream="on" if subset else "auto"))
     c, h, w = data.input_shape
     if arch == "torchscript":
         try:
@@ -385,12 +399,14 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise UserError(f"{path} does not fit architecture '{arch}': {str(exc).splitlines()[0][:300]}") from None
         model.to(dev)
-    return Target(model=model.eval(), x=data.test.floats(), y=data.test.y, default_eps=data.default_eps, norm="linf",
+    x, y = test_points(data.test, n, subset)
+    return Target(model=model.eval(), x=x, y=y, default_eps=data.default_eps, norm="linf",
                   num_classes=data.num_classes, device=dev, data_config={"name": data.name},
                   meta={"target": str(path), "dataset": data.name, "model": arch})
 
 
-def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | None, device: str) -> Target:
+def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | None, device: str, n: int | None = None,
+                         subset: str | None = None) -> Target:
     from regdefense.run import load_config
     from regdefense.trainer import Trainer
 
@@ -404,9 +420,9 @@ def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | Non
     trainer.hook.regdefense_fit_start(trainer=trainer)  # defenses build their state, then it is loaded into them
     trainer.restore_state(payload, for_evaluation=True)
     model = trainer.hook.regdefense_eval_model(trainer=trainer)
-    test = trainer.data.test
+    x, y = test_points(trainer.data.test, n, subset)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return Target(model=model, x=test.floats(), y=test.y, default_eps=trainer.eps_full, norm=trainer.norm,
+    return Target(model=model, x=x, y=y, default_eps=trainer.eps_full, norm=trainer.norm,
                   num_classes=trainer.data.num_classes, device=trainer.device, run_dir=run_dir,
                   data_config=dict(raw.get("data") or {}) | ({"name": dataset} if dataset else {}),
                   meta={"target": str(ckpt), "dataset": cfg.data.name, "stack": cfg.defenses,
@@ -445,12 +461,15 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
              seed: int = 0, which: str = "best", arch: str | None = None, dataset: str | None = None,
              device: str = "auto", batch_size: int = 256, checks: bool = True, out: str | Path | None = None,
              progress: bool = True, check_samples: int = 256, resume: bool = True,
-             surrogate: str | Path | nn.Module | None = "auto", surrogate_epochs: int = 10) -> tuple[Report, dict[str, Path]]:
+             surrogate: str | Path | nn.Module | None = "auto", surrogate_epochs: int = 10,
+             subset: str | None = None) -> tuple[Report, dict[str, Path]]:
     """Evaluate a run, checkpoint or model file and write the report files.
 
     :param suites: suite names (``quick``, ``paper-001``, ``paper-002``, ``autoattack``,
         ``autoattack-ta``, ``autoattack-rand``, ...) or attack specs; default ``["quick"]``.
     :param n: evaluate the first ``n`` test points (default: all).
+    :param subset: evaluate a fixed subset of the test images: ``robustbench`` (RobustBench's 5 000 ImageNet
+        validation images) or a file of paths (see :func:`load_target`); ``n`` then counts within it.
     :param out: where to write the reports (default: ``RUN_DIR/eval`` or next to the file).
     :param resume: save progress to ``OUT/progress.pt`` as attacks finish batches, and continue from it.
     :param surrogate: for the transfer check: ``"auto"`` (a model trained ``surrogate_epochs`` epochs without any
@@ -462,8 +481,8 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
 
     if eps is not None and eps < 0:
         raise UserError(f"--eps must be >= 0, got {eps}")
-    t = load_target(target, which=which, arch=arch, dataset=dataset, device=device)
-    x, y = (t.x[:n], t.y[:n]) if n else (t.x, t.y)
+    t = load_target(target, which=which, arch=arch, dataset=dataset, device=device, n=n, subset=subset)
+    x, y = t.x, t.y
     if out is None:
         out = (t.run_dir / "eval") if t.run_dir is not None else Path(target).with_suffix("").parent / "eval"
     sur = None
@@ -471,7 +490,7 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
         sur = surrogate if isinstance(surrogate, nn.Module) else (
             clean_surrogate(t.data_config, epochs=surrogate_epochs, device=device, echo=print if progress else None)
             if surrogate == "auto" else load_target(surrogate, which="last" if Path(surrogate).is_dir() else which,
-                                                    dataset=dataset, device=device).model)
+                                                    dataset=dataset, device=device, n=1).model)
     torch.manual_seed(seed)
     rep = evaluate_model(t.model, x, y, suites=suites or ["quick"], eps=eps, default_eps=t.default_eps, norm=t.norm,
                          num_classes=t.num_classes, seed=seed, batch_size=batch_size, device=t.device, checks=checks,
@@ -514,7 +533,7 @@ def clean_surrogate(data: dict[str, Any], *, epochs: int = 10, seed: int = 1, de
                                                               "device": device},
                                       "eval": {"val_samples": 32, "pgd_steps": 1}},
               out=run, echo=lambda _m: None)
-    return load_target(ckpt, device=device).model
+    return load_target(ckpt, device=device, n=1).model
 
 
 def _add_best_known(rep: Report, t: Target, out: Path) -> None:

@@ -274,3 +274,49 @@ class StreamLoader:
                 keep = torch.tensor([i in kept for i in batches[b - self.start]], dtype=torch.bool)
                 x = augment_batch(x, *(p[keep] for p in params))
             yield x, y, idx
+
+
+def robustbench_imagenet() -> tuple[list[str], dict[str, int]]:
+    """RobustBench's fixed ImageNet evaluation subset (5 000 validation images, ``WNID/FILE``) and its class index,
+    read from the installed ``robustbench`` package's files without importing it."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("robustbench")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("--subset robustbench reads RobustBench's image list from the robustbench package: pip install "
+                        "robustbench, or pass --subset FILE with one WNID/FILE per line")
+    base = Path(list(spec.submodule_search_locations)[0]) / "helper_files"
+    try:
+        ids = (base / "imagenet_test_image_ids.txt").read_text().split()
+        classes = json.loads((base / "imagenet_class_to_id_map.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"the installed robustbench package lacks its ImageNet subset files ({exc})") from None
+    return ids, classes
+
+
+def subset_of(split, subset: str) -> "FileSplit":
+    """The images of a streamed test split named by ``subset``: ``robustbench`` or a file of ``CLASS/FILE`` lines
+    (paths relative to the test folder), in the list's order. RobustBench's subset takes its labels from
+    RobustBench's class index."""
+    if not isinstance(split, FileSplit) or not all(isinstance(f, str) for f in split.files[:1]):
+        raise DataError("--subset selects files of a streamed image-folder test split (data.stream=on); this test "
+                        "split is not one — use --n for the first N points")
+    classes = None
+    if subset == "robustbench":
+        ids, classes = robustbench_imagenet()
+    else:
+        try:
+            ids = Path(subset).read_text().split()
+        except OSError as exc:
+            raise DataError(f"cannot read the subset list {subset}: {exc.strerror or exc}") from None
+    where = {f"{Path(f).parent.name}/{Path(f).name}": i for i, f in enumerate(split.files)}
+    missing = [i for i in ids if i not in where]
+    if missing:
+        root = Path(split.files[0]).parent.parent
+        raise DataError(f"{len(missing)} of the subset's {len(ids)} images are not in {root} (first: {missing[0]}); "
+                        f"the subset lists CLASS/FILE paths relative to the test folder")
+    out = split.subset(torch.tensor([where[i] for i in ids], dtype=torch.long))
+    if classes is not None:
+        out.y = torch.tensor([classes[i.split("/")[0]] for i in ids], dtype=torch.long)
+    return out

@@ -258,3 +258,55 @@ def test_train_check_says_how_much_memory_a_stack_needs_and_where():
     assert place(10 ** 15, torch.device("cpu")) == "disk" and place(10 ** 3, torch.device("cpu")) == "device"
     disk = check(defenses=["fgsm_pgk"], overrides=["fgsm_pgk.buffers=disk", "train.device=cpu"])
     assert f"{human(2 * n * 64 * 4)} (disk)" in disk
+
+
+# --- evaluation on a fixed subset --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """ImageNet's layout, tiny: train/ with the 1000 WordNet-id class folders (one image each) and val/ with the
+    5 000 files RobustBench's list names (10-px JPEGs) plus one it does not."""
+    from regdefense.stream import robustbench_imagenet
+
+    ids, classes = robustbench_imagenet()  # the installed robustbench package's own files
+    root = tmp_path_factory.mktemp("imagenet")
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (10, 10, 3), dtype=np.uint8))
+    for wnid in classes:
+        for split in ("train", "val"):
+            (root / split / wnid).mkdir(parents=True)
+        img.save(root / "train" / wnid / "0.JPEG")
+    for i in ids + [f"{next(iter(classes))}/ILSVRC2012_val_not_in_the_list.JPEG"]:
+        img.save(root / "val" / i)
+    return root, ids, classes
+
+
+def test_the_robustbench_subset_selects_its_images_in_its_order_with_its_labels(imagenet_like, tmp_path):
+    from regdefense.evaluate import evaluate
+    from regdefense.models import create_model
+    from regdefense.stream import subset_of
+
+    root, ids, classes = imagenet_like
+    data = load_data(DataConfig(name=str(root), stream="on", val_fraction=0))
+    assert len(data.test) == 5001  # val/ is the test split: ImageNet's layout
+    sub = subset_of(data.test, "robustbench")
+    assert [f"{Path(f).parent.name}/{Path(f).name}" for f in sub.files] == ids  # the list's images, in its order
+    assert sub.y.tolist() == [classes[i.split("/")[0]] for i in ids]  # RobustBench's class index
+    listed = tmp_path / "few.txt"
+    listed.write_text("\n".join(ids[::-1][:2]))
+    assert [f"{Path(f).parent.name}/{Path(f).name}" for f in subset_of(data.test, str(listed)).files] == ids[::-1][:2]
+    listed.write_text("n99999999/nope.JPEG\n")
+    with pytest.raises(DataError, match="1 of the subset's 1 images are not in"):
+        subset_of(data.test, str(listed))
+    (root / "val" / ids[0]).rename(tmp_path / "moved.JPEG")  # a partial validation set is no RobustBench number
+    try:
+        with pytest.raises(DataError, match="1 of the subset's 5000 images are not in"):
+            subset_of(load_data(DataConfig(name=str(root), stream="on", val_fraction=0)).test, "robustbench")
+    finally:
+        (tmp_path / "moved.JPEG").rename(root / "val" / ids[0])
+    # end to end: a model file evaluated on the subset's first 6 points, decoded alone
+    model = create_model("digits_cnn", in_channels=3, num_classes=1000, image_size=10)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    report, _ = evaluate(tmp_path / "m.pt", arch="digits_cnn", dataset=str(root), subset="robustbench", n=6,
+                         checks=False, progress=False, out=tmp_path / "eval")
+    assert report.meta["n"] == 6
