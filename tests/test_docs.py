@@ -71,7 +71,8 @@ def test_every_recipe_resolves_and_every_defense_has_a_page():
     assert len(recipes) >= 20
     for path in recipes:
         cfg = load_config(str(path))  # unknown keys, bad values or inactive defense tables would raise
-        assert cfg.data.name in ("digits", "mnist", "cifar10", "cifar100") or "tiny-imagenet" in cfg.data.name
+        assert cfg.data.name in ("digits", "mnist", "cifar10", "cifar100") or any(
+            d in cfg.data.name for d in ("tiny-imagenet", "/data/imagenet", "/data/imagenette"))
     for name in catalogue():
         if catalogue()[name].builtin:
             page = DOCS / "defenses" / f"{name}.md"

@@ -310,3 +310,18 @@ def test_the_robustbench_subset_selects_its_images_in_its_order_with_its_labels(
     report, _ = evaluate(tmp_path / "m.pt", arch="digits_cnn", dataset=str(root), subset="robustbench", n=6,
                          checks=False, progress=False, out=tmp_path / "eval")
     assert report.meta["n"] == 6
+
+
+@pytest.mark.parametrize("recipe", ["pgd_at_resnet50", "pgd_at_convnext_tiny", "pgd_at_deit_small"])
+def test_the_imagenet_recipes_run_on_a_small_image_folder(folder, tmp_path, recipe):
+    """Each ImageNet recipe as written (streamed folders, ImageNet augmentation, its defenses, optimizer, schedule,
+    label smoothing), shrunk in size only: this folder, 12 px, one epoch, CPU, and a small network in place of the
+    recipe's (timm and torchvision architectures are tested on their own)."""
+    from regdefense.run import train
+
+    path = Path(__file__).parent.parent / "recipes" / "imagenet" / f"{recipe}.toml"
+    small = [f"data.name={folder}", "data.image_size=12", "data.workers=1", "train.epochs=1", "train.batch_size=16",
+             "train.amp=off", "train.device=cpu", "train.progress=false", "eval.val_samples=8", "eval.pgd_steps=1",
+             "eval.test_samples=8", "train.warmup_epochs=0", "model.name=digits_cnn"]
+    result = train(str(path), overrides=small, out=tmp_path / "run", echo=lambda s: None)
+    assert result.history[-1]["epoch"] == 1 and np.isfinite(result.history[-1]["loss"])
