@@ -229,6 +229,9 @@ def main() -> None:
                    "'torchattacks:PGD(eps=0.1, alpha=0.01, steps=50)' or 'art:HopSkipJump'. Repeat for several.")
 @click.option("--eps", type=float, help="Perturbation budget (default: the run's threat ε; paper-001: 0.1).")
 @click.option("--n", "n", type=click.IntRange(min=1), help="Evaluate the first N test points.")
+@click.option("--chunk", type=click.IntRange(min=1), metavar="N",
+              help="Evaluate N points at a time (decoded, attacked, dropped) and merge: memory follows N, not the test "
+                   "set (ImageNet's 50 000 validation images).")
 @click.option("--subset", metavar="robustbench|FILE",
               help="Evaluate a fixed subset of a streamed image-folder test split: robustbench (RobustBench's 5 000 "
                    "ImageNet validation images, from the robustbench package) or a file of CLASS/FILE lines.")
@@ -250,13 +253,13 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write the reports (default RUN_DIR/eval).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def evaluate(target, suites, eps, n, subset, seed, which, arch, dataset, device, batch_size, no_checks, surrogate,
+def evaluate(target, suites, eps, n, chunk, subset, seed, which, arch, dataset, device, batch_size, no_checks, surrogate,
              surrogate_epochs, no_resume, out, as_json, quiet) -> None:
     """Measure robustness of a run, checkpoint or model file; write report.json, report.md and plots."""
     from regdefense.evaluate import evaluate as run_eval
     from regdefense.report import markdown
 
-    report, files = run_eval(target, suites=list(suites) or None, eps=eps, n=n, subset=subset, seed=seed, which=which, arch=arch,
+    report, files = run_eval(target, suites=list(suites) or None, eps=eps, n=n, chunk=chunk, subset=subset, seed=seed, which=which, arch=arch,
                              dataset=dataset, device=device, batch_size=batch_size, checks=not no_checks, out=out,
                              progress=not quiet and not as_json, resume=not no_resume,
                              surrogate=None if surrogate == "none" else surrogate, surrogate_epochs=surrogate_epochs)

@@ -9,6 +9,7 @@ taken per point (mean over points of the minimum over attacks), never as the min
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from regdefense.attacks import model_mode, resolve_attack
 from regdefense.errors import UserError
-from regdefense.metrics import acc_drop, auroc, detection_score, perturbation_norms, psnr, wilson_interval
+from regdefense.metrics import acc_drop, detection_score, per_point, summarise, wilson_interval
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -67,13 +68,14 @@ class NoInputGradient(UserError):
 
 def attack_points(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, *, measure: nn.Module | None = None,
                   batch_size: int = 256, device: torch.device | str = "cpu", progress: Any = None, slot: Any = None,
-                  seed: int | None = None) -> tuple[Tensor, Tensor]:
+                  seed: int | None = None, first_index: int = 0) -> tuple[Tensor, Tensor]:
     """Adversarial versions of ``x`` and, per point, whether ``measure`` (default: ``model``) still classifies them
     correctly; both on the CPU, computed batch by batch.
 
     :param measure: the model whose predictions count (an attack run on a BPDA view is measured on the real model).
     :param slot: a :class:`regdefense.resume.Slot`: its finished points are reused, each new batch is added to it.
-    :param seed: seed each batch with ``seed`` and its first index, so a resumed run draws what a whole one draws.
+    :param seed: seed each batch with ``seed`` and its first index (``first_index`` + its position), so a resumed or
+        chunked run draws what a whole one draws.
     :raises NoInputGradient: the attack needed an input gradient the model does not have.
     """
     measure = model if measure is None else measure
@@ -87,7 +89,7 @@ def attack_points(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, *, mea
                 progress.update(start)
         for i in range(start, len(x), bs):
             if seed is not None:
-                torch.manual_seed(batch_seed(seed, i))
+                torch.manual_seed(batch_seed(seed, first_index + i))
             xb, yb = x[i:i + bs].to(device), y[i:i + bs].to(device)
             try:
                 adv = attack(model, xb, yb).detach()
@@ -153,6 +155,9 @@ class Row:
     auroc: float | None = None
     seconds: float = 0.0
     points: Tensor | None = field(default=None, repr=False)  #: per-point correctness (not written to JSON)
+    #: per-point PSNR, norms and detection scores behind the metrics, and the points they cover (not in JSON)
+    per_point: dict[str, Tensor] | None = field(default=None, repr=False)
+    mask: Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -169,6 +174,7 @@ class Report:
     clean_points: Tensor | None = field(default=None, repr=False)  #: per-point clean correctness (not in JSON)
     #: the checks' attacks, per point of the first ``meta["checks_on"]`` points (the ledger records them)
     check_points: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    clean_scores: Tensor | None = field(default=None, repr=False)  #: per-point clean detection scores (not in JSON)
 
     @property
     def worst_case(self) -> float:
@@ -177,33 +183,31 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"meta": self.meta, "clean": self.clean, "clean_ci": list(self.clean_ci),
-                "protocols": self.protocols, "rows": [{k: v for k, v in r.__dict__.items() if k != "points"} | {"ci": list(r.ci)}
+                "protocols": self.protocols,
+                "rows": [{k: v for k, v in r.__dict__.items() if k not in ("points", "per_point", "mask")} | {"ci": list(r.ci)}
                          for r in self.rows],
                 "worst_case": self.worst_case, "checks": self.checks, "warnings": self.warnings,
                 "robust_vs_eps": self.eps_curve}
 
 
-def _row_metrics(model, x, y, adv, clean_scores, mask=None, **kw) -> dict[str, Any]:
-    """PSNR, perturbation norms and detection AUROC of adversarial images ``adv``."""
-    sel = torch.ones(len(y), dtype=torch.bool) if mask is None else mask
-    logits = logits_of(model, adv[sel], **kw)
-    ps = psnr(x[sel], adv[sel])
-    finite = ps[torch.isfinite(ps)]
-    return {"psnr_mean": float(finite.mean()) if len(finite) else None,
-            "norms": perturbation_norms(x[sel], adv[sel]),
-            "auroc": auroc(clean_scores[sel], detection_score(logits)) if sel.any() else None}
+def _point_metrics(model, x, adv, **kw) -> dict[str, Tensor]:
+    """Per-point PSNR, perturbation norms and detection score of adversarial images ``adv``."""
+    return per_point(x, adv, logits_of(model, adv, **kw))
 
 
 def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str], eps: float | None = None,
                    default_eps: float = 8 / 255, norm: str = "linf", num_classes: int | None = None, seed: int = 0,
                    batch_size: int = 256, device: torch.device | str = "cpu", checks: bool = True,
                    check_samples: int = 256, progress: bool = True, meta: dict[str, Any] | None = None,
-                   state_path: str | Path | None = None, surrogate: nn.Module | None = None) -> Report:
+                   state_path: str | Path | None = None, surrogate: nn.Module | None = None, first_index: int = 0,
+                   keep_progress: bool = False) -> Report:
     """Evaluate ``model`` on ``(x, y)`` (inputs in [0,1]) under the named suites or attack specs.
 
     :param state_path: save the attacks' progress there as they go and resume from it (see :mod:`regdefense.resume`);
         the file is removed when the evaluation completes.
     :param surrogate: a model trained without any defense on the same data, for the transfer check.
+    :param first_index: the position of ``x[0]`` in a larger evaluation (a chunk's offset; seeds batches).
+    :param keep_progress: leave the progress file in place at the end (the chunks of one evaluation).
     """
     from regdefense.suites import build_suite
 
@@ -233,13 +237,13 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
             print(state.note)
     bar = _bar(sum(len(s.attacks) for s in built) * n, "attacks", progress)
 
-    def make_row(label, suite, kind, ok, a=None, spec="", metrics=None, seconds=0.0):
+    def make_row(label, suite, kind, ok, a=None, spec="", pp=None, mask=None, seconds=0.0):
         acc = float(ok.float().mean())
-        m = metrics or {}
+        m = summarise(pp, clean_scores, mask) if pp is not None else {}
         return Row(label=label, suite=suite, kind=kind, robust=acc, ci=wilson_interval(int(ok.sum()), n),
                    acc_drop=acc_drop(clean_acc, acc), n=n, spec=spec, eot=bool(a and a.eot),
                    black_box=bool(a and a.black_box), psnr_mean=m.get("psnr_mean"), norms=m.get("norms", {}),
-                   auroc=m.get("auroc"), seconds=seconds, points=ok.clone())
+                   auroc=m.get("auroc"), seconds=seconds, points=ok.clone(), per_point=pp, mask=mask)
 
     try:
         for suite in built:
@@ -259,7 +263,8 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
                 idx = robust.nonzero().flatten() if a.group else torch.arange(n)
                 try:
                     adv_i, ok_i = attack_points(target, x[idx], y[idx], attack, measure=model, progress=bar, seed=seed,
-                                                slot=state.slot(f"{suite.name}/{a.label}") if state else None, **kw)
+                                                slot=state.slot(f"{suite.name}/{a.label}") if state else None,
+                                                first_index=first_index, **kw)
                 except NoInputGradient as exc:
                     adv_i, ok_i = x[idx].clone(), clean_ok[idx].clone()
                     warnings.append(f"{suite.name}: {a.label} did not run — {exc}; its row is the clean accuracy and "
@@ -270,8 +275,8 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
                 seconds = time.perf_counter() - started
                 if a.group is None:
                     worst &= ok_i
-                    m = _row_metrics(model, x, y, adv, clean_scores, **kw)
-                    rows.append(make_row(a.label, suite.name, "attack", ok_i, a, a.spec, m, seconds))
+                    rows.append(make_row(a.label, suite.name, "attack", ok_i, a, a.spec,
+                                         _point_metrics(model, x, adv, **kw), seconds=seconds))
                 else:
                     robust = robust.clone()
                     robust[idx] = ok_i
@@ -283,10 +288,10 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
                 example_rows.setdefault(a.label if len(built) == 1 else f"{suite.name}: {a.label}", adv[:8].clone())
             for group, (robust, adv) in groups.items():
                 worst &= robust
-                m = _row_metrics(model, x, y, adv, clean_scores, mask=clean_ok, **kw)
                 steps = [r for r in rows if r.label.startswith(group + ": ") and r.suite == suite.name]
                 rows.append(make_row(f"{group} (worst case)", suite.name, "group worst case", robust,
-                                     spec=" -> ".join(a.label for a in suite.attacks if a.group == group), metrics=m,
+                                     spec=" -> ".join(a.label for a in suite.attacks if a.group == group),
+                                     pp=_point_metrics(model, x, adv, **kw), mask=clean_ok.clone(),
                                      seconds=sum(r.seconds for r in steps)))
     except BaseException:  # an interruption (Ctrl-C, a killed job, an error): keep every finished batch
         if state is not None:
@@ -305,14 +310,46 @@ def evaluate_model(model: nn.Module, x: Tensor, y: Tensor, *, suites: list[str],
     report.warnings += warnings
     report.examples = {"clean": x[:8].clone(), "labels": y[:8].clone(), **example_rows}
     report.clean_points = clean_ok.clone()
+    report.clean_scores = clean_scores
     if checks:
         from regdefense.checks import run_checks
 
         run_checks(report, model, x, y, eps=report.meta["eps"], norm=norm, num_classes=num_classes, seed=seed,
                    n_check=check_samples, suites=built, surrogate=surrogate, **kw)
-    if state is not None:
+    if state is not None and not keep_progress:
         state.finish()
     return report
+
+
+def merge(reports: list[Report]) -> Report:
+    """One report from the reports of consecutive chunks of the same evaluation: per-point results concatenated and
+    every metric recomputed over all points; the sanity checks, the ε curve and the example images are the first
+    chunk's (the checks run on the first ``check_samples`` points)."""
+    first = reports[0]
+    if len(reports) == 1:
+        return first
+    cat = torch.cat
+    clean_ok = cat([r.clean_points for r in reports])
+    scores = cat([r.clean_scores for r in reports])
+    n, clean = len(clean_ok), float(clean_ok.float().mean())
+    rows = []
+    for j, row in enumerate(first.rows):
+        parts = [r.rows[j] for r in reports]
+        if any((p.label, p.kind) != (row.label, row.kind) for p in parts):
+            raise ValueError(f"chunk reports disagree at row {j}: {[p.label for p in parts]}")
+        ok = cat([p.points for p in parts])
+        pp = {k: cat([p.per_point[k] for p in parts]) for k in row.per_point} if row.per_point else None
+        mask = cat([p.mask for p in parts]) if row.mask is not None else None
+        m = summarise(pp, scores, mask) if pp is not None else {}
+        acc = float(ok.float().mean())
+        rows.append(dataclasses.replace(row, robust=acc, ci=wilson_interval(int(ok.sum()), n), acc_drop=acc_drop(clean, acc),
+                                        n=n, psnr_mean=m.get("psnr_mean", row.psnr_mean),
+                                        norms=m.get("norms", row.norms), auroc=m.get("auroc", row.auroc),
+                                        seconds=sum(p.seconds for p in parts), points=ok, per_point=pp, mask=mask))
+    warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
+    return dataclasses.replace(first, meta=first.meta | {"n": n, "chunks": len(reports)}, clean=clean,
+                               clean_ci=wilson_interval(int(clean_ok.sum()), n), rows=rows, warnings=warnings,
+                               clean_points=clean_ok, clean_scores=scores)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -338,21 +375,23 @@ class Target:
     meta: dict[str, Any]
     run_dir: Path | None = None
     data_config: dict[str, Any] = field(default_factory=dict)  #: the run's data section (for a clean surrogate)
+    split: Any = None  #: the evaluated test split (x holds its first points, decoded)
+    count: int = 0  #: how many of its points are evaluated
 
 
-def test_points(test, n: int | None = None, subset: str | None = None) -> tuple[Tensor, Tensor]:
-    """The evaluated points of a test split: its ``subset`` (see :func:`regdefense.stream.subset_of`), then the
-    first ``n``; a streamed split decodes only those."""
+def select_points(test, n: int | None = None, subset: str | None = None):
+    """The evaluated part of a test split: its ``subset`` (see :func:`regdefense.stream.subset_of`), then the first
+    ``n``. Returns the (sub)split and how many points of it are evaluated; nothing is decoded."""
     if subset is not None:
         from regdefense.stream import subset_of
 
         test = subset_of(test, subset)
-    count = min(n, len(test)) if n else len(test)
-    return test.floats(torch.arange(count)), test.y[:count]
+    return test, (min(n, len(test)) if n else len(test))
 
 
 def load_target(target: str | Path, *, which: str = "best", arch: str | None = None, dataset: str | None = None,
-                device: str = "auto", n: int | None = None, subset: str | None = None) -> Target:
+                device: str = "auto", n: int | None = None, subset: str | None = None,
+                decode: int | None = None) -> Target:
     """Load what to evaluate.
 
     :param target: a run directory (its ``checkpoints/<which>.pt``), a regdefense checkpoint, or, with
@@ -360,6 +399,7 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
         (``arch="torchscript"``).
     :param dataset: the data to evaluate on (default: the run's, else ``digits``); the test split is used.
     :param n: only the first ``n`` test points (of the subset).
+    :param decode: decode only the first ``decode`` of them into ``Target.x`` (the rest stay in ``Target.split``).
     :param subset: ``robustbench`` (RobustBench's fixed 5 000 ImageNet validation images) or a file listing the
         test images to use, one path per line relative to the test folder.
     """
@@ -380,7 +420,7 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
         else:
             ckpt = path
         payload = checkpoint.load(ckpt)
-        return _target_from_payload(payload, ckpt, dataset, device, n, subset)
+        return _target_from_payload(payload, ckpt, dataset, device, n, subset, decode)
     data = load_data(DataConfig(name=dataset or "digits", val_fraction=0.0, stream="on" if subset else "auto"))
     c, h, w = data.input_shape
     if arch == "torchscript":
@@ -399,14 +439,19 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise UserError(f"{path} does not fit architecture '{arch}': {str(exc).splitlines()[0][:300]}") from None
         model.to(dev)
-    x, y = test_points(data.test, n, subset)
-    return Target(model=model.eval(), x=x, y=y, default_eps=data.default_eps, norm="linf",
+    split, count = select_points(data.test, n, subset)
+    x, y = _decode(split, 0, min(count, decode or count))
+    return Target(model=model.eval(), x=x, y=y, split=split, count=count, default_eps=data.default_eps, norm="linf",
                   num_classes=data.num_classes, device=dev, data_config={"name": data.name},
                   meta={"target": str(path), "dataset": data.name, "model": arch})
 
 
+def _decode(split, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    return split.floats(torch.arange(start, stop)), split.y[start:stop]
+
+
 def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | None, device: str, n: int | None = None,
-                         subset: str | None = None) -> Target:
+                         subset: str | None = None, decode: int | None = None) -> Target:
     from regdefense.run import load_config
     from regdefense.trainer import Trainer
 
@@ -420,9 +465,10 @@ def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | Non
     trainer.hook.regdefense_fit_start(trainer=trainer)  # defenses build their state, then it is loaded into them
     trainer.restore_state(payload, for_evaluation=True)
     model = trainer.hook.regdefense_eval_model(trainer=trainer)
-    x, y = test_points(trainer.data.test, n, subset)
+    split, count = select_points(trainer.data.test, n, subset)
+    x, y = _decode(split, 0, min(count, decode or count))
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return Target(model=model, x=x, y=y, default_eps=trainer.eps_full, norm=trainer.norm,
+    return Target(model=model, x=x, y=y, split=split, count=count, default_eps=trainer.eps_full, norm=trainer.norm,
                   num_classes=trainer.data.num_classes, device=trainer.device, run_dir=run_dir,
                   data_config=dict(raw.get("data") or {}) | ({"name": dataset} if dataset else {}),
                   meta={"target": str(ckpt), "dataset": cfg.data.name, "stack": cfg.defenses,
@@ -462,12 +508,14 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
              device: str = "auto", batch_size: int = 256, checks: bool = True, out: str | Path | None = None,
              progress: bool = True, check_samples: int = 256, resume: bool = True,
              surrogate: str | Path | nn.Module | None = "auto", surrogate_epochs: int = 10,
-             subset: str | None = None) -> tuple[Report, dict[str, Path]]:
+             subset: str | None = None, chunk: int | None = None) -> tuple[Report, dict[str, Path]]:
     """Evaluate a run, checkpoint or model file and write the report files.
 
     :param suites: suite names (``quick``, ``paper-001``, ``paper-002``, ``autoattack``,
         ``autoattack-ta``, ``autoattack-rand``, ...) or attack specs; default ``["quick"]``.
     :param n: evaluate the first ``n`` test points (default: all).
+    :param chunk: evaluate this many points at a time (decoded, attacked, then dropped), merging their per-point
+        results: the memory of an evaluation then follows the chunk, not the test set (ImageNet's 50 000 images).
     :param subset: evaluate a fixed subset of the test images: ``robustbench`` (RobustBench's 5 000 ImageNet
         validation images) or a file of paths (see :func:`load_target`); ``n`` then counts within it.
     :param out: where to write the reports (default: ``RUN_DIR/eval`` or next to the file).
@@ -481,8 +529,7 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
 
     if eps is not None and eps < 0:
         raise UserError(f"--eps must be >= 0, got {eps}")
-    t = load_target(target, which=which, arch=arch, dataset=dataset, device=device, n=n, subset=subset)
-    x, y = t.x, t.y
+    t = load_target(target, which=which, arch=arch, dataset=dataset, device=device, n=n, subset=subset, decode=chunk)
     if out is None:
         out = (t.run_dir / "eval") if t.run_dir is not None else Path(target).with_suffix("").parent / "eval"
     sur = None
@@ -491,11 +538,21 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
             clean_surrogate(t.data_config, epochs=surrogate_epochs, device=device, echo=print if progress else None)
             if surrogate == "auto" else load_target(surrogate, which="last" if Path(surrogate).is_dir() else which,
                                                     dataset=dataset, device=device, n=1).model)
-    torch.manual_seed(seed)
-    rep = evaluate_model(t.model, x, y, suites=suites or ["quick"], eps=eps, default_eps=t.default_eps, norm=t.norm,
-                         num_classes=t.num_classes, seed=seed, batch_size=batch_size, device=t.device, checks=checks,
-                         progress=progress, meta=t.meta, check_samples=check_samples, surrogate=sur,
-                         state_path=Path(out) / "progress.pt" if resume else None)
+    size = chunk or t.count
+    reports, files = [], []
+    for k, start in enumerate(range(0, t.count, size)):
+        x, y = (t.x, t.y) if k == 0 else _decode(t.split, start, min(start + size, t.count))
+        files.append(Path(out) / (f"progress-{k}.pt" if chunk else "progress.pt"))
+        torch.manual_seed(seed)
+        reports.append(evaluate_model(
+            t.model, x, y, suites=suites or ["quick"], eps=eps, default_eps=t.default_eps, norm=t.norm,
+            num_classes=t.num_classes, seed=seed, batch_size=batch_size, device=t.device, checks=checks and k == 0,
+            progress=progress, meta=t.meta, check_samples=check_samples, surrogate=sur, first_index=start,
+            state_path=files[-1] if resume else None, keep_progress=True))
+        del x, y
+    rep = merge(reports)
+    for f in files:  # the evaluation is complete: its progress is no longer needed
+        f.unlink(missing_ok=True)
     _add_best_known(rep, t, Path(out))
     return rep, reporting.write(rep, Path(out))
 

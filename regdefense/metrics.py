@@ -30,14 +30,6 @@ def psnr(x: Tensor, x_adv: Tensor, peak: float = 1.0) -> Tensor:
     return 10 * torch.log10(peak ** 2 / mse)
 
 
-def perturbation_norms(x: Tensor, x_adv: Tensor) -> dict[str, float]:
-    """L∞ (max and mean over images) and L2 (mean) of the perturbations actually applied, and how many changed."""
-    d = (x_adv - x).flatten(1)
-    linf, l2 = d.abs().amax(dim=1), d.norm(dim=1)
-    return {"linf_max": float(linf.max()) if len(d) else 0.0, "linf_mean": float(linf.mean()) if len(d) else 0.0,
-            "l2_mean": float(l2.mean()) if len(d) else 0.0, "changed": int((linf > 0).sum())}
-
-
 def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
     """Area under the ROC curve for separating positives (higher score) from negatives.
 
@@ -61,3 +53,23 @@ def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
 def detection_score(logits: Tensor) -> Tensor:
     """How suspicious an input looks: 1 − max softmax probability (higher = more likely adversarial)."""
     return 1 - logits.float().softmax(dim=1).amax(dim=1)
+
+
+def per_point(x: Tensor, x_adv: Tensor, adv_logits: Tensor) -> dict[str, Tensor]:
+    """Per image: PSNR, L∞ and L2 of the perturbation, and the adversarial input's detection score."""
+    d = (x_adv - x).flatten(1)
+    return {"psnr": psnr(x, x_adv), "linf": d.abs().amax(dim=1) if d.numel() else torch.zeros(len(x)),
+            "l2": d.norm(dim=1), "score": detection_score(adv_logits)}
+
+
+def summarise(points: dict[str, Tensor], clean_scores: Tensor, mask: Tensor | None = None) -> dict:
+    """A row's PSNR mean (finite values), perturbation norms and detection AUROC from its per-point arrays, over
+    ``mask`` (default: every point). Chunks of an evaluation concatenate their arrays and summarise once."""
+    sel = torch.ones(len(clean_scores), dtype=torch.bool) if mask is None else mask
+    ps, linf, l2 = points["psnr"][sel], points["linf"][sel], points["l2"][sel]
+    finite = ps[torch.isfinite(ps)]
+    n = int(sel.sum())
+    return {"psnr_mean": float(finite.mean()) if len(finite) else None,
+            "norms": {"linf_max": float(linf.max()) if n else 0.0, "linf_mean": float(linf.mean()) if n else 0.0,
+                      "l2_mean": float(l2.mean()) if n else 0.0, "changed": int((linf > 0).sum())},
+            "auroc": auroc(clean_scores[sel], points["score"][sel]) if n else None}

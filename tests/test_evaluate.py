@@ -398,3 +398,25 @@ def test_a_corrupt_progress_file_starts_over(digits_models, tmp_path, capsys):
     report = evaluate_model(digits_models["pgd_at"], x, y, suites=["quick"], default_eps=0.2, checks=False,
                             state_path=tmp_path / "p.pt")
     assert "could not read the saved progress" in capsys.readouterr().out and 0 <= report.worst_case <= 1
+
+
+def test_an_evaluation_in_chunks_equals_the_whole(tmp_path):
+    """Chunks are decoded, attacked and merged: per-point results, accuracies and every metric match one pass."""
+    from regdefense.evaluate import evaluate
+    from regdefense.run import train
+
+    run = train(overrides=["train.epochs=2", "train.progress=false", "train.device=cpu", "eval.val_samples=32",
+                           "eval.pgd_steps=1"], out=tmp_path / "run", echo=lambda s: None).run_dir
+    kw = {"suites": ["quick", "torchattacks:PGD(eps=0.2, alpha=0.05, steps=3, random_start=True)"], "n": 100,
+          "batch_size": 25, "checks": False, "progress": False, "surrogate": None}
+    whole, _ = evaluate(run, out=tmp_path / "whole", **kw)
+    parts, _ = evaluate(run, out=tmp_path / "parts", chunk=50, **kw)
+    assert parts.meta["chunks"] == 2 and parts.meta["n"] == whole.meta["n"] == 100
+    assert parts.clean == whole.clean and torch.equal(parts.clean_points, whole.clean_points)
+    for a, b in zip(whole.rows, parts.rows):
+        assert (a.label, a.robust, a.n) == (b.label, b.robust, b.n) and torch.equal(a.points, b.points)
+        for key in ("psnr_mean", "auroc"):
+            va, vb = getattr(a, key), getattr(b, key)
+            assert (va is None and vb is None) or va == pytest.approx(vb, rel=1e-6), (a.label, key)
+        assert all(a.norms[k] == pytest.approx(b.norms[k], rel=1e-6) for k in a.norms)
+    assert not list((tmp_path / "parts").glob("progress*.pt"))  # a finished evaluation leaves no progress behind
