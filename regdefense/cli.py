@@ -76,7 +76,9 @@ def _fmt(v, pct: bool = False) -> str:
 @click.option("--epochs", type=int, help="Shortcut for -o train.epochs=...")
 @click.option("--data-dir", help="Where torchvision datasets live (-o data.data_dir=...).")
 @click.option("--download", is_flag=True, default=None, help="Download a missing torchvision dataset.")
-@click.option("--pretrained", is_flag=True, default=None, help="Start torchvision or timm (timm:NAME) architectures from ImageNet weights; offline, give a timm model a local file with -o model.weights=FILE.")
+@click.option("--pretrained", is_flag=True, default=None,
+              help="Start torchvision or timm (timm:NAME) architectures from ImageNet weights; offline, give a timm "
+                   "model a local file with -o model.weights=FILE.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N (-o train.device=...).")
 @click.option("--seed", type=int, help="Random seed (-o train.seed=...).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: a new one under runs/).")
