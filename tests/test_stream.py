@@ -102,19 +102,27 @@ class _SignalAt:
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_a_streamed_run_interrupted_mid_epoch_resumes_bit_identically(folder, tmp_path):
-    full = Trainer(_cfg(folder), pm=activate(["pgd_at"], _cfg(folder).defense), run_dir=tmp_path / "full")
+def _interrupted_and_resumed_equals_whole(root, tmp_path, stop_at):
+    """Train 2 epochs whole, and again stopped by SIGINT after global step ``stop_at`` then resumed: same weights."""
+    def trainer(extra, run):
+        cfg = _cfg(root)
+        return Trainer(cfg, pm=activate(["pgd_at", *extra], cfg.defense), run_dir=tmp_path / run)
+
+    full = trainer([], "full")
     full.fit()
-    cut = Trainer(_cfg(folder), pm=activate(["pgd_at", _SignalAt(7)], _cfg(folder).defense), run_dir=tmp_path / "cut")
     with pytest.raises(TrainingInterrupted):
-        cut.fit()
+        trainer([_SignalAt(stop_at)], "cut").fit()
     saved = checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert saved["epoch"] == 1 and saved["batch"] > 0  # stopped inside the second epoch
-    resumed = Trainer(_cfg(folder), pm=activate(["pgd_at"], _cfg(folder).defense), run_dir=tmp_path / "cut")
+    resumed = trainer([], "cut")
     resumed.resume_from(tmp_path / "cut" / "checkpoints" / "last.pt")
     resumed.fit()
     a, b = full.raw_model.state_dict(), resumed.raw_model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_streamed_run_interrupted_mid_epoch_resumes_bit_identically(folder, tmp_path):
+    _interrupted_and_resumed_equals_whole(folder, tmp_path, 7)
 
 
 def test_a_corrupt_image_is_named_or_skipped_and_counted(folder, tmp_path):
@@ -163,16 +171,7 @@ def test_tar_shards_give_the_same_samples_as_the_folder(folder, shards):
 
 
 def test_a_run_on_tar_shards_trains_and_resumes_bit_identically(shards, tmp_path):
-    full = Trainer(_cfg(shards), pm=activate(["pgd_at"], _cfg(shards).defense), run_dir=tmp_path / "full")
-    full.fit()
-    cut = Trainer(_cfg(shards), pm=activate(["pgd_at", _SignalAt(6)], _cfg(shards).defense), run_dir=tmp_path / "cut")
-    with pytest.raises(TrainingInterrupted):
-        cut.fit()
-    resumed = Trainer(_cfg(shards), pm=activate(["pgd_at"], _cfg(shards).defense), run_dir=tmp_path / "cut")
-    resumed.resume_from(tmp_path / "cut" / "checkpoints" / "last.pt")
-    resumed.fit()
-    a, b = full.raw_model.state_dict(), resumed.raw_model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _interrupted_and_resumed_equals_whole(shards, tmp_path, 6)
 
 
 def test_a_corrupt_sample_in_a_shard_is_named(shards, tmp_path):
