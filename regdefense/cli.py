@@ -184,6 +184,21 @@ def plugins_show(name: str, as_json: bool) -> None:
                                ("help", "help")]))
 
 
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "torchscript"]), default="safetensors",
+              show_default=True, help="safetensors weights (+ config.json) or a TorchScript program (+ config.json).")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of a run directory.")
+@click.option("--out", type=click.Path(file_okay=False), help="Where to write (default RUN_DIR/export).")
+def export(run, fmt, which, out) -> None:
+    """Write a run's evaluated model as safetensors or TorchScript, with a config.json describing it."""
+    from regdefense.export import export as run_export
+
+    files = run_export(run, fmt=fmt, out=out, which=which)
+    click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "where", default=".", show_default=True, type=click.Path(file_okay=False),
