@@ -128,7 +128,12 @@ def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, do
     if last:
         click.echo(f"\nfinal epoch: held-out clean {_fmt(last.get('val_clean'), True)}, PGD {_fmt(last.get('val_robust'), True)}")
     click.echo(f"run directory: {result.run_dir}   (metrics.jsonl, curves.png, checkpoints/)")
-    click.echo(f"wall time: {result.wall_seconds:.1f} s")
+    c = result.cost
+    click.echo(f"wall time: {result.wall_seconds:.1f} s"
+               + (f"; {c['train_images_per_second']:.0f} training images/s" if c.get("train_images_per_second") else "")
+               + f"; peak host memory {c.get('peak_host_memory_bytes', 0) / 2 ** 30:.2f} GiB"
+               + (f", GPU {c['peak_gpu_memory_bytes'] / 2 ** 30:.2f} GiB, {c['gpu_hours']:.3f} GPU-hours"
+                  if c.get("peak_gpu_memory_bytes") is not None else ""))
     distributed.finish()
 
 

@@ -25,6 +25,7 @@ class RunResult:
     wall_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     main: bool = True  #: False on the processes other than rank 0 of a torchrun job (they measure nothing)
+    cost: dict[str, Any] = field(default_factory=dict)  #: wall time, images/s, peak memory, GPU-hours (see cost())
 
 
 def load_config(config_file: str | None = None, defenses: list[str] | None = None,
@@ -255,7 +256,34 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
         plot_curves(history, run_dir / "curves.png")
     table = final_table(trainer)
     wall = time.perf_counter() - started
+    spent = cost(trainer, history, wall)
     summary = {"stack": cfg.defenses, "dataset": cfg.data.name, "table": table, "wall_seconds": wall,
-               "epochs": trainer.state.epoch}
+               "epochs": trainer.state.epoch, "cost": spent}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(run_dir, table, wall, history)
+    return RunResult(run_dir, table, wall, history, cost=spent)
+
+
+def peak_host_bytes() -> int:
+    """This process's peak resident memory (VmHWM on Linux; ru_maxrss elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cost(trainer, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """What a run cost: wall time, training images per second (global, over the epochs this process ran, from their
+    timed loops), peak host memory of this process, peak GPU memory of its device, and GPU-hours (wall × GPUs)."""
+    import torch
+
+    seconds = sum(h.get("epoch_seconds", 0.0) for h in history)
+    gpus = trainer.dist.world if trainer.device.type == "cuda" else 0
+    return {"wall_seconds": wall, "train_images_per_second": len(history) * trainer.train_size / seconds if seconds else None,
+            "peak_host_memory_bytes": peak_host_bytes(),
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(trainer.device) if gpus else None,
+            "gpus": gpus, "gpu_hours": wall * gpus / 3600}

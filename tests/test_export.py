@@ -41,3 +41,18 @@ def test_the_export_command_and_its_errors(run, tmp_path):
         export(run, fmt="onnx")
     with pytest.raises(UserError, match="is not a regdefense export"):
         load(tmp_path)
+
+
+def test_summary_json_says_what_the_run_cost(run):
+    summary = json.loads((run / "summary.json").read_text())
+    cost = summary["cost"]
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    from regdefense.data import load_data
+    from regdefense.config import DataConfig
+
+    n_train = len(load_data(DataConfig()).train)  # the default digits' training split after the held-out part
+    expected = len(history) * n_train / sum(h["epoch_seconds"] for h in history)
+    assert cost["train_images_per_second"] == pytest.approx(expected)
+    assert cost["wall_seconds"] == summary["wall_seconds"] >= sum(h["epoch_seconds"] for h in history)
+    assert cost["peak_host_memory_bytes"] > 50 * 2 ** 20  # torch alone takes more than that
+    assert (cost["gpus"], cost["gpu_hours"], cost["peak_gpu_memory_bytes"]) == (0, 0.0, None)  # a CPU run
