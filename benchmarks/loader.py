@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,11 +46,10 @@ def make_folder(root: Path, n: int, side: int, classes: int = 10, fmt: str = "jp
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited across fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set (VmHWM: unlike ru_maxrss it is not inherited across fork + exec)."""
+    from regdefense.run import peak_host_bytes
+
+    return peak_host_bytes() / 2 ** 20
 
 
 def rss(root: str, stream: str) -> dict:
