@@ -191,8 +191,10 @@ def plugins_show(name: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "torchscript"]), default="safetensors",
-              show_default=True, help="safetensors weights (+ config.json) or a TorchScript program (+ config.json).")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "torchscript", "robustbench"]),
+              default="safetensors", show_default=True,
+              help="safetensors weights (+ config.json), a TorchScript program (+ config.json), or RobustBench's "
+                   "model-info JSON from the run's AutoAttack evaluation.")
 @click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which checkpoint of a run directory.")
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write (default RUN_DIR/export).")

@@ -21,7 +21,7 @@ from torch import nn
 
 from regdefense.errors import UserError
 
-FORMATS = ("safetensors", "torchscript")
+FORMATS = ("safetensors", "torchscript", "robustbench")
 
 
 def export(run: str | Path, *, fmt: str = "safetensors", out: str | Path | None = None,
@@ -33,6 +33,8 @@ def export(run: str | Path, *, fmt: str = "safetensors", out: str | Path | None 
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; valid: {', '.join(FORMATS)}")
+    if fmt == "robustbench":
+        return {"model_info": robustbench_info(run, out=out)}
     t = load_target(run, which=which, n=1, device="cpu")
     ckpt = Path(t.meta["target"])
     config = checkpoint.load(ckpt)["config"]
@@ -94,3 +96,41 @@ def load(folder: str | Path) -> nn.Module:
                         f"of stack {info['stack']}: {str(exc).splitlines()[0][:160]}); load the TorchScript export "
                         f"instead (regdefense export RUN --format torchscript)") from None
     return model.eval()
+
+
+def _eps_text(eps: float) -> str:
+    """RobustBench writes L∞ budgets as fractions of 255 ("8/255") and L2 budgets as decimals."""
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 and k >= 1 else f"{eps:g}"
+
+
+def robustbench_info(run: str | Path, *, out: str | Path | None = None, name: str | None = None) -> Path:
+    """RobustBench's model-info JSON (the fields of its ``model_info/<dataset>/<threat>/<name>.json`` files) from the
+    run's latest ``regdefense evaluate`` report, which must include the ``autoattack`` suite (the official code)."""
+    run = Path(run)
+    try:
+        report = json.loads((run / "eval" / "report.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{run}/eval/report.json is missing: run `regdefense evaluate {run} --attacks autoattack` "
+                        f"first — RobustBench's model info carries the official AutoAttack accuracy") from None
+    meta = report["meta"]
+    rows = [r for r in report["rows"] if r["suite"] == "autoattack" and r["kind"] == "group worst case"]
+    if not rows:
+        raise UserError(f"the report in {run}/eval was made without the autoattack suite; run `regdefense evaluate "
+                        f"{run} --attacks autoattack` (the official code) first")
+    config = json.loads((run / "config.json").read_text())
+    threat = "Linf" if meta["norm"] == "linf" else "L2"
+    best = meta.get("best_known", {}).get("robust")
+    info = {"link": "", "name": name or run.name, "authors": "", "additional_data": False,
+            "number_forward_passes": 1, "dataset": meta.get("dataset", ""), "venue": "",
+            "architecture": _architecture(config), "eps": _eps_text(float(meta["eps"])),
+            "clean_acc": f"{100 * report['clean']:.2f}", "reported": f"{100 * rows[0]['robust']:.2f}",
+            "autoattack_acc": f"{100 * rows[0]['robust']:.2f}",
+            "footnote": f"regdefense stack {'+'.join(config.get('defenses', [])) or 'clean'}; evaluated on "
+                        f"{meta['n']} test points" + (f"; best known over every attack run: {100 * best:.2f}%"
+                                                       if best is not None and best < rows[0]["robust"] else "")}
+    folder = Path(out) if out is not None else run / "export"
+    path = folder / "model_info" / str(info["dataset"]) / threat / f"{info['name']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2))
+    return path

@@ -56,3 +56,31 @@ def test_summary_json_says_what_the_run_cost(run):
     assert cost["wall_seconds"] == summary["wall_seconds"] >= sum(h["epoch_seconds"] for h in history)
     assert cost["peak_host_memory_bytes"] > 50 * 2 ** 20  # torch alone takes more than that
     assert (cost["gpus"], cost["gpu_hours"], cost["peak_gpu_memory_bytes"]) == (0, 0.0, None)  # a CPU run
+
+
+def test_robustbench_model_info_from_the_official_autoattack_evaluation(run, tmp_path):
+    """The fields RobustBench's own leaderboard generator documents (parsed from its docstring), filled from the
+    run's report; refused until the report has the official AutoAttack."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from regdefense.evaluate import evaluate
+
+    # RobustBench's documented model-info fields, read from its leaderboard generator's source (importing the
+    # package needs setuptools' pkg_resources, which a fresh virtual environment may not have)
+    where = Path(list(importlib.util.find_spec("robustbench").submodule_search_locations)[0])
+    doc = (where / "leaderboard" / "template.py").read_text()
+    documented = set(re.findall(r'"(\w+)":', doc[doc.index('"""'):doc.index(":param")]))
+    assert {"name", "clean_acc", "autoattack_acc", "eps"} <= documented
+
+    with pytest.raises(UserError, match="--attacks autoattack"):
+        export(run, fmt="robustbench", out=tmp_path)
+    report, _ = evaluate(run, suites=["autoattack"], n=16, checks=False, progress=False)
+    path = export(run, fmt="robustbench", out=tmp_path)["model_info"]
+    assert path.relative_to(tmp_path).parts[:3] == ("model_info", "digits", "Linf")
+    info = json.loads(path.read_text())
+    assert documented <= set(info), documented - set(info)
+    aa = next(r for r in report.rows if r.label == "AutoAttack (worst case)")
+    assert info["autoattack_acc"] == f"{100 * aa.robust:.2f}" and info["clean_acc"] == f"{100 * report.clean:.2f}"
+    assert info["eps"] == "51/255" and info["architecture"] == "digits_cnn"  # L∞ budgets in 255ths, as RobustBench writes them
