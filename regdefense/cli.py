@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -204,6 +205,26 @@ def export(run, fmt, which, out) -> None:
 
     files = run_export(run, fmt=fmt, out=out, which=which)
     click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also write a bar chart (mean ± std per recipe) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
+def compare(runs, plot, as_json) -> None:
+    """Mean ± std of clean, PGD and AutoAttack accuracy and cost per recipe over existing run directories."""
+    from regdefense import compare as cmp
+
+    rows = [cmp.read_run(r) for r in runs]
+    groups = cmp.group(rows)
+    if as_json:
+        click.echo(json.dumps({"groups": groups, "runs": rows}, indent=2))
+    else:
+        click.echo(cmp.table(groups, rows))
+    if plot:
+        cmp.plot(groups, Path(plot))
+        if not as_json:
+            click.echo(f"wrote {plot}")
 
 
 @cli.command("new-plugin")

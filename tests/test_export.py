@@ -84,3 +84,31 @@ def test_robustbench_model_info_from_the_official_autoattack_evaluation(run, tmp
     aa = next(r for r in report.rows if r.label == "AutoAttack (worst case)")
     assert info["autoattack_acc"] == f"{100 * aa.robust:.2f}" and info["clean_acc"] == f"{100 * report.clean:.2f}"
     assert info["eps"] == "51/255" and info["architecture"] == "digits_cnn"  # L∞ budgets in 255ths, as RobustBench writes them
+
+
+def test_compare_groups_seeds_by_recipe_and_shows_failed_runs(run, tmp_path):
+    import statistics
+
+    from regdefense.run import train
+
+    common = ["train.epochs=1", "train.progress=false", "train.device=cpu", "eval.val_samples=32", "eval.pgd_steps=1",
+              "data.limit=200"]
+    seeds = [train(overrides=[*common, f"train.seed={s}"], out=tmp_path / f"s{s}", echo=lambda m: None).run_dir
+             for s in (0, 1)]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((seeds[0] / "config.json").read_text())  # it started, never finished
+    (broken / "error.log").write_text("Traceback ...\nNonFiniteLoss: loss term 'task' is NaN at epoch 1")
+    plot = tmp_path / "cmp.png"
+    result = CliRunner().invoke(cli, ["compare", *map(str, seeds), str(broken), str(run), "--json", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    pgd_at = next(g for g in out["groups"] if g["recipe"] == "pgd_at | digits | auto" and g["runs"] == 3)
+    assert pgd_at["failed"] == 1 and pgd_at["seeds"] == [0, 1]
+    pgds = [json.loads((s / "summary.json").read_text())["table"][0]["robust"] for s in seeds]
+    mean, std, n = pgd_at["pgd"]
+    assert n == 2 and mean == pytest.approx(statistics.fmean(pgds)) and std == pytest.approx(statistics.stdev(pgds))
+    assert any(r["status"].startswith("NonFiniteLoss") for r in out["runs"])  # the failed run, with why
+    assert plot.exists() and plot.stat().st_size > 1000
+    text = CliRunner().invoke(cli, ["compare", *map(str, seeds), str(broken)]).output
+    assert "failed or unfinished runs:" in text and "broken" in text
