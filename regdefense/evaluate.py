@@ -567,18 +567,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "regdefense"
 
 
+#: on a CPU, ``--surrogate auto`` trains a surrogate only up to this many images (epochs × training split)
+CPU_SURROGATE_IMAGES = 200_000
+
+
 def clean_surrogate(data: dict[str, Any], *, epochs: int = 10, seed: int = 1, device: str = "auto",
-                    echo: Callable[[str], None] | None = print) -> nn.Module:
+                    echo: Callable[[str], None] | None = print) -> nn.Module | None:
     """A model of the data's default architecture trained ``epochs`` epochs with no defense on ``data`` (a run's
-    data section), for the transfer check. Trained once per (data, epochs, seed) into the cache and reused."""
+    data section), for the transfer check. Trained once per (data, epochs, seed) into the cache and reused. On a CPU,
+    a surrogate that would take more than ``CPU_SURROGATE_IMAGES`` training images (CIFAR-10 for 10 epochs would take
+    hours) is not trained: None, and the transfer check is skipped with a message."""
     import hashlib
 
     from regdefense.run import train
+    from regdefense.trainer import resolve_device
 
     key = hashlib.sha256(json.dumps([data, epochs, seed], sort_keys=True, default=str).encode()).hexdigest()[:16]
     run = cache_dir() / "surrogates" / f"{data.get('name', 'data')}-{key}"
     ckpt = run / "checkpoints" / "last.pt"
     if not ckpt.exists():
+        if resolve_device(device).type == "cpu":
+            from regdefense.config import DataConfig
+            from regdefense.data import load_data
+
+            images = epochs * len(load_data(DataConfig(**data)).train)
+            if images > CPU_SURROGATE_IMAGES:
+                if echo:
+                    echo(f"transfer check skipped: a clean surrogate would train on {images} images on the CPU; "
+                         f"pass --surrogate RUN (a run without defenses on this data) or train on a GPU")
+                return None
         if echo:
             echo(f"training a clean surrogate for the transfer check ({epochs} epochs, cached in {run}; "
                  f"--surrogate none skips it)")
