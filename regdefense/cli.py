@@ -86,12 +86,15 @@ def _fmt(v, pct: bool = False) -> str:
 @click.option("--resume", type=click.Path(), help="Continue the run in RUN_DIR (or from a checkpoint file).")
 @click.option("--init", "init", type=click.Path(), help="Start from the weights of RUN_DIR (its best.pt) or a "
                                                         "checkpoint, e.g. a clean-trained model (-o train.init=...).")
+@click.option("--log", "log", multiple=True, metavar="NAME",
+              help="Log to an experiment tracker: tensorboard, wandb, mlflow or an installed tracker plugin "
+                   "(repeatable; -o train.log=[...]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--check", is_flag=True, help="Resolve the config, load the data, build the model and the stack, say "
                                             "what would run, and stop: nothing is trained or written.")
 def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, download, pretrained, device, seed, out,
-          resume, init, as_json, quiet, check) -> None:
+          resume, init, log, as_json, quiet, check) -> None:
     """Train a defense stack; with no arguments, PGD-AT on the embedded digits."""
     from regdefense import distributed
     from regdefense.run import train as run_train
@@ -102,6 +105,8 @@ def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, do
                        ("train.device", device), ("train.seed", seed), ("train.init", init)):
         if value is not None:
             overrides.append(f"{key}={value}")
+    if log:
+        overrides.append("train.log=" + json.dumps(list(log)))
     if quiet:
         overrides.append("train.progress=false")
     stack = None
@@ -208,6 +213,25 @@ def export(run, fmt, which, out) -> None:
 
 
 @cli.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of the run.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", help="Branch to push to (default main).")
+@click.option("--token", help="Hugging Face token (default: the one `hf auth login` saved, or HF_TOKEN).")
+@click.option("--to-cache", is_flag=True, help="Write the repository into the local Hugging Face cache instead of "
+                                               "uploading it (no network; hf:REPO then loads offline).")
+def push(run, repo, which, private, revision, token, to_cache) -> None:
+    """Upload a run to the Hugging Face Hub as REPO (ORG/NAME): safetensors weights, config.json and a model card."""
+    from regdefense.hub import push as hub_push
+
+    result = hub_push(run, repo, which=which, private=private, revision=revision, token=token, to_cache=to_cache)
+    click.echo(f"{'cached' if to_cache else 'pushed'} {result['repo']}@{result['revision']}: {result['where']}")
+    click.echo(f"load it with: regdefense evaluate hf:{result['repo']}   or   --init hf:{result['repo']}")
+
+
+@cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a bar chart (mean ± std per recipe) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
@@ -225,6 +249,43 @@ def compare(runs, plot, as_json) -> None:
         cmp.plot(groups, Path(plot))
         if not as_json:
             click.echo(f"wrote {plot}")
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path())
+@click.option("--seeds", "seeds", type=int, multiple=True, metavar="N...", help="Seeds to run each recipe with: "
+              "--seeds 0 1 2 (default 0 1 2).")
+@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Applied to every run (e.g. -o train.device=cuda).")
+@click.option("--out", default="runs/sweep", show_default=True, type=click.Path(file_okay=False),
+              help="Runs go to OUT/<recipe>/seed<k>.")
+@click.option("--attacks", "attacks", multiple=True, metavar="SUITE",
+              help="Also evaluate each run with these suites (e.g. autoattack) for the table's AutoAttack column.")
+@click.option("--n", "eval_n", type=click.IntRange(min=1), help="Evaluate only the first N test points.")
+@click.option("--print", "print_only", is_flag=True, help="Print the commands (one run per line) instead of running "
+                                                          "them: for a cluster's job array.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also write the comparison bar chart here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
+def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_json) -> None:
+    """Run every RECIPE (a TOML run file) with every seed, then print mean ± std per recipe (`compare`)."""
+    from regdefense import compare as cmp
+    from regdefense import sweep as sw
+
+    # `--seeds 0 1 2`: click gives the option its first value and the rest to RECIPES; they are seeds, not files
+    more = [r for r in recipes if r.isdigit() and not Path(r).exists()] if seeds else []
+    recipes = [r for r in recipes if r not in more]
+    if not recipes:
+        raise click.UsageError("give at least one recipe (a TOML run file)")
+    jobs = sw.plan(recipes, [*seeds, *map(int, more)] or [0, 1, 2], out, list(overrides))
+    if print_only:
+        for job in jobs:
+            click.echo(job.command(list(attacks), eval_n))
+        return
+    rows = sw.run(jobs, attacks=list(attacks), eval_n=eval_n, echo=lambda m: click.echo(m, err=as_json))
+    groups = cmp.group(rows)
+    click.echo(json.dumps({"groups": groups, "runs": rows}, indent=2) if as_json else "\n" + cmp.table(groups, rows))
+    if plot:
+        cmp.plot(groups, Path(plot))
 
 
 @cli.command("new-plugin")

@@ -71,7 +71,7 @@ def table(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
         mean, std, _ = v
         return f"{100 * mean:.2f} ± {100 * std:.2f}" if pct else f"{mean:.1f} ± {std:.1f}"
 
-    head = ["recipe (stack | data | model)", "runs", "failed", "clean %", "PGD %", "AutoAttack %", "wall s", "train img/s"]
+    head = ["recipe", "runs", "failed", "clean %", "PGD %", "AutoAttack %", "wall s", "train img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         lines.append(f"| {g['recipe']} | {g['runs']} | {g['failed']} | {cell(g['clean'], True)} | {cell(g['pgd'], True)} "

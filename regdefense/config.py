@@ -84,6 +84,8 @@ class TrainConfig:
                                     ge=0, le=0.99)
     eps_warmup_epochs: float = option(0.0, "ramp ε linearly from 0 to its full value over this many epochs", ge=0)
     grad_clip: float | None = option(None, "clip the gradient norm to this value (none: no clipping)", gt=0)
+    log: list[str] = option(default_factory=list, help="experiment trackers to log to: tensorboard, wandb, mlflow or an "
+                                                       "installed tracker plugin (see docs/ecosystem.md)")
     device: str = option("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     amp: Literal["off", "bf16", "fp16"] = option("off", "mixed precision on CUDA (fp16 uses a GradScaler)")
     channels_last: bool | None = option(None, "channels_last memory format (none: on for CUDA)")

@@ -408,10 +408,17 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
     from regdefense.data import load_data
     from regdefense.trainer import resolve_device
 
-    path = Path(target)
+    from regdefense.export import is_export, resolve
+
+    if isinstance(target, str) and target.startswith("robustbench:"):
+        return _zoo_target(target, dataset, device, n, subset, decode)
+    path = Path(resolve(target))  # hf:ORG/NAME → its export folder in the Hugging Face cache
     if not path.exists():
-        raise UserError(f"nothing to evaluate at {path}: give a run directory, a checkpoint or a model file")
+        raise UserError(f"nothing to evaluate at {path}: give a run directory, a checkpoint, an export folder, "
+                        f"hf:ORG/NAME, robustbench:NAME or a model file")
     dev = resolve_device(device)
+    if arch is None and is_export(path):
+        return _export_target(path, str(target), dataset, device, n, subset, decode)
     if arch is None:
         if path.is_dir():
             ckpt = path / "checkpoints" / f"{which}.pt"
@@ -421,7 +428,7 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
             ckpt = path
         payload = checkpoint.load(ckpt)
         return _target_from_payload(payload, ckpt, dataset, device, n, subset, decode)
-    data = load_data(DataConfig(name=dataset or "digits", val_fraction=0.0, stream="on" if subset else "auto"))
+    data = _test_data(dataset or "digits", subset)
     c, h, w = data.input_shape
     if arch == "torchscript":
         try:
@@ -438,12 +445,60 @@ def load_target(target: str | Path, *, which: str = "best", arch: str | None = N
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise UserError(f"{path} does not fit architecture '{arch}': {str(exc).splitlines()[0][:300]}") from None
-        model.to(dev)
+    return _model_target(model, data, data.default_eps, "linf", device, n, subset, decode,
+                         {"target": str(path), "dataset": data.name, "model": arch})
+
+
+def _test_data(name: str, subset: str | None):
+    from regdefense.config import DataConfig
+    from regdefense.data import load_data
+
+    return load_data(DataConfig(name=name, val_fraction=0.0, stream="on" if subset else "auto"))
+
+
+def _model_target(model: nn.Module, data, eps: float, norm: str, device: str, n: int | None, subset: str | None,
+                  decode: int | None, meta: dict[str, Any]) -> Target:
+    from regdefense.trainer import resolve_device
+
+    dev = resolve_device(device)
     split, count = select_points(data.test, n, subset)
     x, y = _decode(split, 0, min(count, decode or count))
-    return Target(model=model.eval(), x=x, y=y, split=split, count=count, default_eps=data.default_eps, norm="linf",
-                  num_classes=data.num_classes, device=dev, data_config={"name": data.name},
-                  meta={"target": str(path), "dataset": data.name, "model": arch})
+    return Target(model=model.to(dev).eval(), x=x, y=y, split=split, count=count, default_eps=eps, norm=norm,
+                  num_classes=data.num_classes, device=dev, data_config={"name": data.name}, meta=meta)
+
+
+def _export_target(folder: Path, target: str, dataset: str | None, device: str, n: int | None, subset: str | None,
+                   decode: int | None) -> Target:
+    """An export folder (``regdefense export``, or ``hf:ORG/NAME`` fetched): its model on its data's test split."""
+    from regdefense.export import load
+
+    info = json.loads((folder / "config.json").read_text())
+    data = _test_data(dataset or info.get("dataset") or "digits", subset)
+    if list(data.input_shape) != list(info["input_shape"]):
+        raise UserError(f"{target} takes images of shape {info['input_shape']}; {data.name}'s are "
+                        f"{list(data.input_shape)}: pick its data with --dataset")
+    return _model_target(load(folder), data, info["threat"]["eps"], info["threat"]["norm"], device, n, subset, decode,
+                         {"target": target, "dataset": data.name, "model": info["architecture"],
+                          "stack": info.get("stack", []), "epoch": info.get("epoch"), "source": info.get("source")})
+
+
+#: RobustBench's budgets per leaderboard
+ZOO_EPS = {("cifar10", "Linf"): 8 / 255, ("cifar100", "Linf"): 8 / 255, ("imagenet", "Linf"): 4 / 255,
+           ("cifar10", "L2"): 0.5, ("cifar100", "L2"): 0.5}
+
+
+def _zoo_target(target: str, dataset: str | None, device: str, n: int | None, subset: str | None,
+                decode: int | None) -> Target:
+    """``robustbench:NAME``: the zoo model (robustbench's loader) on its leaderboard's test split and budget."""
+    from regdefense.models.robustbench_zoo import load, parse
+
+    name, ds, threat = parse(target, dataset)
+    if threat == "corruptions":
+        raise UserError(f"{target} is a common-corruptions model; regdefense evaluates adversarial threat models")
+    model = load(target, dataset)
+    data = _test_data(dataset or ds, subset)
+    return _model_target(model, data, ZOO_EPS[(ds, threat)], threat.lower(), device, n, subset, decode,
+                         {"target": target, "dataset": data.name, "model": f"robustbench:{ds}/{threat}/{name}"})
 
 
 def _decode(split, start: int, stop: int) -> tuple[Tensor, Tensor]:
@@ -531,7 +586,12 @@ def evaluate(target: str | Path, *, suites: list[str] | None = None, eps: float 
         raise UserError(f"--eps must be >= 0, got {eps}")
     t = load_target(target, which=which, arch=arch, dataset=dataset, device=device, n=n, subset=subset, decode=chunk)
     if out is None:
-        out = (t.run_dir / "eval") if t.run_dir is not None else Path(target).with_suffix("").parent / "eval"
+        if t.run_dir is not None:
+            out = t.run_dir / "eval"
+        elif str(target).startswith(("hf:", "robustbench:")):
+            out = Path("eval") / str(target).replace(":", "-").replace("/", "--")
+        else:
+            out = Path(target) / "eval" if Path(target).is_dir() else Path(target).with_suffix("").parent / "eval"
     sur = None
     if checks and surrogate is not None:
         sur = surrogate if isinstance(surrogate, nn.Module) else (

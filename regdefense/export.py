@@ -88,7 +88,8 @@ def load(folder: str | Path) -> nn.Module:
     c, h, w = info["input_shape"]
     norm = ([0.0] * c, [1.0] * c) if m.get("normalize") else None  # placeholders: the saved buffers replace them
     model = create_model(info["architecture"], in_channels=c, num_classes=info["num_classes"], image_size=min(h, w),
-                         normalize=norm, depth=m.get("depth"), widen=m.get("widen"), input_size=m.get("input_size"))
+                         normalize=norm, depth=m.get("depth"), widen=m.get("widen"), input_size=m.get("input_size"),
+                         activation=m.get("activation"), bn_momentum=m.get("bn_momentum"))
     try:
         load_model(model, str(folder / "model.safetensors"))
     except RuntimeError as exc:
@@ -134,3 +135,42 @@ def robustbench_info(run: str | Path, *, out: str | Path | None = None, name: st
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2))
     return path
+
+
+def is_export(path: Path) -> bool:
+    """A folder written by :func:`export` (safetensors or TorchScript)."""
+    try:
+        return path.is_dir() and json.loads((path / "config.json").read_text()).get("format") in FORMATS[:2]
+    except (OSError, ValueError):
+        return False
+
+
+def resolve(target: str | Path) -> Path | str:
+    """``hf:ORG/NAME`` → its local export folder (see :mod:`regdefense.hub`); anything else unchanged."""
+    if isinstance(target, str) and target.startswith("hf:"):
+        from regdefense.hub import download
+
+        return download(target)
+    return target
+
+
+def read_weights(target: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The model weights of a run directory (its ``best.pt``), a checkpoint, an export folder, ``hf:ORG/NAME`` or
+    ``robustbench:NAME``, as ``(where they came from, state_dict)``."""
+    from regdefense import checkpoint
+
+    if isinstance(target, str) and target.startswith("robustbench:"):
+        from regdefense.models.robustbench_zoo import load as load_zoo
+
+        return target, load_zoo(target).state_dict()
+    path = Path(resolve(target))
+    if is_export(path):
+        info = json.loads((path / "config.json").read_text())
+        if info["format"] != "safetensors":
+            raise UserError(f"{target} is a TorchScript export; starting training from it needs its safetensors export "
+                            f"(regdefense export RUN --format safetensors)")
+        from safetensors.torch import load_file
+
+        return str(target), load_file(str(path / "model.safetensors"))
+    ckpt = path / "checkpoints" / "best.pt" if path.is_dir() else path
+    return str(ckpt), checkpoint.load(ckpt)["model"]

@@ -27,6 +27,7 @@ hook's arguments.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -240,4 +241,42 @@ def regdefense_fit_end(trainer: Trainer) -> None:
     :return: ignored.
 
     Since 0.1.
+    """
+
+
+# --- experiment trackers -----------------------------------------------------------------------
+
+
+@hookspec
+def regdefense_log_metrics(trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+    """An epoch's metrics, final: what ``metrics.jsonl`` receives, after every ``regdefense_epoch_end``.
+
+    For experiment trackers (TensorBoard, W&B, MLflow, a third party's); a defense that wants to add a
+    value uses ``regdefense_epoch_end``. Called on the main process only.
+
+    :param trainer: the trainer.
+    :param epoch: the 1-based epoch (``metrics["epoch"]``), the step to log at.
+    :param metrics: loss terms (``loss_*``), ``loss``, ``eps``, ``lr``, ``epoch_seconds``, held-out
+        ``val_clean``/``val_robust`` and whatever defenses added; do not modify.
+    :return: ignored.
+
+    Since 0.2.
+    """
+
+
+@hookspec
+def regdefense_log_summary(trainer: Trainer, summary: dict[str, Any], files: dict[str, Path]) -> None:
+    """The run is over and measured: the final table, the cost and the plots; trackers finish here.
+
+    Called once by :func:`regdefense.run.train` after ``summary.json`` is written (main process only).
+    A run that fails before this point closes its trackers without it.
+
+    :param trainer: the trainer.
+    :param summary: what ``summary.json`` holds: ``table`` (clean and PGD accuracy of the last and best
+        epochs), ``cost``, ``stack``, ``dataset``, ``epochs``, ``wall_seconds``.
+    :param files: ``{"curves": RUN/curves.png, "summary": RUN/summary.json, "metrics": RUN/metrics.jsonl}``
+        (those that exist).
+    :return: ignored.
+
+    Since 0.2.
     """

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from regdefense import checkpoint
+from regdefense import checkpoint, trackers
 from regdefense.config import RunConfig, load_toml, parse_overrides, resolve
 from regdefense.errors import ConfigError, UserError
 from regdefense.plugins import config_classes
@@ -242,6 +242,7 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
         echo(f"resuming {run_dir} from {ckpt.name}")
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
+        trackers.check_names(cfg.train.log)
         run_dir = dist.broadcast_object(make_run_dir(cfg, out) if dist.is_main else None)  # rank 0 names it
         trainer = Trainer(cfg, run_dir=run_dir)
         echo(f"run directory: {run_dir}" + (f" ({dist.world} processes)" if dist.enabled else ""))
@@ -250,16 +251,23 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
         final_table(trainer)
         return RunResult(run_dir, [], time.perf_counter() - started, trainer.history, main=False)
     write_config(trainer, run_dir / "config.json")
-    trainer.fit()
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if history:
-        plot_curves(history, run_dir / "curves.png")
-    table = final_table(trainer)
-    wall = time.perf_counter() - started
-    spent = cost(trainer, history, wall)
-    summary = {"stack": cfg.defenses, "dataset": cfg.data.name, "table": table, "wall_seconds": wall,
-               "epochs": trainer.state.epoch, "cost": spent}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    loggers = trackers.attach(trainer, cfg.train.log)
+    try:
+        trainer.fit()
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        if history:
+            plot_curves(history, run_dir / "curves.png")
+        table = final_table(trainer)
+        wall = time.perf_counter() - started
+        spent = cost(trainer, history, wall)
+        summary = {"stack": cfg.defenses, "dataset": cfg.data.name, "table": table, "wall_seconds": wall,
+                   "epochs": trainer.state.epoch, "cost": spent}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        files = {k: run_dir / f for k, f in (("curves", "curves.png"), ("summary", "summary.json"),
+                                             ("metrics", "metrics.jsonl")) if (run_dir / f).exists()}
+        trainer.hook.regdefense_log_summary(trainer=trainer, summary=summary, files=files)
+    finally:
+        trackers.close_all(loggers)  # a failed or interrupted run: the trackers still finish (as failed)
     return RunResult(run_dir, table, wall, history, cost=spent)
 
 

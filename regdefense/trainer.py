@@ -546,18 +546,19 @@ class Trainer:
         norm = (self.data.mean, self.data.std) if m.normalize else None
         return create_model(name, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w),
                             pretrained=m.pretrained, normalize=norm, depth=m.depth, widen=m.widen,
-                            input_size=m.input_size, weights=m.weights)
+                            input_size=m.input_size, weights=m.weights, dataset=self.data.name)
 
     def _load_init(self, target: str) -> None:
-        """Start from another run's weights (its best.pt, or a checkpoint file): the paper-001 fine-tuning flow."""
-        path = Path(target)
-        ckpt = path / "checkpoints" / "best.pt" if path.is_dir() else path
-        payload = checkpoint.load(ckpt)
+        """Start from other weights: a run's best.pt or a checkpoint file (the paper-001 fine-tuning flow), an export
+        folder or ``hf:ORG/NAME`` (its safetensors), or ``robustbench:NAME`` (the zoo model's weights)."""
+        from regdefense.export import read_weights
+
+        source, state = read_weights(target)
         try:
-            self.raw_model.load_state_dict(payload["model"])
+            self.raw_model.load_state_dict(state)
         except RuntimeError as exc:
-            raise UserError(f"train.init: the weights in {ckpt} do not fit this model: "
-                            f"{str(exc).splitlines()[0][:300]}") from None
+            raise UserError(f"train.init: the weights of {source} do not fit this model: "
+                            f"{str(exc).splitlines()[0][:300]} (the architecture must match: model.name)") from None
 
     def _check_model(self) -> None:
         """Run the model on two training images: it must take their shape and return one logit per class."""
@@ -688,6 +689,8 @@ class Trainer:
             except OSError as exc:
                 raise UserError(f"cannot append to {self.run_dir / 'metrics.jsonl'}: {exc.strerror or exc}; "
                                 f"free some space and resume with: regdefense train --resume {self.run_dir}") from None
+        if self.dist.is_main:  # experiment trackers (regdefense.trackers) and any plugin that logs
+            self.hook.regdefense_log_metrics(trainer=self, epoch=metrics["epoch"], metrics=metrics)
 
 
 def versions() -> dict[str, str]:

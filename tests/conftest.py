@@ -55,7 +55,8 @@ def make_dist(tmp_path, monkeypatch):
     """Create a throwaway installed distribution (a package plus its .dist-info with entry points)
     in a fresh folder on sys.path, visible through importlib.metadata like a pip-installed one."""
 
-    def make(dist: str, modules: dict[str, str], entry_points: dict[str, str], version: str = "1.0") -> Path:
+    def make(dist: str, modules: dict[str, str], entry_points: dict[str, str], version: str = "1.0",
+             group: str = "regdefense") -> Path:
         site = tmp_path / f"site-{dist}"
         site.mkdir()
         for name, source in modules.items():
@@ -64,7 +65,7 @@ def make_dist(tmp_path, monkeypatch):
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
         eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-        (info / "entry_points.txt").write_text(f"[regdefense]\n{eps}\n")
+        (info / "entry_points.txt").write_text(f"[{group}]\n{eps}\n")
         monkeypatch.syspath_prepend(str(site))
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
         return site

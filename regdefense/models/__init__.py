@@ -45,10 +45,12 @@ class Normalize(nn.Module):
 
 
 def create_model(name: str, *, in_channels: int, num_classes: int, image_size: int, pretrained: bool = False,
-                 normalize: tuple[list[float], list[float]] | None = None, **kwargs) -> nn.Module:
+                 normalize: tuple[list[float], list[float]] | None = None, dataset: str | None = None,
+                 **kwargs) -> nn.Module:
     """Build architecture ``name``.
 
     :param normalize: ``(mean, std)`` to put in front of the network as buffers, or None.
+    :param dataset: the data's name (picks a ``robustbench:NAME`` architecture's leaderboard).
     :param kwargs: architecture options (e.g. ``depth``, ``widen`` for ``wideresnet``); None values
         are dropped so they never override an architecture's defaults.
     """
@@ -65,8 +67,15 @@ def create_model(name: str, *, in_channels: int, num_classes: int, image_size: i
         net = create_timm(name[5:], in_channels=in_channels, num_classes=num_classes, image_size=image_size,
                           pretrained=pretrained, **extra)
         return nn.Sequential(Normalize(*normalize), net) if normalize is not None else net
+    if name.startswith("robustbench:"):
+        from regdefense.models.robustbench_zoo import architecture
+
+        if normalize is not None:
+            raise ConfigError("RobustBench zoo models normalise inside; set model.normalize=false")
+        return architecture(name, num_classes=num_classes, pretrained=pretrained, dataset=dataset)
     if name not in _REGISTRY:
-        raise ConfigError(unknown("model", name, _REGISTRY) + ", or timm:NAME for any timm model")
+        raise ConfigError(unknown("model", name, _REGISTRY) + ", timm:NAME for any timm model or robustbench:NAME for "
+                                                               "a RobustBench zoo architecture")
     if "weights" in kwargs:
         raise ConfigError(f"model.weights loads a local file into a timm model; '{name}' is not one (use --init for a "
                           f"regdefense checkpoint)")

@@ -1,0 +1,165 @@
+"""Models in and out without a network: a push into a local huggingface_hub cache, ``hf:`` targets read back in
+offline mode, and RobustBench zoo models built and loaded by the robustbench package from a local weights file."""
+
+import json
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from regdefense.cli import cli
+from regdefense.errors import UserError
+from regdefense.run import train
+
+COMMON = ["train.progress=false", "train.device=cpu", "eval.val_samples=32", "eval.pgd_steps=1", "data.limit=200"]
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hf-cache"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from regdefense.evaluate import evaluate
+
+    out = tmp_path_factory.mktemp("hub") / "run"
+    run_dir = train(defenses=["pgd_at"], overrides=[*COMMON, "train.epochs=2", "train.seed=3"], out=out,
+                    echo=lambda s: None).run_dir
+    evaluate(run_dir, suites=["torchattacks:FGSM(eps=0.2)"], n=16, checks=False, progress=False, device="cpu")
+    return run_dir
+
+
+def test_a_push_to_the_local_cache_loads_back_offline_bit_for_bit(run, offline_hub):
+    from regdefense.evaluate import load_target
+    from regdefense.hub import push
+
+    result = CliRunner().invoke(cli, ["push", str(run), "lab/digits-pgd", "--to-cache"])
+    assert result.exit_code == 0, result.output
+    repo = offline_hub / "models--lab--digits-pgd"
+    commit = (repo / "refs" / "main").read_text()
+    assert sorted(p.name for p in (repo / "snapshots" / commit).iterdir()) == ["README.md", "config.json",
+                                                                              "model.safetensors"]
+    card = (repo / "snapshots" / commit / "README.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert "library_name: regdefense" in card and "stack `pgd_at`" in card and "| seed | 3 |" in card
+    assert f"{100 * summary['table'][0]['robust']:.2f}%" in card  # the final table
+    assert "FGSM" in card and "s wall" in card  # the evaluate report and the cost
+
+    hub = load_target("hf:lab/digits-pgd", device="cpu")
+    local = load_target(run, device="cpu")
+    assert hub.meta["stack"] == ["pgd_at"] and hub.default_eps == local.default_eps
+    with torch.no_grad():
+        assert torch.equal(hub.model(local.x), local.model(local.x))
+
+    # the same through the CLI, and as a starting point for training
+    res = CliRunner().invoke(cli, ["evaluate", "hf:lab/digits-pgd", "--n", "16", "--attacks", "torchattacks:FGSM(eps=0.2)",
+                                   "--no-checks", "--quiet", "--json", "--out", str(run.parent / "hf-eval")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["meta"]["target"] == "hf:lab/digits-pgd"
+    from regdefense.run import load_config
+    from regdefense.trainer import Trainer
+
+    trainer = Trainer(load_config(overrides=[*COMMON, "train.init=hf:lab/digits-pgd"]))
+    from regdefense import checkpoint
+
+    state = checkpoint.load(run / "checkpoints" / "best.pt")["model"]
+    assert all(torch.equal(v, state[k]) for k, v in trainer.raw_model.state_dict().items())
+
+    # a second push replaces what the revision points at
+    again = push(run, "lab/digits-pgd", to_cache=True, which="last")
+    assert again["revision"] == "main" and (repo / "refs" / "main").read_text() != commit
+
+
+def test_hub_errors_say_what_to_do(run, offline_hub):
+    from regdefense.evaluate import load_target
+    from regdefense.hub import push
+
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        load_target("hf:lab/never-pushed", device="cpu")
+    with pytest.raises(UserError, match="hf:ORG/NAME"):
+        load_target("hf:just-a-name", device="cpu")
+    with pytest.raises(UserError, match="pushing to lab/x failed.*--to-cache"):
+        push(run, "lab/x")  # offline: the upload cannot happen, and says so
+
+
+ZOO = "robustbench:Wong2020Fast"
+
+
+@pytest.fixture
+def zoo_weights(tmp_path, monkeypatch):
+    """RobustBench's Wong2020Fast architecture, built by the robustbench package, with random weights saved where
+    its loader looks (as the zoo's checkpoints are: a 'state_dict' with DataParallel's 'module.' prefix)."""
+    from regdefense.models.robustbench_zoo import architecture
+
+    monkeypatch.setenv("ROBUSTBENCH_MODELS", str(tmp_path / "zoo"))
+    torch.manual_seed(0)
+    net = architecture(ZOO, num_classes=10).eval()
+    path = tmp_path / "zoo" / "cifar10" / "Linf" / "Wong2020Fast.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    return net
+
+
+def test_a_robustbench_zoo_model_loads_from_a_local_weights_file(zoo_weights, tmp_path):
+    import numpy as np
+
+    from regdefense.export import read_weights
+    from regdefense.models.robustbench_zoo import load
+
+    assert type(zoo_weights).__module__.startswith("robustbench.")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load(ZOO)(x), zoo_weights(x))
+    source, state = read_weights(ZOO)
+    assert source == ZOO and all(torch.equal(state[k], v) for k, v in zoo_weights.state_dict().items())
+
+    # the zoo's architecture trains like any model, starting from the zoo weights (--init robustbench:NAME)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny32"
+    data.mkdir()
+    for split, n in (("train", 16), ("test", 8)):
+        np.savez(data / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=np.arange(n) % 10)
+    from regdefense.run import load_config
+    from regdefense.trainer import Trainer
+
+    cfg = load_config(overrides=["train.device=cpu", "train.progress=false", f"data.name={data}",
+                                 f"model.name={ZOO}", f"train.init={ZOO}", "data.val_fraction=0"])
+    trainer = Trainer(cfg)
+    assert type(trainer.raw_model).__name__ == "Wong2020FastNet"
+    assert all(torch.equal(v, state[k]) for k, v in trainer.raw_model.state_dict().items())
+
+
+def test_robustbench_names_are_checked(zoo_weights):
+    from regdefense.models.robustbench_zoo import parse
+
+    assert parse("robustbench:cifar10/Linf/Wong2020Fast") == ("Wong2020Fast", "cifar10", "Linf")
+    with pytest.raises(UserError, match="did you mean Wong2020Fast"):
+        parse("robustbench:Wong2020")
+    with pytest.raises(UserError, match="datasets are"):
+        parse("robustbench:mnist/Linf/Wong2020Fast")
+
+
+def test_robustbench_imports_without_pkg_resources_or_the_autoattack_module(monkeypatch):
+    """setuptools 81 removed pkg_resources and pyautoattack installs AutoAttack as 'pyautoattack': the import
+    supplies both to robustbench only, and leaves neither behind."""
+    from regdefense.models import robustbench_zoo
+
+    saved = {k: v for k, v in sys.modules.items() if k == "robustbench" or k.startswith("robustbench.")}
+    for name in saved:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)  # `import pkg_resources` now fails
+    try:
+        utils, zoo = robustbench_zoo.import_robustbench()
+        assert callable(utils.load_model) and zoo
+        assert sys.modules.get("pkg_resources") is None and "autoattack" not in sys.modules
+    finally:
+        for name in [k for k in sys.modules if k == "robustbench" or k.startswith("robustbench.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
