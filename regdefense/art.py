@@ -157,7 +157,7 @@ class RegDefenseTrainer(ARTTrainer):
         x0, y0 = generator.get_batch()
         trainer = self._build(self._to01(x0), _labels(y0), generator.batch_size, nb_epochs)
         trainer.train_loader = _GeneratorLoader(generator, self._to01)
-        trainer.train_size = generator.size
+        trainer.train_size = trainer.index_size = trainer.epoch_samples = generator.size
         self._fit(trainer, nb_epochs, scheduler)
 
     def predict(self, x: np.ndarray, **kwargs) -> np.ndarray:

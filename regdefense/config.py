@@ -67,6 +67,8 @@ class TrainConfig:
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
     weight_decay: float = option(5e-4, "L2 weight decay", ge=0)
     schedule: Literal["constant", "multistep", "cosine", "onecycle"] = option("cosine", "learning-rate schedule")
+    onecycle_pct: float = option(0.3, "onecycle: share of the schedule spent rising to lr (PyTorch's pct_start; "
+                                      "Rebuffi et al. / Wang et al.'s 'cosinew': 0.025)", gt=0, le=0.99)
     milestones: list[float] = option(default_factory=lambda: [0.5, 0.75],
                                      help="multistep: when to decay, in epochs (>= 1) or fractions of training (< 1)")
     gamma: float = option(0.1, "multistep: decay factor", gt=0)
@@ -131,6 +133,15 @@ class DataConfig:
     skip_corrupt: bool = option(False, "streamed data: leave out (and count) images that cannot be decoded instead of "
                                        "stopping with the file's name")
     limit: int | None = option(None, "use only the first N training samples (quick experiments)", ge=1)
+    extra: list[str] = option(default_factory=list, help="extra training images mixed into every batch: .npz files "
+                                                         "(memory-mapped when uncompressed) or image folders, labelled or "
+                                                         "not (see docs/extra-data.md)")
+    extra_fraction: float = option(0.5, "with data.extra: the share of each batch drawn from it (Wang et al. 2023: "
+                                        "0.7; Carmon et al. 2019: 0.5)", ge=0, le=0.95)
+    teacher: str | None = option(None, "with unlabeled data.extra: the model that pseudo-labels it (a run directory, "
+                                       "checkpoint, export or hf:ORG/NAME)")
+    pseudo_min_confidence: float = option(0.0, "with data.teacher: keep only extra samples whose pseudo-label has at "
+                                               "least this softmax confidence", ge=0, le=1)
     on_device: Literal["auto", "on", "off"] = option("auto", "keep the training split in GPU memory (auto: when "
                                                              "it takes under a quarter of the GPU's memory)")
 
@@ -145,6 +156,10 @@ class ModelConfig:
     normalize: bool = option(False, "put the dataset's mean/std normalisation inside the model as buffers")
     depth: int | None = option(None, "wideresnet: depth (e.g. 34)", ge=10)
     widen: int | None = option(None, "wideresnet: widen factor (e.g. 10)", ge=1)
+    activation: Literal["relu", "silu"] | None = option(None, "wideresnet: activation (none: relu; silu: the Swish "
+                                                              "WideResNets of Gowal et al. 2020 / Wang et al. 2023)")
+    bn_momentum: float | None = option(None, "wideresnet: BatchNorm momentum (none: PyTorch's 0.1; Gowal et al.'s "
+                                             "Swish WideResNets: 0.01)", gt=0, le=1)
     input_size: int | None = option(None, "torchvision architectures: resize inputs inside the model to this side "
                                           "(299 for inception_v3, 224 for ImageNet weights); attacks still perturb "
                                           "the data's own pixels", ge=8)

@@ -512,9 +512,10 @@ def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | Non
 
     raw = dict(payload["config"])
     missing = _drop_training_only(raw, payload)
-    overrides = {"train": {"device": device, "progress": False, "compile": False}}
+    overrides = {"train": {"device": device, "progress": False, "compile": False},
+                 "data": {"extra": [], "teacher": None}}  # evaluation reads the test split only: no extra data
     if dataset:
-        overrides["data"] = {"name": dataset}
+        overrides["data"]["name"] = dataset
     cfg = load_config(raw=raw, overrides=overrides)
     trainer = Trainer(cfg)
     trainer.hook.regdefense_fit_start(trainer=trainer)  # defenses build their state, then it is loaded into them
@@ -525,7 +526,8 @@ def _target_from_payload(payload: dict[str, Any], ckpt: Path, dataset: str | Non
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     return Target(model=model, x=x, y=y, split=split, count=count, default_eps=trainer.eps_full, norm=trainer.norm,
                   num_classes=trainer.data.num_classes, device=trainer.device, run_dir=run_dir,
-                  data_config=dict(raw.get("data") or {}) | ({"name": dataset} if dataset else {}),
+                  data_config=dict(raw.get("data") or {}) | {"extra": [], "teacher": None}
+                  | ({"name": dataset} if dataset else {}),
                   meta={"target": str(ckpt), "dataset": cfg.data.name, "stack": cfg.defenses,
                         "epoch": payload["epoch"], "model": type(trainer.raw_model).__name__,
                         **({"not_installed_training_only": missing} if missing else {})})

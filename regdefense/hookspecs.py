@@ -76,8 +76,9 @@ def regdefense_fit_start(trainer: Trainer) -> None:
     Called once, after the model, extra modules and optimizer are on ``trainer.device`` and
     before the first epoch (also when a run resumes; ``load_state_dict`` runs after this hook).
 
-    :param trainer: the trainer; ``trainer.train_size`` is the number of training samples, so
-        buffers indexed by dataset index can be allocated here.
+    :param trainer: the trainer; ``trainer.train_size`` is the number of training samples and
+        ``trainer.index_size`` the range of ``step.index`` (larger with ``data.extra``: extra sample
+        ``k`` is ``train_size + k``), so buffers indexed by sample can be allocated here.
     :return: ignored.
 
     Since 0.1.

@@ -85,7 +85,8 @@ def write_config(trainer, path: Path) -> None:
 
     data = trainer.config.to_dict()
     data["resolved"] = {"device": str(trainer.device), "eps": trainer.eps_full, "dataset_classes": trainer.data.num_classes,
-                        "input_shape": list(trainer.data.input_shape), "model": type(trainer.raw_model).__name__}
+                        "input_shape": list(trainer.data.input_shape), "model": type(trainer.raw_model).__name__,
+                        "extra": trainer.extra.info if trainer.extra is not None else None}
     data["versions"] = versions()
     tmp = path.with_suffix(".tmp")
     try:
@@ -290,8 +291,9 @@ def cost(trainer, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     import torch
 
     seconds = sum(h.get("epoch_seconds", 0.0) for h in history)
+    per_epoch = trainer.epoch_samples  # with data.extra: the original samples and the extra ones mixed in
     gpus = trainer.dist.world if trainer.device.type == "cuda" else 0
-    return {"wall_seconds": wall, "train_images_per_second": len(history) * trainer.train_size / seconds if seconds else None,
+    return {"wall_seconds": wall, "train_images_per_second": len(history) * per_epoch / seconds if seconds else None,
             "peak_host_memory_bytes": peak_host_bytes(),
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(trainer.device) if gpus else None,
             "gpus": gpus, "gpu_hours": wall * gpus / 3600}

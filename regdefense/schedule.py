@@ -25,7 +25,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, batches_pe
     if t.schedule == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=total)
     elif t.schedule == "onecycle":
-        main = sched.OneCycleLR(optimizer, max_lr=peak_lr or t.lr, total_steps=total)
+        main = sched.OneCycleLR(optimizer, max_lr=peak_lr or t.lr, total_steps=total, pct_start=t.onecycle_pct)
     else:
         milestones = [] if t.schedule == "constant" else sorted(
             int(round((m * t.epochs if m < 1 else m) * per_epoch)) for m in t.milestones)

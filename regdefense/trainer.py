@@ -25,6 +25,7 @@ from regdefense.attacks import keep_modes, pgd
 from regdefense.config import RunConfig
 from regdefense.contract import APPLIES_WEIGHTS, Key
 from regdefense.data import BatchLoader, Data, Split, check_data, load_data
+from regdefense.extra import MixedLoader, load_extra
 from regdefense.errors import CheckpointError, ConfigError, DataError, UserError
 from regdefense.evaluate import accuracy
 from regdefense.models import create_model, default_model
@@ -119,6 +120,8 @@ class Trainer:
         seed_everything(t.seed, t.deterministic)
         self.data = data if data is not None else load_data(config.data, t.seed)
         check_data(self.data)
+        self.extra = load_extra(config.data, self.data.input_shape, self.data.num_classes, device=t.device,
+                                echo=self.echo)
         self.eps_full = config.threat.eps if config.threat.eps is not None else self.data.default_eps
         self.norm = config.threat.norm
         self.eps_factor = 1.0
@@ -147,7 +150,13 @@ class Trainer:
         self.model = torch.compile(self.raw_model) if t.compile else self.raw_model
         self.optimizer = self._build_optimizer() if optimizer is None else self._adopt(optimizer)
         on_device = self._place_train_split()
-        if isinstance(self.data.train, Split):
+        if self.extra is not None:  # generated / pseudo-labelled images mixed into every batch
+            if not isinstance(self.data.train, Split):
+                raise DataError("data.extra works with in-memory training data; set data.stream=off")
+            self.train_loader = MixedLoader(self.data.train, self.extra, t.batch_size, config.data.extra_fraction,
+                                            seed=t.seed, augment=self.data.augment, dist=self.dist,
+                                            pin=self.device.type == "cuda" and not on_device)
+        elif isinstance(self.data.train, Split):
             self.train_loader = BatchLoader(self.data.train, t.batch_size, seed=t.seed, augment=self.data.augment,
                                             dist=self.dist, pin=self.device.type == "cuda" and not on_device)
         else:  # streamed image files, decoded in worker processes
@@ -157,6 +166,10 @@ class Trainer:
                                              workers=config.data.workers, skip_corrupt=config.data.skip_corrupt,
                                              dist=self.dist, pin=self.device.type == "cuda")
         self.train_size = len(self.data.train)
+        #: size of step.index's range: original samples 0..N-1, then the extra ones (per-sample buffers need this many)
+        self.index_size = self.train_size + (len(self.extra) if self.extra is not None else 0)
+        #: images one epoch trains on (all processes): with data.extra, every batch is filled up with extra samples
+        self.epoch_samples = len(self.train_loader) * t.batch_size if self.extra is not None else self.train_size
         self.scheduler = self._build_scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.state = TrainState()
@@ -273,8 +286,9 @@ class Trainer:
     def _group_size(self, i: int, n_batches: int) -> int:
         """This process's samples in the accumulation group starting at batch ``i`` (its slice of each batch)."""
         t, n, size = self.config.train, self.train_size, 0
+        full = getattr(self.train_loader, "global_batch", None)
         for j in range(i, min(i + t.accumulate, n_batches)):
-            g = min(t.batch_size, n - j * t.batch_size)  # the global batch j
+            g = full(j) if full else min(t.batch_size, n - j * t.batch_size)  # the global batch j
             size += g // self.dist.world + (self.dist.rank < g % self.dist.world)
         return size
 
@@ -546,7 +560,8 @@ class Trainer:
         norm = (self.data.mean, self.data.std) if m.normalize else None
         return create_model(name, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w),
                             pretrained=m.pretrained, normalize=norm, depth=m.depth, widen=m.widen,
-                            input_size=m.input_size, weights=m.weights, dataset=self.data.name)
+                            input_size=m.input_size, weights=m.weights, activation=m.activation,
+                            bn_momentum=m.bn_momentum, dataset=self.data.name)
 
     def _load_init(self, target: str) -> None:
         """Start from other weights: a run's best.pt or a checkpoint file (the paper-001 fine-tuning flow), an export

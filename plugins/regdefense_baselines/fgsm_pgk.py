@@ -71,7 +71,7 @@ class FGSMPGK:
 
     def _shape_dtype(self, trainer) -> tuple[tuple[int, ...], torch.dtype]:
         dtype = torch.float16 if self.config.precision == "float16" else torch.float32
-        return (trainer.train_size, *trainer.data.input_shape), dtype
+        return (getattr(trainer, "index_size", trainer.train_size), *trainer.data.input_shape), dtype  # extra rows too
 
     def memory_needs(self, trainer) -> dict[str, tuple[int, str]]:
         """Bytes of the per-sample buffers and where they would go (for ``train --check``)."""

@@ -60,7 +60,7 @@ def create_model(name: str, *, in_channels: int, num_classes: int, image_size: i
         from regdefense.models.timm_models import create_timm
 
         extra = {k: kwargs.pop(k) for k in ("weights", "input_size") if k in kwargs}
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("depth", "widen")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("depth", "widen", "activation", "bn_momentum")}
         if kwargs:
             raise ConfigError(f"timm models take model.pretrained, model.weights and model.input_size, not "
                               f"{', '.join(sorted(kwargs))}")
