@@ -7,9 +7,10 @@ Only the first ``--labelled`` images of the digits training split keep their lab
 ``OUT/data/labelled/train.npz`` and the digits test split as ``test.npz``); the other training images become
 ``OUT/data/unlabelled.npz`` without labels. A clean teacher (``digits_cnn``, no defense, seed 0) trains on the
 labelled part and pseudo-labels the rest (``data.teacher``; cached). Then ``regdefense sweep`` runs, over the seeds,
-PGD-AT on the labelled part alone (``baseline``) and PGD-AT with the pseudo-labelled images as half of every batch
-(``rst``: ``data.extra``, ``data.extra_fraction = 0.5`` — RST's own share), both with the same epochs on the labelled
-data, each evaluated with the official AutoAttack (``--attacks autoattack``). Prints the teacher's pseudo-label
+PGD-AT on the labelled part alone (``baseline``), the same for as many optimizer steps as the extra-data run takes
+(``baseline_steps``: with half of each batch extra, an epoch over the labelled images has twice the batches), and
+PGD-AT with the pseudo-labelled images as half of every batch (``rst``: ``data.extra``, ``data.extra_fraction = 0.5``
+— RST's own share), each evaluated with the official AutoAttack (``--attacks autoattack``). Prints the teacher's pseudo-label
 accuracy and the table: clean, PGD-20 (the final table's torchattacks PGD) and AutoAttack, mean ± std over seeds.
 """
 
@@ -82,6 +83,10 @@ def main() -> None:
     recipes = out / "recipes"
     recipes.mkdir(exist_ok=True)
     (recipes / "baseline.toml").write_text(RECIPE.format(data=folder, extra="", epochs=args.epochs))
+    n_train = args.labelled - round(0.1 * args.labelled)  # data.val_fraction 0.1 is held out
+    per_epoch_rst = -(-n_train // (32 - int(32 * args.fraction)))
+    steps_epochs = -(-args.epochs * per_epoch_rst // -(-n_train // 32))
+    (recipes / "baseline_steps.toml").write_text(RECIPE.format(data=folder, extra="", epochs=steps_epochs))
     (recipes / "rst.toml").write_text(RECIPE.format(
         data=folder, epochs=args.epochs,
         extra=f'extra = ["{unlabelled}"]\nextra_fraction = {args.fraction}\nteacher = "{teacher}"\n'))
@@ -95,7 +100,8 @@ def main() -> None:
     print(f"teacher: {args.labelled} labelled digits, test clean {100 * teacher_clean:.2f}%; pseudo-labels of the "
           f"{len(truth)} unlabelled training images {100 * agree:.2f}% correct")
 
-    cmd = [sys.executable, "-m", "regdefense", "sweep", str(recipes / "baseline.toml"), str(recipes / "rst.toml"),
+    cmd = [sys.executable, "-m", "regdefense", "sweep", str(recipes / "baseline.toml"),
+           str(recipes / "baseline_steps.toml"), str(recipes / "rst.toml"),
            "--seeds", *map(str, args.seeds), "--out", str(out / "sweep"), "--attacks", "autoattack"]
     if args.n:
         cmd += ["--n", str(args.n)]

@@ -175,6 +175,9 @@ def check(config: RunConfig | str | None = None, defenses: list[str] | None = No
         f"images {tuple(data.input_shape)}, {data.num_classes} classes",
         f"  model  {type(trainer.raw_model).__name__}, {params:,} parameters"
         + (f"; extra networks: {', '.join(trainer.modules)}" if trainer.modules else ""),
+        *([f"  extra  {len(trainer.extra)} samples from {len(trainer.extra.sources)} source(s) "
+           f"({trainer.extra.info['pseudo_labelled']} pseudo-labelled), {cfg.data.extra_fraction:g} of each batch; "
+           f"{len(trainer.train_loader)} batches an epoch"] if trainer.extra is not None else []),
         f"  threat {cfg.threat.norm} eps={trainer.eps_full:.4g}",
         f"  train  {t.epochs} epochs x {len(trainer.train_loader)} batches of {t.batch_size} on {trainer.device}, "
         f"{t.optimizer} lr={t.lr:g} ({t.schedule})",

@@ -101,7 +101,10 @@ EXTRA = ["data.extra_fraction=0.5", "fgsm_pgk.buffers=host"]
 def test_fgsm_pgk_buffers_index_extra_samples_and_a_mid_epoch_resume_is_bit_identical(sources, tmp_path):
     labelled, _, _ = sources
     over = [*EXACT, *EXTRA, f'data.extra=["{labelled}"]']
+    from regdefense.run import check
+
     cfg = tiny_config(["fgsm_pgk"], over)
+    assert "extra  300 samples from 1 source(s) (0 pseudo-labelled), 0.5 of each batch; 9 batches" in check(cfg)
     full = Trainer(cfg, pm=activate(["fgsm_pgk"], cfg.defense), run_dir=tmp_path / "full")
     assert full.index_size == full.train_size + 300 and isinstance(full.train_loader, MixedLoader)
     full.fit()
