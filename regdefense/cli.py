@@ -161,6 +161,10 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
              "hooks": ", ".join(h.removeprefix("regdefense_") + (" (wrapper)" if h in i["wrappers"] else "")
                                 for h in i["hooks"])} for i in infos]
     click.echo(_table(rows, [("name", "defense"), ("dist", "distribution"), ("status", "status"), ("hooks", "hooks")]))
+    from regdefense.trackers import available
+
+    trackers = sorted(f"{n} ({ep.dist.metadata['Name'] if ep.dist else '?'})" for n, ep in available().items())
+    click.echo("\nexperiment trackers (--log NAME): " + (", ".join(trackers) or "none"))
 
 
 @plugins.command("show")
@@ -240,9 +244,11 @@ def compare(runs, plot, as_json) -> None:
     from regdefense import compare as cmp
 
     rows = [cmp.read_run(r) for r in runs]
+    cmp.split_recipes(rows)
     groups = cmp.group(rows)
     if as_json:
-        click.echo(json.dumps({"groups": groups, "runs": rows}, indent=2))
+        click.echo(json.dumps({"groups": groups, "runs": [{k: v for k, v in r.items() if k != "settings"}
+                                                          for r in rows]}, indent=2))
     else:
         click.echo(cmp.table(groups, rows))
     if plot:
@@ -283,7 +289,8 @@ def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_
         return
     rows = sw.run(jobs, attacks=list(attacks), eval_n=eval_n, echo=lambda m: click.echo(m, err=as_json))
     groups = cmp.group(rows)
-    click.echo(json.dumps({"groups": groups, "runs": rows}, indent=2) if as_json else "\n" + cmp.table(groups, rows))
+    lean = [{k: v for k, v in r.items() if k != "settings"} for r in rows]
+    click.echo(json.dumps({"groups": groups, "runs": lean}, indent=2) if as_json else "\n" + cmp.table(groups, rows))
     if plot:
         cmp.plot(groups, Path(plot))
 

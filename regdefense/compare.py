@@ -2,7 +2,8 @@
 
 Each run contributes its final table's last-epoch row (clean and PGD accuracy), its latest ``regdefense evaluate``
 report when there is one (the AutoAttack worst case when the ``autoattack`` suite ran) and its cost. Runs group by
-recipe — the defense stack, dataset and architecture — and each group reports mean ± standard deviation (sample, n−1)
+recipe — the defense stack, dataset and architecture, split further by any other setting that differs between
+runs (:func:`split_recipes`) — and each group reports mean ± standard deviation (sample, n−1)
 over its seeds. A run that did not finish is shown, with why, and counted as failed — never dropped.
 """
 
@@ -28,7 +29,8 @@ def read_run(path: str | Path) -> dict[str, Any]:
     model = (config.get("model") or {}).get("name", "auto")
     row: dict[str, Any] = {"run": str(path), "seed": (config.get("train") or {}).get("seed"),
                            "recipe": f"{'+'.join(config.get('defenses') or []) or 'clean'} | "
-                                     f"{(config.get('data') or {}).get('name', '?')} | {model}"}
+                                     f"{(config.get('data') or {}).get('name', '?')} | {model}",
+                           "settings": settings(config)}
     try:
         summary = json.loads((path / "summary.json").read_text())
     except (OSError, ValueError):
@@ -46,6 +48,39 @@ def read_run(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError):
         row["autoattack"] = None
     return row
+
+
+#: config values that differ between the seeds of one recipe without making it another recipe
+PER_RUN = {"train.seed", "train.out_dir", "train.device", "train.progress", "train.log", "train.save_every"}
+
+
+def settings(config: dict[str, Any]) -> dict[str, str]:
+    """A run's config as flat ``section.key`` → value text, without what varies from run to run of one recipe."""
+    flat = {}
+    for section, values in config.items():
+        if section in ("versions", "resolved"):
+            continue
+        items = values.items() if isinstance(values, dict) else [("", values)]
+        for key, value in items:
+            if isinstance(value, dict):  # [defense.NAME] tables
+                flat |= {f"{key}.{k}": json.dumps(v) for k, v in value.items()}
+            else:
+                flat[f"{section}.{key}".rstrip(".")] = json.dumps(value)
+    return {k: v for k, v in flat.items() if k not in PER_RUN}
+
+
+def split_recipes(rows: list[dict[str, Any]]) -> None:
+    """Runs that share stack | data | model but differ in other settings are different recipes: name each by the
+    settings that tell them apart (``pgd_at | digits | auto (pgd_at.steps=7)``)."""
+    for label in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == label and r.get("settings") is not None]
+        variants = {json.dumps(r["settings"], sort_keys=True) for r in mine}
+        if len(variants) < 2:
+            continue
+        keys = sorted({k for r in mine for k in r["settings"]})
+        differ = [k for k in keys if len({r["settings"].get(k) for r in mine}) > 1]
+        for r in mine:
+            r["recipe"] = f"{label} (" + ", ".join(f"{k}={r['settings'].get(k, '–')}" for k in differ) + ")"
 
 
 def group(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

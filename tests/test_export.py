@@ -112,3 +112,12 @@ def test_compare_groups_seeds_by_recipe_and_shows_failed_runs(run, tmp_path):
     assert plot.exists() and plot.stat().st_size > 1000
     text = CliRunner().invoke(cli, ["compare", *map(str, seeds), str(broken)]).output
     assert "failed or unfinished runs:" in text and "broken" in text
+    other = tmp_path / "steps7"  # the same stack, data and model with another setting is another recipe
+    other.mkdir()
+    cfg = json.loads((seeds[1] / "config.json").read_text())
+    cfg["defense"]["pgd_at"]["steps"] = 7
+    (other / "config.json").write_text(json.dumps(cfg))
+    (other / "summary.json").write_text((seeds[1] / "summary.json").read_text())
+    out = json.loads(CliRunner().invoke(cli, ["compare", *map(str, seeds), str(other), "--json"]).output)
+    assert {g["recipe"]: g["runs"] for g in out["groups"]} == {"pgd_at | digits | auto (pgd_at.steps=10)": 2,
+                                                               "pgd_at | digits | auto (pgd_at.steps=7)": 1}

@@ -149,3 +149,12 @@ def test_train_log_option_names_the_tracker(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--log", "tensorboard", "--log", "tensorbored", "--out",
                                       str(tmp_path / "r"), "--epochs", "1", "--quiet"])
     assert result.exit_code != 0 and "unknown tracker 'tensorbored'" in result.output
+
+
+def test_plugins_lists_the_installed_trackers():
+    from click.testing import CliRunner
+
+    from regdefense.cli import cli
+
+    out = CliRunner().invoke(cli, ["plugins"]).output
+    assert "experiment trackers (--log NAME): mlflow (regdefense), tensorboard (regdefense), wandb (regdefense)" in out
