@@ -2,8 +2,8 @@
 2020, Rebuffi et al. 2021, Wang et al. 2023).
 
 ``data.extra = ["gen/1m.npz", "unlabeled/"]`` adds sources — ``.npz`` files (arrays ``x``/``y``, or ``image``/``label``
-as the generated-data files of Wang et al. name them; ``y`` optional) or image folders (one sub-folder per class, or
-loose images without labels). An uncompressed ``.npz`` (``np.savez``) is memory-mapped, not read: tens of millions of
+as the generated-data files of Wang et al. name them; ``y`` optional), folders of WebDataset shards or of class
+sub-folders (labelled, read per batch like the streamed data path), or folders of loose images (unlabeled). An uncompressed ``.npz`` (``np.savez``) is memory-mapped, not read: tens of millions of
 32-px images cost no memory until a batch reads its rows. Sources without labels get pseudo-labels from
 ``data.teacher`` (a run directory, checkpoint, export or ``hf:`` model): computed once, cached with the teacher's
 confidence under ``$REGDEFENSE_CACHE/pseudo``, reused by every later run; ``data.pseudo_min_confidence`` drops the
@@ -33,8 +33,6 @@ from torch import Tensor
 
 from regdefense.data import augment_batch, draw_augment
 from regdefense.errors import DataError
-
-UNLABELED = -1
 
 
 def _npz_member(path: Path, name: str) -> np.ndarray:
@@ -106,20 +104,41 @@ class ArraySource:
         return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
 
 
+class StreamSource:
+    """Labelled image files read when a batch needs them: a folder of class sub-folders, or of WebDataset shards
+    (``*.tar``, read by offset) — the index of the streamed data path (:mod:`regdefense.stream`); resized to the
+    training images' size. Decoded in the training process, batch by batch."""
+
+    def __init__(self, path: Path, size: int | None) -> None:
+        from regdefense.stream import scan_folder, scan_shards
+
+        self.path = path
+        self.split = scan_shards(path, size) if any(path.glob("*.tar")) else scan_folder(path, None, size)[0]
+        self.y = self.split.y.numpy()
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        return tuple(self.split.shape[1:])
+
+    def rows(self, rows: np.ndarray) -> Tensor:
+        return self.split.floats(torch.from_numpy(np.asarray(rows, dtype=np.int64)))
+
+
 class FolderSource:
-    """An image folder: one sub-folder per class (labelled) or loose images (unlabeled), decoded into memory."""
+    """Loose images without labels in one folder, decoded into memory (pseudo-labelled by ``data.teacher``)."""
 
     def __init__(self, path: Path, size: int | None) -> None:
         from PIL import Image
 
         self.path = path
-        subdirs = sorted(p for p in path.iterdir() if p.is_dir())
-        files = [(f, i) for i, d in enumerate(subdirs) for f in sorted(d.iterdir()) if f.is_file()] if subdirs else \
-            [(f, UNLABELED) for f in sorted(path.iterdir()) if f.is_file()]
+        files = [f for f in sorted(path.iterdir()) if f.is_file()]
         if not files:
             raise DataError(f"data.extra: {path} holds no images")
         images = []
-        for f, _ in files:
+        for f in files:
             try:
                 with Image.open(f) as im:
                     im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
@@ -128,8 +147,7 @@ class FolderSource:
                 raise DataError(f"data.extra: cannot decode {f}: {exc}") from None
         self.x = np.stack(images)
         self.layout = "nhw" if self.x.ndim == 3 else "nhwc"
-        labels = np.array([i for _, i in files], dtype=np.int64)
-        self.y = None if subdirs == [] else labels
+        self.y = None
 
     __len__ = ArraySource.__len__
     chw = ArraySource.chw
@@ -177,11 +195,13 @@ def open_sources(paths: list[str], shape: tuple[int, int, int], size: int | None
         path = Path(p).expanduser()
         if path.suffix == ".npz" and path.is_file():
             src = ArraySource(path)
+        elif path.is_dir() and (any(path.glob("*.tar")) or any(d.is_dir() for d in path.iterdir())):
+            src = StreamSource(path, size or shape[-1])
         elif path.is_dir():
-            src = FolderSource(path, size)
+            src = FolderSource(path, size or shape[-1])
         elif path.suffix == ".tar" or not path.exists():
             raise DataError(f"data.extra: {p} " + ("does not exist" if not path.exists() else
-                            "is a shard; extra data takes .npz files (memory-mapped) and image folders"))
+                            "is one shard; give the folder that holds the shards"))
         else:
             raise DataError(f"data.extra: {p} is neither an .npz file nor an image folder")
         if tuple(src.chw) != tuple(shape):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from test_reliability import EXACT, SignalAt, _weights
+from test_stream import folder, shards  # noqa: F401  (fixtures)
 
 from regdefense import checkpoint
 from regdefense.config import DataConfig
@@ -166,3 +167,18 @@ def test_the_swish_wideresnets_and_the_cosinew_schedule_of_the_extra_data_recipe
         opt.step()
         sched.step()
     assert max(range(400), key=rates.__getitem__) == 9 and rates[9] == pytest.approx(0.2)
+
+
+def test_extra_images_stream_from_webdataset_shards_and_class_folders(shards, folder):
+    from regdefense.stream import scan_folder, scan_shards
+
+    extra = load_extra(DataConfig(extra=[str(shards / "train"), str(folder / "train")]), (3, 16, 16), 3)
+    assert len(extra) == 180 and not extra.pseudo.any()
+    by_shard, by_folder = scan_shards(shards / "train", 16), scan_folder(folder / "train", None, 16)[0]
+    assert torch.equal(extra.labels, torch.cat([by_shard.y, by_folder.y]))
+    got = extra.floats(torch.tensor([95, 3]))  # read by offset from a shard / decoded from a file, per batch
+    assert torch.equal(got[0], by_folder.floats(torch.tensor([5]))[0]) and torch.equal(got[1], by_shard.floats(
+        torch.tensor([3]))[0])
+    assert extra.origin(95) == (str(folder / "train"), 5)
+    with pytest.raises(DataError, match="one shard; give the folder"):
+        load_extra(DataConfig(extra=[str(next((shards / "train").glob("*.tar")))]), (3, 16, 16), 3)
