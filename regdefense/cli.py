@@ -315,6 +315,9 @@ def models() -> None:
     for name in list_models():
         doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()
         click.echo(f"{name:18s} {doc[0] if doc else ''}")
+    click.echo(f"{'timm:NAME':18s} any timm architecture (`timm.list_models()`), e.g. timm:convnext_tiny")
+    click.echo(f"{'robustbench:NAME':18s} a RobustBench zoo entry's architecture, e.g. "
+               f"robustbench:Wang2023Better_WRN-28-10 (model.pretrained: with its weights)")
 
 
 def main() -> None:

@@ -163,3 +163,8 @@ def test_robustbench_imports_without_pkg_resources_or_the_autoattack_module(monk
         for name in [k for k in sys.modules if k == "robustbench" or k.startswith("robustbench.")]:
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def test_models_lists_the_zoo_prefixes_and_the_swish_wideresnets():
+    out = CliRunner().invoke(cli, ["models"]).output
+    assert "robustbench:NAME" in out and "timm:NAME" in out and "wrn28_10_swish" in out and "wrn70_16_swish" in out

@@ -198,8 +198,9 @@ def preact_resnet18(in_channels: int, num_classes: int, image_size: int, pretrai
 def wideresnet(in_channels: int, num_classes: int, image_size: int, pretrained: bool = False,
                depth: int = 34, widen: int = 10, drop: float = 0.0, activation: str = "relu",
                bn_momentum: float = 0.1) -> nn.Module:
-    """WideResNet; ``model.depth``, ``model.widen`` choose the size (default WRN-34-10), ``model.activation`` and
-    ``model.bn_momentum`` the Swish variant (``silu``, 0.01)."""
+    """WideResNet of model.depth and model.widen (default 34-10); model.activation=silu for the Swish variant.
+
+    ``model.bn_momentum`` = 0.01 with it, as Gowal et al.'s zoo has it."""
     _no_pretrained("wideresnet", pretrained)
     return WideResNet(depth, widen, in_channels, num_classes, drop, activation, bn_momentum)
 
