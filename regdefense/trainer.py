@@ -661,6 +661,8 @@ class Trainer:
         mode, split = self.config.data.on_device, self.data.train
         if self.device.type != "cuda" or mode == "off" or not isinstance(split, Split):
             return False
+        if self.extra is not None and mode == "auto":  # mixed batches are assembled on the host anyway
+            return False
         if mode == "auto":
             total = torch.cuda.get_device_properties(self.device).total_memory
             if split.x.element_size() * split.x.nelement() > total // 4:
