@@ -116,9 +116,10 @@ def model_card(run: Path, info: dict[str, Any]) -> str:
     stack = "+".join(info.get("stack") or []) or "clean"
     data, train = config.get("data") or {}, config.get("train") or {}
     eps = info["threat"]["eps"]
+    summary, report = _read_json(run / "summary.json"), _read_json(run / "eval" / "report.json")
     lines = ["---", "library_name: regdefense", "tags:", "- adversarial-robustness", "- adversarial-training",
              "- image-classification", *[f"- {d}" for d in (info.get("stack") or [])],
-             f"datasets:\n- {info.get('dataset')}", "---", "",
+             f"datasets:\n- {info.get('dataset')}", *_model_index(run.name, info, summary, report), "---", "",
              f"# {run.name}", "",
              f"An image classifier trained with **regdefense** (stack `{stack}`) on `{info.get('dataset')}` against "
              f"{info['threat']['norm']} perturbations of ε = {eps:.4g} ({eps * 255:.3g}/255).", "",
@@ -130,7 +131,6 @@ def model_card(run: Path, info: dict[str, Any]) -> str:
              f"| seed | {train.get('seed')} |",
              f"| epochs | {info.get('epoch')} of {train.get('epochs')}, batch {train.get('batch_size')}, "
              f"{train.get('optimizer')} lr {train.get('lr')} ({train.get('schedule')}) |"]
-    summary = _read_json(run / "summary.json")
     cost = (summary or {}).get("cost") or {}
     if cost:
         lines.append(f"| cost | {cost.get('wall_seconds', 0):.0f} s wall, "
@@ -142,7 +142,6 @@ def model_card(run: Path, info: dict[str, Any]) -> str:
                   "| model | clean | robust | attack | n |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {100 * r['clean']:.2f}% | {100 * r['robust']:.2f}% | {r['attack']} | {r['n']} |"
                   for r in summary["table"]]
-    report = _read_json(run / "eval" / "report.json")
     if report:
         meta = report["meta"]
         lines += ["", f"## `regdefense evaluate` ({meta.get('n')} test points, ε = {float(meta['eps']):.4g})", "",
@@ -157,6 +156,31 @@ def model_card(run: Path, info: dict[str, Any]) -> str:
               "model = load(snapshot_download(\"ORG/NAME\"))  # inputs in [0, 1]; normalisation is inside", "```", "",
               "or `regdefense evaluate hf:ORG/NAME --attacks autoattack`.", ""]
     return "\n".join(lines)
+
+
+def _model_index(name: str, info: dict[str, Any], summary: dict | None, report: dict | None) -> list[str]:
+    """The Hub's ``model-index`` metadata: clean accuracy and the headline robust accuracy (the evaluate report's
+    official AutoAttack when it ran, else its worst case, else the final table's PGD)."""
+    metrics = []
+    threat = f"{info['threat']['norm']}, eps={info['threat']['eps']:.4g}"
+    if report:
+        metrics.append(("accuracy", 100 * report["clean"], "clean accuracy"))
+        aa = [r for r in report["rows"] if r["suite"] == "autoattack" and r["kind"] == "group worst case"]
+        worst = aa[0] if aa else next((r for r in report["rows"] if r["kind"] == "worst case"), None)
+        if worst is not None:
+            label = "AutoAttack" if aa else "worst case of regdefense evaluate"
+            metrics.append(("robust-accuracy", 100 * worst["robust"], f"{label} ({threat})"))
+    elif summary:
+        row = summary["table"][0]
+        metrics += [("accuracy", 100 * row["clean"], "clean accuracy"),
+                    ("robust-accuracy", 100 * row["robust"], f"{row['attack']}")]
+    if not metrics:
+        return []
+    out = ["model-index:", f"- name: {name}", "  results:", "  - task:", "      type: image-classification",
+           "    dataset:", f"      name: {info.get('dataset')}", f"      type: {info.get('dataset')}", "    metrics:"]
+    for kind, value, label in metrics:
+        out += [f"    - type: {kind}", f"      value: {value:.2f}", f"      name: {json.dumps(label)}"]
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -50,6 +50,13 @@ def test_a_push_to_the_local_cache_loads_back_offline_bit_for_bit(run, offline_h
     assert "library_name: regdefense" in card and "stack `pgd_at`" in card and "| seed | 3 |" in card
     assert f"{100 * summary['table'][0]['robust']:.2f}%" in card  # the final table
     assert "FGSM" in card and "s wall" in card  # the evaluate report and the cost
+    import yaml  # the Hub reads the front matter as YAML: its model-index carries the report's figures
+
+    meta = yaml.safe_load(card.split("---")[1])
+    report = json.loads((run / "eval" / "report.json").read_text())
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    worst = next(r for r in report["rows"] if r["kind"] == "worst case")["robust"]
+    assert metrics == {"accuracy": round(100 * report["clean"], 2), "robust-accuracy": round(100 * worst, 2)}
 
     hub = load_target("hf:lab/digits-pgd", device="cpu")
     local = load_target(run, device="cpu")
