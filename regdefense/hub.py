@@ -127,6 +127,8 @@ def model_card(run: Path, info: dict[str, Any]) -> str:
              f"| architecture | `{info['architecture']}` ({info['evaluated_model']}) |",
              f"| inputs | {info['inputs']}, shape {info['input_shape']}, {info['num_classes']} classes |",
              f"| stack | `{stack}` |",
+             *[f"| `{name}` settings | " + ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) + " |"
+               for name, values in (config.get("defense") or {}).items()],
              f"| data | `{data.get('name')}` |",
              f"| seed | {train.get('seed')} |",
              f"| epochs | {info.get('epoch')} of {train.get('epochs')}, batch {train.get('batch_size')}, "
@@ -151,6 +153,9 @@ def model_card(run: Path, info: dict[str, Any]) -> str:
     else:
         lines += ["", "No `regdefense evaluate` report yet: run `regdefense evaluate RUN --attacks autoattack` before "
                       "pushing to publish the official AutoAttack figure."]
+    lines += ["", "## Recipe", "", "`config.json` holds the run's whole resolved configuration (key `config`); "
+              "to train it again, write its sections as a TOML run file and run "
+              f"`regdefense train --config recipe.toml --seed {train.get('seed')}`."]
     lines += ["", "## Use", "", "```python",
               "from huggingface_hub import snapshot_download", "from regdefense.export import load", "",
               "model = load(snapshot_download(\"ORG/NAME\"))  # inputs in [0, 1]; normalisation is inside", "```", "",

@@ -48,6 +48,7 @@ def test_a_push_to_the_local_cache_loads_back_offline_bit_for_bit(run, offline_h
     card = (repo / "snapshots" / commit / "README.md").read_text()
     summary = json.loads((run / "summary.json").read_text())
     assert "library_name: regdefense" in card and "stack `pgd_at`" in card and "| seed | 3 |" in card
+    assert "| `pgd_at` settings | " in card and "steps=10" in card  # the recipe
     assert f"{100 * summary['table'][0]['robust']:.2f}%" in card  # the final table
     assert "FGSM" in card and "s wall" in card  # the evaluate report and the cost
     import yaml  # the Hub reads the front matter as YAML: its model-index carries the report's figures
