@@ -73,7 +73,7 @@ class ArraySource:
                             f"{sorted(n[:-4] for n in names)}")
         self.x = _npz_member(path, xkey)
         ykey = next((k for k in ("y", "label") if f"{k}.npy" in names), None)
-        self.y = np.asarray(_npz_member(path, ykey), dtype=np.int64) if ykey else None
+        self.y = np.array(_npz_member(path, ykey), dtype=np.int64) if ykey else None  # a copy: labels are small
         if self.x.ndim == 3:
             self.layout = "nhw"
         elif self.x.ndim == 4 and self.x.shape[-1] in (1, 3) and self.x.shape[1] not in (1, 3):
