@@ -260,6 +260,20 @@ def _source_digest(src) -> str:
     return h.hexdigest()[:16]
 
 
+def _weights_file(teacher: str) -> Path | None:
+    """The file holding the teacher's weights (a run's best.pt, a checkpoint, an export's weights), found without
+    loading the model, so a cached answer costs no model load; None for a zoo model (keyed by its name)."""
+    from regdefense.export import is_export, resolve
+
+    if str(teacher).startswith("robustbench:"):
+        return None
+    path = Path(resolve(teacher))
+    if is_export(path):
+        return next((f for f in (path / "model.safetensors", path / "model.ts") if f.exists()), None)
+    path = path / "checkpoints" / "best.pt" if path.is_dir() else path
+    return path if path.is_file() else None
+
+
 def pseudo_labels(src, teacher: str, *, device: str = "auto", batch_size: int = 512,
                   echo=print) -> tuple[Tensor, Tensor]:
     """The teacher's labels and softmax confidence for every row of ``src``, computed once and cached (keyed by the
@@ -267,9 +281,8 @@ def pseudo_labels(src, teacher: str, *, device: str = "auto", batch_size: int = 
     from regdefense import ledger
     from regdefense.evaluate import load_target
 
-    t = load_target(teacher, n=1, device=device)
-    weights = Path(t.meta.get("source") or t.meta["target"])
-    key = hashlib.sha256(((ledger.fingerprint(weights) if weights.is_file() else str(teacher)) + "|"
+    weights = _weights_file(teacher)
+    key = hashlib.sha256(((ledger.fingerprint(weights) if weights is not None else str(teacher)) + "|"
                           + _source_digest(src)).encode()).hexdigest()[:20]
     path = cache_dir() / f"{key}.pt"
     if path.exists():
@@ -281,6 +294,7 @@ def pseudo_labels(src, teacher: str, *, device: str = "auto", batch_size: int = 
         except (OSError, RuntimeError, KeyError):
             pass  # unreadable: compute again
     echo(f"pseudo-labelling {len(src)} images of {src.path} with {teacher} ...")
+    t = load_target(teacher, n=1, device=device)  # only on a cache miss
     model, labels, conf = t.model.eval(), [], []
     with torch.no_grad():
         for start in range(0, len(src), batch_size):

@@ -84,14 +84,12 @@ def run(jobs: list[Job], *, attacks: list[str] | None = None, eval_n: int | None
             if attacks and not (job.out / "eval" / "report.json").exists():
                 echo(f"{head}: evaluating ({', '.join(attacks)})")
                 evaluate(job.out, suites=attacks, n=eval_n, progress=False)
-        except (Exception, KeyboardInterrupt) as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
+        except Exception as exc:  # one run's failure is a row of the table, not the end of the sweep
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             echo(f"{head}: failed: {why}")
             job.out.mkdir(parents=True, exist_ok=True)
-            if not (job.out / "error.log").exists() or not isinstance(exc, UserError):
-                (job.out / "error.log").write_text("".join(traceback.format_exception(exc)) + why + "\n")
+            with open(job.out / "error.log", "a") as fh:  # after any traceback the trainer wrote; the last line says why
+                fh.write("".join(traceback.format_exception(exc)) + why + "\n")
         rows.append(_row(job, compare))
     return rows
 

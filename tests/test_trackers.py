@@ -132,7 +132,8 @@ def test_a_third_party_tracker_sees_every_epoch_and_finishes_even_when_the_run_f
     monkeypatch.setattr(Trainer, "save_checkpoints", disk_full)
     with pytest.raises(UserError, match="No space left"):
         train(overrides=[*COMMON, 'train.log=["echo"]'], out=tmp_path / "bad", echo=lambda s: None)
-    assert seen == [("log", 1, pytest.approx(seen[0][2])), ("finish", False)]  # finished, as failed
+    bad = json.loads((tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()[0])
+    assert seen == [("log", 1, bad["val_clean"]), ("finish", False)]  # the epoch it saw, then finished as failed
 
 
 def test_an_unknown_tracker_is_refused_before_anything_runs(tmp_path):
