@@ -4,26 +4,29 @@ Plugins import the hook marker from here::
 
     from regdefense import hookimpl, option
 
-The Python API: :func:`train`, :class:`Trainer`, :class:`RunConfig`, :class:`Step`,
+The Python API: :func:`train`, :func:`load_model` (the evaluated model of a run, checkpoint, export,
+``hf:`` or ``robustbench:`` target), :class:`Trainer`, :class:`RunConfig`, :class:`Step`, :class:`Defense`,
 :func:`activate`, :func:`catalogue`, :func:`create_model`, :func:`resolve_attack`.
 """
 
 from __future__ import annotations
 
-import pluggy
-
-__version__ = "0.1.0"
-
-#: marker for hook implementations in defense classes
-hookimpl = pluggy.HookimplMarker("regdefense")
-
-from regdefense.config import RunConfig, option  # noqa: E402  (light: stdlib only)
-from regdefense.errors import UserError  # noqa: E402
+from regdefense._version import __version__
+from regdefense.config import RunConfig, option  # light: stdlib only
+from regdefense.errors import UserError
+from regdefense.hookspecs import hookimpl  # light: pluggy only
 
 _LAZY = {
-    "Trainer": "regdefense.trainer", "Step": "regdefense.step", "train": "regdefense.run",
-    "load_run": "regdefense.run", "activate": "regdefense.plugins", "catalogue": "regdefense.plugins",
-    "create_model": "regdefense.models", "resolve_attack": "regdefense.attacks", "pgd": "regdefense.attacks",
+    "Trainer": "regdefense.trainer",
+    "Step": "regdefense.step",
+    "train": "regdefense.run",
+    "load_model": "regdefense.restore",
+    "Defense": "regdefense.defense",
+    "activate": "regdefense.plugins",
+    "catalogue": "regdefense.plugins",
+    "create_model": "regdefense.models",
+    "resolve_attack": "regdefense.attacks",
+    "pgd": "regdefense.attacks",
 }
 
 __all__ = ["__version__", "hookimpl", "option", "RunConfig", "UserError", *_LAZY]

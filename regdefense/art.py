@@ -18,12 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-
 from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
 from art.defences.trainer.trainer import Trainer as ARTTrainer
+from torch import Tensor, nn
 
+from regdefense.data import Data, Split
 from regdefense.errors import UserError
+from regdefense.hookspecs import hookimpl
+from regdefense.parts import load_config
+from regdefense.plugins import activate
+from regdefense.targets import load_target
+from regdefense.trainer import Trainer
 
 
 class ARTInputAdapter(nn.Module):
@@ -37,7 +42,7 @@ class ARTInputAdapter(nn.Module):
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
         self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
 
-    def _shape(self, t: Tensor, x: Tensor) -> Tensor:
+    def _shape(self, t: Any, x: Tensor) -> Tensor:
         return t.view(1, -1, *[1] * (x.dim() - 2)) if t.dim() == 1 and t.numel() == x.shape[1] else t
 
     def forward(self, x: Tensor) -> Tensor:
@@ -58,6 +63,7 @@ class _GeneratorLoader:
 
     def __init__(self, generator, to01) -> None:
         self.generator, self.to01 = generator, to01
+        self.size = generator.size  #: samples an epoch covers (the trainer's train_size)
         self.batches = math.ceil(generator.size / generator.batch_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -85,8 +91,13 @@ class RegDefenseTrainer(ARTTrainer):
         ε is in units of the clip range (inputs are rescaled to [0, 1] inside).
     """
 
-    def __init__(self, classifier, defenses: list[str] | None = None, configs: dict[str, dict[str, Any]] | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        classifier,
+        defenses: list[str] | None = None,
+        configs: dict[str, dict[str, Any]] | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__(classifier)
         self.defenses = list(defenses if defenses is not None else ["pgd_at"])
         self.configs = {k: dict(v) for k, v in (configs or {}).items()}
@@ -95,36 +106,51 @@ class RegDefenseTrainer(ARTTrainer):
         self.lo, self.hi = float(np.min(clip[0])), float(np.max(clip[1]))
         prep = classifier.preprocessing
         mean, std = (prep.mean, prep.std) if prep is not None and hasattr(prep, "mean") else (0.0, 1.0)
-        self.module = ARTInputAdapter(classifier.model, (self.lo, self.hi), mean, std,
-                                      list(classifier.preprocessing_defences or []))
+        self.module = ARTInputAdapter(
+            classifier.model, (self.lo, self.hi), mean, std, list(classifier.preprocessing_defences or [])
+        )
         self.trainer = None
 
     def _to01(self, x: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        return ((x - self.lo) / (self.hi - self.lo)).clamp(0, 1)
+        t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        return ((t - self.lo) / (self.hi - self.lo)).clamp(0, 1)
 
-    def _build(self, x01: torch.Tensor, y: torch.Tensor, batch_size: int, nb_epochs: int):
-        from regdefense.data import Data, Split
-        from regdefense.plugins import activate
-        from regdefense.run import load_config
-        from regdefense.trainer import Trainer
-
-        sections = {"train": {"epochs": nb_epochs, "batch_size": batch_size, "progress": False, "seed": self.seed,
-                              "device": str(self.classifier.device), "schedule": "constant"},
-                    "data": {"val_fraction": 0.0}}
+    def _build(self, x01: torch.Tensor, y: torch.Tensor, batch_size: int, nb_epochs: int, loader: Any = None):
+        sections: dict[str, dict[str, Any]] = {
+            "train": {
+                "epochs": nb_epochs,
+                "batch_size": batch_size,
+                "progress": False,
+                "seed": self.seed,
+                "device": str(self.classifier.device),
+                "schedule": "constant",
+            },
+            "data": {"val_fraction": 0.0},
+        }
         for key, values in self.configs.items():
             sections.setdefault(key, {}).update(values)
         cfg = load_config(defenses=self.defenses, overrides=sections)
         split = Split(x01, y)
-        data = Data(name="art", train=split, val=None, test=Split(x01[:2], y[:2]),
-                    num_classes=self.classifier.nb_classes, default_eps=8 / 255)
-        trainer = Trainer(cfg, pm=activate(self.defenses, cfg.defense), data=data, model=self.module,
-                          optimizer=self.classifier.optimizer)
+        data = Data(
+            name="art",
+            train=split,
+            val=None,
+            test=Split(x01[:2], y[:2]),
+            num_classes=self.classifier.nb_classes,
+            default_eps=8 / 255,
+        )
+        trainer = Trainer(
+            cfg,
+            pm=activate(self.defenses, cfg.defense),
+            data=data,
+            model=self.module,
+            optimizer=self.classifier.optimizer,
+            loader=loader,
+        )
         return trainer
 
     def _fit(self, trainer, nb_epochs: int, scheduler) -> None:
         if scheduler is not None:
-            from regdefense import hookimpl
 
             class _Step:
                 name = "art_scheduler"
@@ -141,8 +167,9 @@ class RegDefenseTrainer(ARTTrainer):
             self.classifier.model.eval()
         self.trainer = trainer
 
-    def fit(self, x: np.ndarray, y: np.ndarray, nb_epochs: int = 20, batch_size: int = 128, scheduler=None,
-            **kwargs) -> None:
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, nb_epochs: int = 20, batch_size: int = 128, scheduler=None, **kwargs
+    ) -> None:
         """Train on numpy arrays (``x`` in the classifier's clip range, ``y`` indices or one-hot)."""
         if len(x) != len(y):
             raise UserError(f"x has {len(x)} samples but y has {len(y)}")
@@ -155,17 +182,23 @@ class RegDefenseTrainer(ARTTrainer):
         Per-sample state (``fgsm_pgk``) is indexed by position in the epoch, not by dataset index.
         """
         x0, y0 = generator.get_batch()
-        trainer = self._build(self._to01(x0), _labels(y0), generator.batch_size, nb_epochs)
-        trainer.train_loader = _GeneratorLoader(generator, self._to01)
-        trainer.train_size = trainer.index_size = trainer.epoch_samples = generator.size
+        trainer = self._build(
+            self._to01(x0), _labels(y0), generator.batch_size, nb_epochs, loader=_GeneratorLoader(generator, self._to01)
+        )
         self._fit(trainer, nb_epochs, scheduler)
 
     def predict(self, x: np.ndarray, **kwargs) -> np.ndarray:
         return self.classifier.predict(x, **kwargs)
 
 
-def to_art_classifier(run_or_model, *, input_shape: tuple[int, ...] | None = None, nb_classes: int | None = None,
-                      which: str = "best", lr: float = 1e-3):
+def to_art_classifier(
+    run_or_model,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    nb_classes: int | None = None,
+    which: str = "best",
+    lr: float = 1e-3,
+):
     """A ``PyTorchClassifier`` (clip values (0, 1), CE loss, an Adam optimizer) from a run directory,
     a checkpoint, or a trained ``nn.Module`` (then give ``input_shape`` and ``nb_classes``)."""
     from art.estimators.classification import PyTorchClassifier
@@ -175,16 +208,20 @@ def to_art_classifier(run_or_model, *, input_shape: tuple[int, ...] | None = Non
             raise UserError("to_art_classifier(model) needs input_shape and nb_classes")
         model = run_or_model
     else:
-        from regdefense.evaluate import load_target
-
         t = load_target(run_or_model, which=which)
         model, input_shape, nb_classes = t.model, tuple(t.x.shape[1:]), t.num_classes
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr) if params else None
     device = next(model.parameters()).device
-    return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
-                             nb_classes=nb_classes, optimizer=optimizer, clip_values=(0.0, 1.0),
-                             device_type="gpu" if device.type == "cuda" else "cpu")
+    return PyTorchClassifier(
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(input_shape),
+        nb_classes=nb_classes,
+        optimizer=optimizer,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if device.type == "cuda" else "cpu",
+    )
 
 
 class PurifierPreprocessor(PreprocessorPyTorch):
@@ -193,19 +230,18 @@ class PurifierPreprocessor(PreprocessorPyTorch):
     Gradients flow through it (full-gradient attacks); it is applied at prediction and not at fit time.
     """
 
-    def __init__(self, purified: nn.Module, device_type: str = "cpu", apply_fit: bool = False,
-                 apply_predict: bool = True) -> None:
+    def __init__(
+        self, purified: nn.Module, device_type: str = "cpu", apply_fit: bool = False, apply_predict: bool = True
+    ) -> None:
         super().__init__(device_type=device_type, is_fitted=True, apply_fit=apply_fit, apply_predict=apply_predict)
         self.purified = purified.to(self._device).eval()
 
     @classmethod
     def from_run(cls, run: str, which: str = "best", device_type: str = "cpu") -> "PurifierPreprocessor":
-        from regdefense.evaluate import load_target
-
         model = load_target(run, which=which, n=1).model
         if not hasattr(model, "purified"):
             raise UserError(f"{run} is not an atop run (its evaluated model has no purifier)")
-        return cls(model.purified, device_type=device_type)
+        return cls(getattr(model, "purified"), device_type=device_type)
 
     def forward(self, x: Tensor, y: Any = None) -> tuple[Tensor, Any]:
         return self.purified(x), y

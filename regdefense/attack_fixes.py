@@ -46,5 +46,7 @@ class UPGD(torchattacks.UPGD):
 
 
 #: torchattacks names whose class is replaced, with what the fix is, for listings and reports
-FIXED = {"CW": (CW, "margin with the true class masked to -inf (torchattacks takes max((1-onehot)*z))"),
-         "UPGD": (UPGD, "loss='margin' with the true class masked to -inf")}
+FIXED = {
+    "CW": (CW, "margin with the true class masked to -inf (torchattacks takes max((1-onehot)*z))"),
+    "UPGD": (UPGD, "loss='margin' with the true class masked to -inf"),
+}

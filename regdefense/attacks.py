@@ -81,10 +81,22 @@ def random_start(x: Tensor, eps: float, norm: str) -> Tensor:
     return d * r * eps
 
 
-def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-        loss_fn: Callable[[Tensor, Any], Tensor] | None = None, start: Tensor | str | None = "uniform",
-        train_mode: bool = False, info: dict | None = None, kappa_labels: Tensor | None = None,
-        clip_start: bool = True) -> Tensor:
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Any = None,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str = "linf",
+    loss_fn: Callable[[Tensor, Any], Tensor] | None = None,
+    start: Tensor | str | None = "uniform",
+    train_mode: bool = False,
+    info: dict | None = None,
+    kappa_labels: Tensor | None = None,
+    clip_start: bool = True,
+) -> Tensor:
     """Maximise ``loss_fn(model(x + δ), y)`` over ``‖δ‖ ≤ eps`` with ``x + δ`` in [0,1].
 
     :param loss_fn: summed over the batch, so each sample's step does not depend on the batch size
@@ -132,8 +144,19 @@ def pgd(model: nn.Module, x: Tensor, y: Any = None, *, eps: float, alpha: float,
     return (x + delta).detach()
 
 
-def early_stopped_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float, steps: int, tau: int,
-                      omega: float = 0.0, random_init: bool = True, info: dict | None = None) -> Tensor:
+def early_stopped_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    tau: int,
+    omega: float = 0.0,
+    random_init: bool = True,
+    info: dict | None = None,
+) -> Tensor:
     """FAT's inner maximisation (Zhang et al., ICML 2020): L∞ PGD on CE that stops, per point, ``tau`` steps after
     the point is first misclassified (PGD-K-τ), with Gaussian noise ``omega·N(0, I)`` added to each step.
 
@@ -171,8 +194,18 @@ def early_stopped_pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alp
     return (x + delta).detach()
 
 
-def kl_pgd(model: nn.Module, x: Tensor, *, eps: float, alpha: float, steps: int, norm: str = "linf",
-           train_mode: bool = False, info: dict | None = None, kappa_labels: Tensor | None = None) -> Tensor:
+def kl_pgd(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str = "linf",
+    train_mode: bool = False,
+    info: dict | None = None,
+    kappa_labels: Tensor | None = None,
+) -> Tensor:
     """TRADES' inner maximisation: maximise KL(p(x) ‖ p(x')) from x + 0.001·N(0, I), label-free.
 
     The clean distribution is computed once (in the attack's mode) and held fixed, as in TRADES'
@@ -185,8 +218,21 @@ def kl_pgd(model: nn.Module, x: Tensor, *, eps: float, alpha: float, steps: int,
         return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
 
     start = 0.001 * torch.randn_like(x)
-    return pgd(model, x, None, eps=eps, alpha=alpha, steps=steps, norm=norm, loss_fn=kl_sum, start=start,
-               train_mode=train_mode, info=info, kappa_labels=kappa_labels, clip_start=False)
+    return pgd(
+        model,
+        x,
+        None,
+        eps=eps,
+        alpha=alpha,
+        steps=steps,
+        norm=norm,
+        loss_fn=kl_sum,
+        start=start,
+        train_mode=train_mode,
+        info=info,
+        kappa_labels=kappa_labels,
+        clip_start=False,
+    )
 
 
 # --- library attacks by spec ------------------------------------------------------------------
@@ -207,8 +253,9 @@ def parse_spec(spec: str) -> AttackSpec:
     """``"torchattacks:PGD(eps=8/255, steps=10)"`` → AttackSpec; syntax errors raise ConfigError."""
     library, sep, rest = spec.strip().partition(":")
     if not sep:
-        raise ConfigError(f"attack spec '{spec}' must start with a library: "
-                          f"{', '.join(l + ':Name(...)' for l in LIBRARIES)}")
+        raise ConfigError(
+            f"attack spec '{spec}' must start with a library: {', '.join(lib + ':Name(...)' for lib in LIBRARIES)}"
+        )
     if library not in LIBRARIES:
         raise ConfigError(unknown("attack library", library, LIBRARIES) + f" (in '{spec}')")
     try:
@@ -224,9 +271,11 @@ def parse_spec(spec: str) -> AttackSpec:
         try:
             kwargs[kw.arg] = safe_eval(kw.value)
         except (ValueError, ZeroDivisionError, TypeError):
-            raise ConfigError(f"attack spec '{spec}': value of {kw.arg} must be a literal "
-                              f"(number, string, bool, list), got {ast.unparse(kw.value)}") from None
-    return AttackSpec(library, node.func.id, kwargs)
+            raise ConfigError(
+                f"attack spec '{spec}': value of {kw.arg} must be a literal "
+                f"(number, string, bool, list), got {ast.unparse(kw.value)}"
+            ) from None
+    return AttackSpec(library, node.func.id, {str(k): v for k, v in kwargs.items()})
 
 
 def _check_common(spec: AttackSpec) -> None:
@@ -240,7 +289,7 @@ def _check_common(spec: AttackSpec) -> None:
 
 
 def _check_kwargs(spec: AttackSpec, cls: type, skip: tuple[str, ...]) -> None:
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(getattr(cls, "__init__")).parameters  # the class as written, self included
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     valid = [p for p in params if p not in ("self",) + skip and params[p].kind is not inspect.Parameter.VAR_POSITIONAL]
@@ -249,12 +298,23 @@ def _check_kwargs(spec: AttackSpec, cls: type, skip: tuple[str, ...]) -> None:
             raise ConfigError(f"attack {spec.library}:{spec.name} has no argument '{key}'; valid: {', '.join(valid)}")
 
 
+def pgd_spec(norm: str, eps: float, steps: int, alpha: float | None = None) -> str:
+    """torchattacks' PGD (L∞) or PGDL2 with a random start, step ``alpha`` (default 2.5·ε/steps), as a spec string:
+    the one PGD of the final table, the suites and the sanity checks."""
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    name = "PGD" if norm == "linf" else "PGDL2"
+    return f"torchattacks:{name}(eps={eps!r}, alpha={alpha!r}, steps={steps}, random_start=True)"
+
+
 def torchattacks_names() -> list[str]:
     import torchattacks
 
     base = torchattacks.attack.Attack
-    return sorted(n for n, c in vars(torchattacks).items()
-                  if isinstance(c, type) and issubclass(c, base) and c is not base and n not in ("MultiAttack",))
+    return sorted(
+        n
+        for n, c in vars(torchattacks).items()
+        if isinstance(c, type) and issubclass(c, base) and c is not base and n not in ("MultiAttack",)
+    )
 
 
 def art_names() -> list[str]:
@@ -298,11 +358,16 @@ class LibraryAttack:
 
         with torch.no_grad(), model_mode(model, False):
             nb_classes = int(model(x[:1]).shape[1])
-        estimator = PyTorchClassifier(model=_Float32(model), loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
-                                      nb_classes=nb_classes, clip_values=(0.0, 1.0),
-                                      device_type="gpu" if x.is_cuda else "cpu")
+        estimator = PyTorchClassifier(
+            model=_Float32(model),
+            loss=nn.CrossEntropyLoss(),
+            input_shape=tuple(x.shape[1:]),
+            nb_classes=nb_classes,
+            clip_values=(0.0, 1.0),
+            device_type="gpu" if x.is_cuda else "cpu",
+        )
         kwargs = dict(self.spec.kwargs)
-        if "verbose" in inspect.signature(self.cls.__init__).parameters:
+        if "verbose" in inspect.signature(getattr(self.cls, "__init__")).parameters:
             kwargs.setdefault("verbose", False)
         try:
             return self.cls(estimator, **kwargs)
@@ -334,12 +399,19 @@ def _official(spec: AttackSpec, model: nn.Module, device: torch.device) -> Any:
     kw = dict(spec.kwargs)
     unknown_keys = set(kw) - {"eps", "norm", "version", "seed", "n_classes"}
     if unknown_keys:
-        raise ConfigError(f"attack {spec}: autoattack attacks take eps, norm, version and seed, not "
-                          f"{', '.join(sorted(unknown_keys))}")
+        raise ConfigError(
+            f"attack {spec}: autoattack attacks take eps, norm, version and seed, not {', '.join(sorted(unknown_keys))}"
+        )
     if "eps" not in kw:
         raise ConfigError(f"attack {spec}: give eps, e.g. autoattack:{spec.name}(eps=8/255)")
-    adversary = AutoAttack(model, norm=kw.get("norm", "Linf"), eps=kw["eps"], version=kw.get("version", "standard"),
-                           seed=kw.get("seed", 0), device=device)
+    adversary = AutoAttack(
+        model,
+        norm=kw.get("norm", "Linf"),
+        eps=kw["eps"],
+        version=kw.get("version", "standard"),
+        seed=kw.get("seed", 0),
+        device=device,
+    )
     adversary.verbose = False
     adversary.logger.setLevel(logging.WARNING)  # its per-attack progress lines; our report has the rows
     adversary.attacks_to_run = [spec.name.replace("_", "-")]
@@ -364,7 +436,7 @@ def resolve_attack(spec: str | AttackSpec, *, train_mode: bool = False) -> Libra
         names = torchattacks_names()
         if spec.name not in names:
             raise ConfigError(unknown("torchattacks attack", spec.name, names))
-        from regdefense.attack_fixes import FIXED
+        from regdefense.attack_fixes import FIXED  # subclasses of torchattacks' attacks: imported with torchattacks
 
         cls = FIXED[spec.name][0] if spec.name in FIXED else getattr(torchattacks, spec.name)
         _check_kwargs(spec, cls, ("model",))

@@ -42,8 +42,9 @@ def place(nbytes: int, device: torch.device, wanted: str = "auto") -> str:
     return "host" if nbytes < host_memory() // 4 else "disk"
 
 
-def allocate(shape: tuple[int, ...], *, where: str, device: torch.device, dtype: torch.dtype,
-             path: Path | None = None) -> Tensor:
+def allocate(
+    shape: tuple[int, ...], *, where: str, device: torch.device, dtype: torch.dtype, path: Path | None = None
+) -> Tensor:
     """A zero buffer of ``shape`` on the device, in (pinned when a GPU trains) host memory, or mapped from ``path``."""
     if where == "device":
         return torch.zeros(shape, dtype=dtype, device=device)

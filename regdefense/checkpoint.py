@@ -51,8 +51,10 @@ def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         tmp.unlink(missing_ok=True)
         why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise CheckpointError(f"could not write the checkpoint {path}: {why}{kept}. Free space or fix "
-                              f"permissions, then resume from the last checkpoint") from None
+        raise CheckpointError(
+            f"could not write the checkpoint {path}: {why}{kept}. Free space or fix "
+            f"permissions, then resume from the last checkpoint"
+        ) from None
     _fsync_dir(path.parent)
     return path
 
@@ -85,27 +87,43 @@ def read(path: str | os.PathLike) -> Any:
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
     if raw.startswith(MAGIC):
-        digest, body = raw[len(MAGIC):len(MAGIC) + 32], raw[len(MAGIC) + 32:]
+        digest, body = raw[len(MAGIC) : len(MAGIC) + 32], raw[len(MAGIC) + 32 :]
         if hashlib.sha256(body).digest() != digest:
-            raise CheckpointError(f"{path} fails its checksum: the file is truncated or corrupt "
-                                  f"({len(raw)} bytes); use another checkpoint (best.pt, epoch-N.pt)")
+            raise CheckpointError(
+                f"{path} fails its checksum: the file is truncated or corrupt "
+                f"({len(raw)} bytes); use another checkpoint (best.pt, epoch-N.pt)"
+            )
         raw = body
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError,
-            AttributeError, TypeError, KeyError, IndexError) as exc:
+    except (
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        AttributeError,
+        TypeError,
+        KeyError,
+        IndexError,
+    ) as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
         first = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt, or it holds objects "
-                              f"other than tensors, which are never unpickled): {first[:200]}") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, corrupt, or it holds objects "
+            f"other than tensors, which are never unpickled): {first[:200]}"
+        ) from None
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a regdefense checkpoint; anything else (missing, truncated, foreign) raises CheckpointError."""
     obj = read(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
-        raise CheckpointError(f"{path} is not a regdefense checkpoint (format {FORMAT}): it holds "
-                              f"{_describe(obj)}; to evaluate plain weights use `regdefense evaluate FILE --arch NAME`")
+        raise CheckpointError(
+            f"{path} is not a regdefense checkpoint (format {FORMAT}): it holds "
+            f"{_describe(obj)}; to evaluate plain weights use `regdefense evaluate FILE --arch NAME`"
+        )
     return obj
 
 

@@ -1,20 +1,28 @@
 """Sanity checks that catch overstated robustness (Carlini et al. 2019; Croce & Hein 2020).
 
-Each check returns ``{"name", "status": "pass" | "warn" | "skip", "message", "numbers"}`` and runs on
-a subset of the evaluation points. A warning does not stop the evaluation; it is printed with the
+Checks are a registry (:func:`check`), open to third parties through the ``regdefense.checks`` entry-point group:
+a paper's own sanity check can ship as a pip package. Each check returns ``{"name", "status": "pass" | "warn" |
+"skip", "message", "numbers"}`` (:func:`result`) and runs on a subset of the evaluation points. A warning does not
+stop the evaluation; it is printed with the
 report, because a number that trips one should not be published without a closer look.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib.metadata as md
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regdefense.attacks import model_mode, resolve_attack
-from regdefense.evaluate import NoInputGradient, Report, attack_points, logits_of
+from regdefense.attacks import model_mode, pgd_spec, resolve_attack
+from regdefense.masking import bpda_view
+from regdefense.measure import NoInputGradient, attack_points, logits_of
+from regdefense.results import Report
+from regdefense.suites import official_autoattack
 
 #: tolerances, in accuracy points (fractions)
 TOL_SINGLE_STEP = 0.02  # FGSM may not beat PGD-20 by more than this
@@ -27,12 +35,20 @@ TOL_ADAPTIVE = 0.02  # BPDA, transfer, a scale-invariant loss or EOT may not bea
 TOL_HEADLINE = 0.05  # the checks' attacks together may not lower the suites' worst case by more than this
 
 #: the checks whose warning means "gradients are masked or obfuscated" (the others: convergence, collapse, headline)
-MASKING = ("single-step vs iterative", "black-box vs white-box", "very large ε", "input gradients",
-           "randomized model without EOT", "BPDA (identity) vs white-box", "transfer from a clean surrogate",
-           "scale-invariant loss (DLR) vs CE")
+MASKING = (
+    "single-step vs iterative",
+    "black-box vs white-box",
+    "very large ε",
+    "input gradients",
+    "randomized model without EOT",
+    "BPDA (identity) vs white-box",
+    "transfer from a clean surrogate",
+    "scale-invariant loss (DLR) vs CE",
+)
 
 
-def _check(name: str, ok: bool | None, message: str, **numbers: Any) -> dict[str, Any]:
+def result(name: str, ok: bool | None, message: str, **numbers: Any) -> dict[str, Any]:
+    """A check's answer: ``ok`` True passes, False warns, None skips ("not applicable")."""
     status = "skip" if ok is None else ("pass" if ok else "warn")
     return {"name": name, "status": status, "message": message, "numbers": numbers}
 
@@ -53,11 +69,6 @@ def _acc(model, x, y, spec: str | None, seed: int, kw) -> float:
     return float(_ok(model, x, y, spec, seed, kw).float().mean())
 
 
-def _pgd(norm: str, eps: float, steps: int) -> str:
-    name = "PGD" if norm == "linf" else "PGDL2"
-    return f"torchattacks:{name}(eps={eps!r}, alpha={2.5 * eps / steps!r}, steps={steps}, random_start=True)"
-
-
 def is_randomized(model: nn.Module, x: Tensor, device) -> bool:
     """Two eval-mode forward passes on the same inputs differ."""
     with torch.no_grad(), model_mode(model, False):
@@ -76,171 +87,423 @@ def input_gradient_norms(model: nn.Module, x: Tensor, y: Tensor, device) -> Tens
     return g.flatten(1).norm(dim=1).cpu()
 
 
-def run_checks(report: Report, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, num_classes: int,
-               seed: int, n_check: int, suites: list, batch_size: int, device, surrogate: nn.Module | None = None) -> None:
-    """Run every check on the first ``n_check`` points; append results, warnings and the ε curve to ``report``.
+@dataclass
+class CheckContext:
+    """What a check sees: the evaluated ``model``, the first ``n_check`` points (``x``, ``y``), the threat model, the
+    suites that ran, the report so far, an optional clean ``surrogate``, and the white-box numbers the built-in checks
+    share (``clean``, ``pgd20``, ``white``), computed once on first use.
+
+    A check that attacks should do it through :meth:`ok`, so that the headline check (and the ledger) count its
+    attack per point."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    all_x: Tensor  #: every evaluated point (the collapse check looks at all of them)
+    all_y: Tensor
+    eps: float
+    norm: str
+    num_classes: int
+    seed: int
+    suites: list
+    report: Report
+    kw: dict[str, Any]
+    surrogate: nn.Module | None = None
+    found: dict[str, Tensor] = field(default_factory=dict)  #: check attack -> per-point correctness on ``x``
+    _cache: dict[str, float] = field(default_factory=dict)
+
+    def ok(self, label: str, spec: str, on: nn.Module | None = None) -> float:
+        """Accuracy of the model under ``spec`` run on ``on`` (default: the model), kept per point under ``label``."""
+        self.found[label] = _ok(
+            on if on is not None else self.model, self.x, self.y, spec, self.seed, self.kw, measure=self.model
+        )
+        return float(self.found[label].float().mean())
+
+    def acc(self, spec: str | None) -> float:
+        """Accuracy under ``spec`` (None: clean), not kept for the headline."""
+        return _acc(self.model, self.x, self.y, spec, self.seed, self.kw)
+
+    def pgd(self, steps: int, eps: float | None = None) -> str:
+        return pgd_spec(self.norm, self.eps if eps is None else eps, steps)
+
+    @property
+    def clean(self) -> float:
+        if "clean" not in self._cache:
+            self._cache["clean"] = self.acc(None)
+        return self._cache["clean"]
+
+    @property
+    def pgd20(self) -> float:
+        if "pgd20" not in self._cache:
+            self._cache["pgd20"] = self.ok("PGD-20", self.pgd(20))
+        return self._cache["pgd20"]
+
+    @property
+    def strong(self) -> float:
+        """PGD-100 with 3 restarts in sequence (one seeding for the three)."""
+        if "strong" not in self._cache:
+            torch.manual_seed(self.seed)
+            strong_ok = torch.ones(len(self.y), dtype=torch.bool)
+            attack = resolve_attack(self.pgd(100))
+            for _ in range(3):
+                try:
+                    strong_ok &= attack_points(self.model, self.x, self.y, attack, **self.kw)[1]
+                except NoInputGradient:
+                    strong_ok &= logits_of(self.model, self.x, **self.kw).argmax(1) == self.y
+            self.found["PGD-100 × 3 restarts"] = strong_ok
+            self._cache["strong"] = float(strong_ok.float().mean())
+        return self._cache["strong"]
+
+    @property
+    def white(self) -> float:
+        """The best white-box accuracy: min(PGD-20, PGD-100 × 3)."""
+        return min(self.pgd20, self.strong)
+
+
+CheckFn = Callable[[CheckContext], "dict[str, Any] | None"]
+
+
+@dataclass
+class RegisteredCheck:
+    name: str
+    fn: CheckFn
+    order: int
+
+
+_CHECKS: dict[str, RegisteredCheck] = {}
+#: third parties register checks under this entry-point group: ``name = "package.module:function"``, a function
+#: taking a :class:`CheckContext` and returning :func:`result` (or None to say nothing)
+GROUP = "regdefense.checks"
+
+
+def check(name: str, *, order: int = 500) -> Callable[[CheckFn], CheckFn]:
+    """Register a sanity check under ``name``; checks run by ``order`` (the headline comparison runs last, at 1000,
+    so it counts every attack the other checks ran)."""
+
+    def wrap(fn: CheckFn) -> CheckFn:
+        _CHECKS[name] = RegisteredCheck(name, fn, order)
+        return fn
+
+    return wrap
+
+
+def registry() -> list[RegisteredCheck]:
+    """Every check in the order they run: the built-in ones and those installed through ``regdefense.checks``."""
+    found = dict(_CHECKS)
+    for ep in md.entry_points(group=GROUP):
+        if ep.name in found:
+            continue
+        try:
+            found[ep.name] = RegisteredCheck(ep.name, ep.load(), 500)
+        except Exception as exc:  # a broken third-party package must not break evaluation
+            warnings.warn(
+                f"sanity check '{ep.name}' ({ep.value}) failed to load: {type(exc).__name__}: {exc}", stacklevel=2
+            )
+    return sorted(found.values(), key=lambda c: c.order)
+
+
+def run_checks(
+    report: Report,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str,
+    num_classes: int,
+    seed: int,
+    n_check: int,
+    suites: list,
+    batch_size: int,
+    device,
+    surrogate: nn.Module | None = None,
+) -> None:
+    """Run every registered check on the first ``n_check`` points; append results, warnings and the ε curve to
+    ``report``.
 
     Each check's attack is kept per point in ``report.check_points`` (the ledger adds them), and a last check
-    compares the suites' worst case with the worst case over the checks' attacks on the same points."""
-    kw = {"batch_size": batch_size, "device": device}
-    xs, ys = x[:n_check], y[:n_check]
+    compares the suites' worst case with the worst case over the checks' attacks on the same points. A check that
+    raises is reported as not applicable, with why, and the others still run."""
+    ctx = CheckContext(
+        model=model,
+        x=x[:n_check],
+        y=y[:n_check],
+        all_x=x,
+        all_y=y,
+        eps=eps,
+        norm=norm,
+        num_classes=num_classes,
+        seed=seed,
+        suites=suites,
+        report=report,
+        kw={"batch_size": batch_size, "device": device},
+        surrogate=surrogate,
+    )
+    ctx.clean  # noqa: B018  (the clean accuracy first, as the checks have always measured it)
     results = []
-    found: dict[str, Tensor] = {}  # check attack -> per-point correctness on xs
-
-    def ok(label: str, spec: str, on: nn.Module = model) -> float:
-        found[label] = _ok(on, xs, ys, spec, seed, kw, measure=model)
-        return float(found[label].float().mean())
-
-    clean = _acc(model, xs, ys, None, seed, kw)
-    pgd20 = ok("PGD-20", _pgd(norm, eps, 20))
-
-    # 1. a single-step attack beating an iterative one means the loss surface misleads gradient steps
-    single = (f"torchattacks:FGSM(eps={eps!r})" if norm == "linf"
-              else f"torchattacks:PGDL2(eps={eps!r}, alpha={eps!r}, steps=1, random_start=False)")
-    fgsm = ok("FGSM", single)
-    results.append(_check("single-step vs iterative", fgsm >= pgd20 - TOL_SINGLE_STEP,
-                          f"FGSM {fgsm:.1%} vs PGD-20 {pgd20:.1%}" + (
-                              " — a single step beats 20: gradient masking or a bad step size" if fgsm < pgd20 - TOL_SINGLE_STEP else ""),
-                          fgsm=fgsm, pgd20=pgd20))
-
-    # 2. convergence: more steps and restarts should not change the answer much
-    torch.manual_seed(seed)  # one draw for the three restarts in sequence
-    strong_ok = torch.ones(len(ys), dtype=torch.bool)
-    attack = resolve_attack(_pgd(norm, eps, 100))
-    for _ in range(3):
+    for c in registry():
         try:
-            strong_ok &= attack_points(model, xs, ys, attack, **kw)[1]
-        except NoInputGradient:
-            strong_ok &= logits_of(model, xs, **kw).argmax(1) == ys
-    found["PGD-100 × 3 restarts"] = strong_ok
-    strong = float(strong_ok.float().mean())
-    results.append(_check("convergence (steps, restarts)", pgd20 - strong <= TOL_CONVERGENCE,
-                          f"PGD-20 {pgd20:.1%} vs PGD-100 × 3 restarts {strong:.1%}" + (
-                              " — not converged: report the stronger attack" if pgd20 - strong > TOL_CONVERGENCE else ""),
-                          pgd20=pgd20, pgd100_x3=strong))
-    white = min(pgd20, strong)
+            out = c.fn(ctx)
+        except Exception as exc:  # a check must never lose the evaluation
+            out = result(
+                c.name,
+                None,
+                f"not applicable: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+            )
+        if out is not None:
+            results.append(out)
+    report.meta["checks_on"] = len(ctx.y)
+    report.checks = results
+    report.check_points = {f"check: {k}": v for k, v in ctx.found.items()}
+    report.warnings += [f"check '{c['name']}': {c['message']}" for c in results if c["status"] == "warn"]
 
-    # 3. a black-box attack beating white-box ones points at obfuscated gradients
-    n = "Linf" if norm == "linf" else "L2"
-    square = ok("Square (1000 queries)", f"torchattacks:Square(norm='{n}', eps={eps!r}, n_queries=1000, p_init=0.8, "
-                                         f"resc_schedule=False, seed={seed})")
-    results.append(_check("black-box vs white-box", square >= white - TOL_BLACK_BOX,
-                          f"Square (1000 queries) {square:.1%} vs best white-box {white:.1%}" + (
-                              " — black-box beats white-box: gradients are obfuscated" if square < white - TOL_BLACK_BOX else ""),
-                          square=square, white_box=white))
 
-    # 4. accuracy against ε, up to a budget that should break any classifier
+# --- the built-in checks ----------------------------------------------------------------------
+
+
+@check("single-step vs iterative", order=10)
+def single_step(ctx: CheckContext) -> dict[str, Any]:
+    """A single-step attack beating an iterative one means the loss surface misleads gradient steps."""
+    eps, pgd20 = ctx.eps, ctx.pgd20
+    single = (
+        f"torchattacks:FGSM(eps={eps!r})"
+        if ctx.norm == "linf"
+        else f"torchattacks:PGDL2(eps={eps!r}, alpha={eps!r}, steps=1, random_start=False)"
+    )
+    fgsm = ctx.ok("FGSM", single)
+    return result(
+        "single-step vs iterative",
+        fgsm >= pgd20 - TOL_SINGLE_STEP,
+        f"FGSM {fgsm:.1%} vs PGD-20 {pgd20:.1%}"
+        + (" — a single step beats 20: gradient masking or a bad step size" if fgsm < pgd20 - TOL_SINGLE_STEP else ""),
+        fgsm=fgsm,
+        pgd20=pgd20,
+    )
+
+
+@check("convergence (steps, restarts)", order=20)
+def convergence(ctx: CheckContext) -> dict[str, Any]:
+    """More steps and restarts should not change the answer much."""
+    pgd20, strong = ctx.pgd20, ctx.strong
+    return result(
+        "convergence (steps, restarts)",
+        pgd20 - strong <= TOL_CONVERGENCE,
+        f"PGD-20 {pgd20:.1%} vs PGD-100 × 3 restarts {strong:.1%}"
+        + (" — not converged: report the stronger attack" if pgd20 - strong > TOL_CONVERGENCE else ""),
+        pgd20=pgd20,
+        pgd100_x3=strong,
+    )
+
+
+@check("black-box vs white-box", order=30)
+def black_box(ctx: CheckContext) -> dict[str, Any]:
+    """A black-box attack beating white-box ones points at obfuscated gradients."""
+    eps, white = ctx.eps, ctx.white
+    n = "Linf" if ctx.norm == "linf" else "L2"
+    square = ctx.ok(
+        "Square (1000 queries)",
+        f"torchattacks:Square(norm='{n}', eps={eps!r}, n_queries=1000, "
+        f"p_init=0.8, resc_schedule=False, seed={ctx.seed})",
+    )
+    return result(
+        "black-box vs white-box",
+        square >= white - TOL_BLACK_BOX,
+        f"Square (1000 queries) {square:.1%} vs best white-box {white:.1%}"
+        + (" — black-box beats white-box: gradients are obfuscated" if square < white - TOL_BLACK_BOX else ""),
+        square=square,
+        white_box=white,
+    )
+
+
+@check("very large ε", order=40)
+def large_eps(ctx: CheckContext) -> dict[str, Any]:
+    """Accuracy against ε, up to a budget that should break any classifier (also the report's ε curve)."""
+    eps, norm, xs = ctx.eps, ctx.norm, ctx.x
     large = 0.5 if norm == "linf" else 0.5 * float(xs[0].numel()) ** 0.5
     curve = []
     for factor in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0):
         e = eps * factor
-        curve.append({"eps": e, "acc": clean if e == 0 else (pgd20 if factor == 1.0 else
-                                                             _acc(model, xs, ys, _pgd(norm, e, 20), seed, kw))})
-    big = _acc(model, xs, ys, _pgd(norm, large, 20), seed, kw)
+        curve.append(
+            {"eps": e, "acc": ctx.clean if e == 0 else (ctx.pgd20 if factor == 1.0 else ctx.acc(ctx.pgd(20, e)))}
+        )
+    big = ctx.acc(ctx.pgd(20, large))
     curve.append({"eps": large, "acc": big})
-    report.eps_curve = sorted(curve, key=lambda p: p["eps"])
-    results.append(_check("very large ε", big <= max(MAX_LARGE_EPS_ACC, 1.0 / num_classes),
-                          f"PGD-20 accuracy {big:.1%} at ε = {large:.3g}" + (
-                              " — should be near zero: the attack is not working" if big > max(MAX_LARGE_EPS_ACC, 1.0 / num_classes) else ""),
-                          eps=large, acc=big))
+    ctx.report.eps_curve = sorted(curve, key=lambda p: p["eps"])
+    limit = max(MAX_LARGE_EPS_ACC, 1.0 / ctx.num_classes)
+    return result(
+        "very large ε",
+        big <= limit,
+        f"PGD-20 accuracy {big:.1%} at ε = {large:.3g}"
+        + (" — should be near zero: the attack is not working" if big > limit else ""),
+        eps=large,
+        acc=big,
+    )
 
-    # 5. collapse: one class for most inputs (seed 001's constant-accuracy rows)
-    preds = logits_of(model, x, **kw).argmax(1)
-    counts = torch.bincount(preds, minlength=num_classes)
+
+@check("collapse (one class)", order=50)
+def collapse(ctx: CheckContext) -> dict[str, Any]:
+    """One class for most inputs (seed 001's constant-accuracy rows)."""
+    preds = logits_of(ctx.model, ctx.all_x, **ctx.kw).argmax(1)
+    counts = torch.bincount(preds, minlength=ctx.num_classes)
     top = int(counts.argmax())
     share = float(counts[top]) / len(preds)
-    label_share = float((y == top).float().mean())
+    label_share = float((ctx.all_y == top).float().mean())
     collapsed = share > COLLAPSE_SHARE and share > 2 * label_share
-    results.append(_check("collapse (one class)", not collapsed,
-                          f"most predicted class {top}: {share:.1%} of inputs (its label share {label_share:.1%})" + (
-                              " — the model predicts one class: its accuracy is the class frequency" if collapsed else ""),
-                          top_class=top, share=share, label_share=label_share))
+    return result(
+        "collapse (one class)",
+        not collapsed,
+        f"most predicted class {top}: {share:.1%} of inputs (its label share {label_share:.1%})"
+        + (" — the model predicts one class: its accuracy is the class frequency" if collapsed else ""),
+        top_class=top,
+        share=share,
+        label_share=label_share,
+    )
 
-    # 6. zero or non-finite input gradients
-    norms = torch.cat([input_gradient_norms(model, xs[i:i + batch_size], ys[i:i + batch_size], device)
-                       for i in range(0, len(ys), batch_size)])
+
+@check("input gradients", order=60)
+def input_gradients(ctx: CheckContext) -> dict[str, Any]:
+    """Zero or non-finite input gradients."""
+    bs, xs, ys = ctx.kw["batch_size"], ctx.x, ctx.y
+    norms = torch.cat(
+        [
+            input_gradient_norms(ctx.model, xs[i : i + bs], ys[i : i + bs], ctx.kw["device"])
+            for i in range(0, len(ys), bs)
+        ]
+    )
     bad = float(((norms == 0) | ~torch.isfinite(norms)).float().mean())
-    results.append(_check("input gradients", bad <= MAX_ZERO_GRAD,
-                          f"{bad:.1%} of points have zero or non-finite input gradients" + (
-                              " — gradient-based attacks are blind there (masking); use BPDA or black-box attacks" if bad > MAX_ZERO_GRAD else ""),
-                          zero_or_nonfinite=bad))
+    return result(
+        "input gradients",
+        bad <= MAX_ZERO_GRAD,
+        f"{bad:.1%} of points have zero or non-finite input gradients"
+        + (
+            " — gradient-based attacks are blind there (masking); use BPDA or black-box attacks"
+            if bad > MAX_ZERO_GRAD
+            else ""
+        ),
+        zero_or_nonfinite=bad,
+    )
 
-    # 7. randomness without EOT: the official rand version runs here on the check points
-    randomized = is_randomized(model, xs, device)
-    eot = any(a.eot for s in suites for a in s.attacks)
-    if not randomized:
-        results.append(_check("randomized model without EOT", True, "deterministic forward pass", randomized=False, eot=eot))
-    elif eot:
-        results.append(_check("randomized model without EOT", True, "two forward passes differ: EOT attacks were run",
-                              randomized=True, eot=True))
-    else:
-        rand = _rand_autoattack(model, xs, ys, eps, norm, num_classes, seed, kw)
-        found["AutoAttack-rand (EOT-20)"] = rand
-        acc = float(rand.float().mean())
-        results.append(_check("randomized model without EOT", False,
-                              f"two forward passes differ and no EOT attack ran; on these points AutoAttack-rand "
-                              f"(official, EOT-20) gives {acc:.1%} against PGD-20's {pgd20:.1%} — report "
-                              f"`--suite autoattack-rand`, numbers without EOT overstate robustness",
-                              randomized=True, eot=False, autoattack_rand=acc))
-        for row in report.rows:
-            if not row.eot and row.kind != "worst case":
-                report.warnings.append(f"{row.label}: computed without EOT on a randomized model")
 
-    # 8. BPDA with the identity through a declared or exposed non-differentiable step
-    from regdefense.masking import bpda_view
+@check("randomized model without EOT", order=70)
+def randomized_without_eot(ctx: CheckContext) -> dict[str, Any]:
+    """Randomness without EOT: the official rand version runs here on the check points."""
+    name = "randomized model without EOT"
+    eot = any(a.eot for s in ctx.suites for a in s.attacks)
+    if not is_randomized(ctx.model, ctx.x, ctx.kw["device"]):
+        return result(name, True, "deterministic forward pass", randomized=False, eot=eot)
+    if eot:
+        return result(name, True, "two forward passes differ: EOT attacks were run", randomized=True, eot=True)
+    rand = _rand_autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, ctx.norm, ctx.num_classes, ctx.seed, ctx.kw)
+    ctx.found["AutoAttack-rand (EOT-20)"] = rand
+    acc = float(rand.float().mean())
+    for row in ctx.report.rows:
+        if not row.eot and row.kind != "worst case":
+            ctx.report.warnings.append(f"{row.label}: computed without EOT on a randomized model")
+    return result(
+        name,
+        False,
+        f"two forward passes differ and no EOT attack ran; on these points AutoAttack-rand "
+        f"(official, EOT-20) gives {acc:.1%} against PGD-20's {ctx.pgd20:.1%} — report "
+        f"`--suite autoattack-rand`, numbers without EOT overstate robustness",
+        randomized=True,
+        eot=False,
+        autoattack_rand=acc,
+    )
 
-    view = bpda_view(model, xs)
+
+@check("BPDA (identity) vs white-box", order=80)
+def bpda(ctx: CheckContext) -> dict[str, Any]:
+    """BPDA with the identity through a declared or exposed non-differentiable step."""
+    name = "BPDA (identity) vs white-box"
+    view = bpda_view(ctx.model, ctx.x)
     if view is None:
-        results.append(_check("BPDA (identity) vs white-box", None, "no non-differentiable step declared or exposed"))
-    else:
-        bpda = ok("BPDA-PGD-20", _pgd(norm, eps, 20), on=view[0])
-        results.append(_check("BPDA (identity) vs white-box", bpda >= white - TOL_ADAPTIVE,
-                              f"PGD-20 with the identity's gradient through {view[1]}: {bpda:.1%} vs white-box "
-                              f"{white:.1%}" + (" — the step masks gradients: report BPDA" if bpda < white - TOL_ADAPTIVE
-                                               else ""), bpda=bpda, white_box=white, through=view[1]))
+        return result(name, None, "no non-differentiable step declared or exposed")
+    white = ctx.white
+    acc = ctx.ok("BPDA-PGD-20", ctx.pgd(20), on=view[0])
+    return result(
+        name,
+        acc >= white - TOL_ADAPTIVE,
+        f"PGD-20 with the identity's gradient through {view[1]}: {acc:.1%} vs white-box {white:.1%}"
+        + (" — the step masks gradients: report BPDA" if acc < white - TOL_ADAPTIVE else ""),
+        bpda=acc,
+        white_box=white,
+        through=view[1],
+    )
 
-    # 9. transfer from a model trained without any defense on the same data
-    if surrogate is None:
-        results.append(_check("transfer from a clean surrogate", None, "no surrogate given"))
-    else:
-        transfer = ok("transfer PGD-20 (clean surrogate)", _pgd(norm, eps, 20), on=surrogate)
-        results.append(_check("transfer from a clean surrogate", transfer >= white - TOL_ADAPTIVE,
-                              f"PGD-20 on a clean surrogate, measured here: {transfer:.1%} vs white-box {white:.1%}" + (
-                                  " — a transferred attack beats the white-box one: gradients are masked"
-                                  if transfer < white - TOL_ADAPTIVE else ""), transfer=transfer, white_box=white))
 
-    # 10. a loss that does not saturate when logits are scaled (distillation, ×T logits)
-    dlr = ok("APGD-DLR-20", f"torchattacks:APGD(norm='{n}', eps={eps!r}, steps=20, n_restarts=1, loss='dlr', "
-                            f"seed={seed})") if num_classes >= 3 else None
-    results.append(_check("scale-invariant loss (DLR) vs CE", None if dlr is None else dlr >= white - TOL_ADAPTIVE,
-                          "fewer than 3 classes" if dlr is None else
-                          f"APGD-DLR (20 steps) {dlr:.1%} vs CE white-box {white:.1%}" + (
-                              " — the CE loss saturates (scaled logits?): report a margin/DLR attack such as AutoAttack"
-                              if dlr < white - TOL_ADAPTIVE else ""), dlr=dlr, white_box=white))
+@check("transfer from a clean surrogate", order=90)
+def transfer(ctx: CheckContext) -> dict[str, Any]:
+    """Transfer from a model trained without any defense on the same data."""
+    name = "transfer from a clean surrogate"
+    if ctx.surrogate is None:
+        return result(name, None, "no surrogate given")
+    white = ctx.white
+    acc = ctx.ok("transfer PGD-20 (clean surrogate)", ctx.pgd(20), on=ctx.surrogate)
+    return result(
+        name,
+        acc >= white - TOL_ADAPTIVE,
+        f"PGD-20 on a clean surrogate, measured here: {acc:.1%} vs white-box {white:.1%}"
+        + (
+            " — a transferred attack beats the white-box one: gradients are masked"
+            if acc < white - TOL_ADAPTIVE
+            else ""
+        ),
+        transfer=acc,
+        white_box=white,
+    )
 
-    # 11. the headline against everything the checks ran, per point
-    headline_pts = next((r.points for r in report.rows if r.kind == "worst case" and r.points is not None), None)
-    if headline_pts is not None:
-        suites_ok = headline_pts[:n_check]
-        both = suites_ok.clone()
-        for v in found.values():
-            both &= v
-        a, b = float(suites_ok.float().mean()), float(both.float().mean())
-        breakers = sorted({k for k, v in found.items() if bool((suites_ok & ~v).any())})
-        results.append(_check("headline vs the checks' attacks", a - b <= TOL_HEADLINE,
-                              f"on these {len(ys)} points the suites' worst case is {a:.1%}, with the checks' attacks "
-                              f"{b:.1%}" + (f" — the headline overstates robustness; broken by {', '.join(breakers)}"
-                                            if a - b > TOL_HEADLINE else ""), suites=a, with_checks=b))
-    report.meta["checks_on"] = len(ys)
-    report.checks = results
-    report.check_points = {f"check: {k}": v for k, v in found.items()}
-    report.warnings += [f"check '{c['name']}': {c['message']}" for c in results if c["status"] == "warn"]
+
+@check("scale-invariant loss (DLR) vs CE", order=100)
+def scale_invariant(ctx: CheckContext) -> dict[str, Any]:
+    """A loss that does not saturate when logits are scaled (distillation, ×T logits)."""
+    name = "scale-invariant loss (DLR) vs CE"
+    if ctx.num_classes < 3:
+        return result(name, None, "fewer than 3 classes", dlr=None, white_box=ctx.white)
+    n = "Linf" if ctx.norm == "linf" else "L2"
+    dlr = ctx.ok(
+        "APGD-DLR-20",
+        f"torchattacks:APGD(norm='{n}', eps={ctx.eps!r}, steps=20, n_restarts=1, loss='dlr', seed={ctx.seed})",
+    )
+    white = ctx.white
+    return result(
+        name,
+        dlr >= white - TOL_ADAPTIVE,
+        f"APGD-DLR (20 steps) {dlr:.1%} vs CE white-box {white:.1%}"
+        + (
+            " — the CE loss saturates (scaled logits?): report a margin/DLR attack such as AutoAttack"
+            if dlr < white - TOL_ADAPTIVE
+            else ""
+        ),
+        dlr=dlr,
+        white_box=white,
+    )
+
+
+@check("headline vs the checks' attacks", order=1000)
+def headline(ctx: CheckContext) -> dict[str, Any] | None:
+    """The headline against everything the checks ran, per point."""
+    headline_pts = next((r.points for r in ctx.report.rows if r.kind == "worst case" and r.points is not None), None)
+    if headline_pts is None:
+        return None
+    suites_ok = headline_pts[: len(ctx.y)]
+    both = suites_ok.clone()
+    for v in ctx.found.values():
+        both &= v
+    a, b = float(suites_ok.float().mean()), float(both.float().mean())
+    breakers = sorted({k for k, v in ctx.found.items() if bool((suites_ok & ~v).any())})
+    return result(
+        "headline vs the checks' attacks",
+        a - b <= TOL_HEADLINE,
+        f"on these {len(ctx.y)} points the suites' worst case is {a:.1%}, with the checks' attacks "
+        f"{b:.1%}"
+        + (f" — the headline overstates robustness; broken by {', '.join(breakers)}" if a - b > TOL_HEADLINE else ""),
+        suites=a,
+        with_checks=b,
+    )
 
 
 def _rand_autoattack(model, x, y, eps, norm, num_classes, seed, kw) -> Tensor:
     """Per point: correct after the official AutoAttack-rand cascade (APGD-CE then APGD-DLR, EOT-20)."""
-    from regdefense.suites import official_autoattack
-
     robust = _ok(model, x, y, None, seed, kw)
     for a in official_autoattack(eps, norm, num_classes, seed, "rand"):
         idx = robust.nonzero().flatten()

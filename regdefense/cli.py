@@ -6,10 +6,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from regdefense import __version__
+from regdefense._version import __version__
 from regdefense.errors import UserError
 
 
@@ -25,8 +26,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             err = _UserFacing(" ".join(str(exc).split("\n")).replace("\r", " "))  # one line, whatever the input held
-            err.exit_code = exc.exit_code  # 2 for bad input, 130 for a run stopped by a signal
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say it once per process and leave without teardown
+            err.exit_code = exc.exit_code  # type: ignore[misc]  # 2 for bad input, 130 for a run stopped by a signal
+            if (
+                int(os.environ.get("WORLD_SIZE", "1")) > 1
+            ):  # under torchrun: say it once per process and leave without teardown
                 err.show()
                 sys.stderr.flush()
                 os._exit(err.exit_code)
@@ -46,8 +49,14 @@ def _print_version(ctx: click.Context, _param, value: bool) -> None:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the version of regdefense and of every defense distribution.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version of regdefense and of every defense distribution.",
+)
 def cli() -> None:
     """Train image classifiers that resist adversarial examples, with stackable defenses."""
 
@@ -68,41 +77,96 @@ def _fmt(v, pct: bool = False) -> str:
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML run file.")
-@click.option("--defense", "defenses", multiple=True, metavar="NAME",
-              help="Activate a defense (repeat to stack, in order); 'none' trains without one.")
-@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Set a config value, e.g. -o train.epochs=5 -o pgd_at.steps=7.")
+@click.option(
+    "--defense",
+    "defenses",
+    multiple=True,
+    metavar="NAME",
+    help="Activate a defense (repeat to stack, in order); 'none' trains without one.",
+)
+@click.option(
+    "-o",
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Set a config value, e.g. -o train.epochs=5 -o pgd_at.steps=7.",
+)
 @click.option("--dataset", help="Dataset name or folder (shortcut for -o data.name=...).")
 @click.option("--model", help="Architecture (shortcut for -o model.name=...).")
 @click.option("--epochs", type=int, help="Shortcut for -o train.epochs=...")
 @click.option("--data-dir", help="Where torchvision datasets live (-o data.data_dir=...).")
 @click.option("--download", is_flag=True, default=None, help="Download a missing torchvision dataset.")
-@click.option("--pretrained", is_flag=True, default=None,
-              help="Start torchvision or timm (timm:NAME) architectures from ImageNet weights; offline, give a timm "
-                   "model a local file with -o model.weights=FILE.")
+@click.option(
+    "--pretrained",
+    is_flag=True,
+    default=None,
+    help="Start torchvision or timm (timm:NAME) architectures from ImageNet weights; offline, give a timm "
+    "model a local file with -o model.weights=FILE.",
+)
 @click.option("--device", help="auto, cpu, cuda, cuda:N (-o train.device=...).")
 @click.option("--seed", type=int, help="Random seed (-o train.seed=...).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: a new one under runs/).")
 @click.option("--resume", type=click.Path(), help="Continue the run in RUN_DIR (or from a checkpoint file).")
-@click.option("--init", "init", type=click.Path(), help="Start from the weights of RUN_DIR (its best.pt) or a "
-                                                        "checkpoint, e.g. a clean-trained model (-o train.init=...).")
-@click.option("--log", "log", multiple=True, metavar="NAME",
-              help="Log to an experiment tracker: tensorboard, wandb, mlflow or an installed tracker plugin "
-                   "(repeatable; -o train.log=[...]).")
+@click.option(
+    "--init",
+    "init",
+    type=click.Path(),
+    help="Start from the weights of RUN_DIR (its best.pt) or a "
+    "checkpoint, e.g. a clean-trained model (-o train.init=...).",
+)
+@click.option(
+    "--log",
+    "log",
+    multiple=True,
+    metavar="NAME",
+    help="Log to an experiment tracker: tensorboard, wandb, mlflow or an installed tracker plugin "
+    "(repeatable; -o train.log=[...]).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--check", is_flag=True, help="Resolve the config, load the data, build the model and the stack, say "
-                                            "what would run, and stop: nothing is trained or written.")
-def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, download, pretrained, device, seed, out,
-          resume, init, log, as_json, quiet, check) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Resolve the config, load the data, build the model and the stack, say "
+    "what would run, and stop: nothing is trained or written.",
+)
+def train(
+    config_file,
+    defenses,
+    overrides,
+    dataset,
+    model,
+    epochs,
+    data_dir,
+    download,
+    pretrained,
+    device,
+    seed,
+    out,
+    resume,
+    init,
+    log,
+    as_json,
+    quiet,
+    check,
+) -> None:
     """Train a defense stack; with no arguments, PGD-AT on the embedded digits."""
     from regdefense import distributed
     from regdefense.run import train as run_train
 
     overrides = list(overrides)
-    for key, value in (("data.name", dataset), ("model.name", model), ("train.epochs", epochs),
-                       ("data.data_dir", data_dir), ("data.download", download), ("model.pretrained", pretrained),
-                       ("train.device", device), ("train.seed", seed), ("train.init", init)):
+    for key, value in (
+        ("data.name", dataset),
+        ("model.name", model),
+        ("train.epochs", epochs),
+        ("data.data_dir", data_dir),
+        ("data.download", download),
+        ("model.pretrained", pretrained),
+        ("train.device", device),
+        ("train.seed", seed),
+        ("train.init", init),
+    ):
         if value is not None:
             overrides.append(f"{key}={value}")
     if log:
@@ -122,24 +186,45 @@ def train(config_file, defenses, overrides, dataset, model, epochs, data_dir, do
     if not result.main:
         distributed.finish()  # torchrun: rank 0 reports
     if as_json:
-        click.echo(json.dumps({"run_dir": str(result.run_dir), "table": result.table,
-                               "wall_seconds": result.wall_seconds}, indent=2))
+        click.echo(
+            json.dumps(
+                {"run_dir": str(result.run_dir), "table": result.table, "wall_seconds": result.wall_seconds}, indent=2
+            )
+        )
         distributed.finish()
         return
     last = result.history[-1] if result.history else {}
     click.echo("")
-    click.echo(_table(result.table, [("model", "model"), ("clean", "clean acc"), ("robust", "robust acc"),
-                                     ("attack", "attack"), ("n", "test samples")],
-                      pct=("clean", "robust")))
+    click.echo(
+        _table(
+            result.table,
+            [
+                ("model", "model"),
+                ("clean", "clean acc"),
+                ("robust", "robust acc"),
+                ("attack", "attack"),
+                ("n", "test samples"),
+            ],
+            pct=("clean", "robust"),
+        )
+    )
     if last:
-        click.echo(f"\nfinal epoch: held-out clean {_fmt(last.get('val_clean'), True)}, PGD {_fmt(last.get('val_robust'), True)}")
+        click.echo(
+            f"\nfinal epoch: held-out clean {_fmt(last.get('val_clean'), True)}, "
+            f"PGD {_fmt(last.get('val_robust'), True)}"
+        )
     click.echo(f"run directory: {result.run_dir}   (metrics.jsonl, curves.png, checkpoints/)")
     c = result.cost
-    click.echo(f"wall time: {result.wall_seconds:.1f} s"
-               + (f"; {c['train_images_per_second']:.0f} training images/s" if c.get("train_images_per_second") else "")
-               + f"; peak host memory {c.get('peak_host_memory_bytes', 0) / 2 ** 30:.2f} GiB"
-               + (f", GPU {c['peak_gpu_memory_bytes'] / 2 ** 30:.2f} GiB, {c['gpu_hours']:.3f} GPU-hours"
-                  if c.get("peak_gpu_memory_bytes") is not None else ""))
+    click.echo(
+        f"wall time: {result.wall_seconds:.1f} s"
+        + (f"; {c['train_images_per_second']:.0f} training images/s" if c.get("train_images_per_second") else "")
+        + f"; peak host memory {c.get('peak_host_memory_bytes', 0) / 2**30:.2f} GiB"
+        + (
+            f", GPU {c['peak_gpu_memory_bytes'] / 2**30:.2f} GiB, {c['gpu_hours']:.3f} GPU-hours"
+            if c.get("peak_gpu_memory_bytes") is not None
+            else ""
+        )
+    )
     distributed.finish()
 
 
@@ -156,10 +241,17 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(infos, indent=2))
         return
-    rows = [{"name": i["name"], "dist": f"{i['distribution']} {i['version']}",
-             "status": "ok" if i["status"] == "ok" else f"BROKEN: {i['error']}",
-             "hooks": ", ".join(h.removeprefix("regdefense_") + (" (wrapper)" if h in i["wrappers"] else "")
-                                for h in i["hooks"])} for i in infos]
+    rows = [
+        {
+            "name": i["name"],
+            "dist": f"{i['distribution']} {i['version']}",
+            "status": "ok" if i["status"] == "ok" else f"BROKEN: {i['error']}",
+            "hooks": ", ".join(
+                h.removeprefix("regdefense_") + (" (wrapper)" if h in i["wrappers"] else "") for h in i["hooks"]
+            ),
+        }
+        for i in infos
+    ]
     click.echo(_table(rows, [("name", "defense"), ("dist", "distribution"), ("status", "status"), ("hooks", "hooks")]))
     from regdefense.trackers import available
 
@@ -180,33 +272,54 @@ def plugins_show(name: str, as_json: bool) -> None:
     from regdefense.plugins import get
 
     info = get(name)
+    assert info.cls is not None  # get() refuses a broken defense
+    cls: Any = info.cls
     doc = inspect.getdoc(sys.modules[info.cls.__module__]) or inspect.getdoc(info.cls) or ""
-    fields = describe(info.cls.Config)
+    fields = describe(cls.Config)
     if as_json:
         click.echo(json.dumps({**info.to_dict(), "doc": doc, "config": fields}, indent=2, default=str))
         return
     click.echo(f"{name}  ({info.dist} {info.version}, {info.value})\n")
     if doc:
         click.echo(doc + "\n")
-    click.echo("hooks: " + ", ".join(h + (" (wrapper)" if h in info.wrappers else " (exclusive)" if h in EXCLUSIVE else "")
-                                    for h in info.hooks))
+    click.echo(
+        "hooks: "
+        + ", ".join(
+            h + (" (wrapper)" if h in info.wrappers else " (exclusive)" if h in EXCLUSIVE else "") for h in info.hooks
+        )
+    )
     for kind, title in (("publishes", "publishes on the step"), ("reads", "reads from the step")):
         keys = contract.declared_class(info.cls, kind)
         if keys:
             click.echo(f"{title}: " + ", ".join(str(k) + (" [required]" if k.required else "") for k in keys))
     click.echo(f"\nconfig fields (set with -o {name}.KEY=VALUE or [defense.{name}] in a run file):")
-    click.echo(_table(fields, [("name", "field"), ("type", "type"), ("default", "default"), ("limits", "limits"),
-                               ("help", "help")]))
+    click.echo(
+        _table(
+            fields,
+            [("name", "field"), ("type", "type"), ("default", "default"), ("limits", "limits"), ("help", "help")],
+        )
+    )
 
 
 @cli.command()
 @click.argument("run", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "torchscript", "robustbench"]),
-              default="safetensors", show_default=True,
-              help="safetensors weights (+ config.json), a TorchScript program (+ config.json), or RobustBench's "
-                   "model-info JSON from the run's AutoAttack evaluation.")
-@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which checkpoint of a run directory.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "torchscript", "robustbench"]),
+    default="safetensors",
+    show_default=True,
+    help="safetensors weights (+ config.json), a TorchScript program (+ config.json), or RobustBench's "
+    "model-info JSON from the run's AutoAttack evaluation.",
+)
+@click.option(
+    "--checkpoint",
+    "which",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Which checkpoint of a run directory.",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write (default RUN_DIR/export).")
 def export(run, fmt, which, out) -> None:
     """Write a run's evaluated model as safetensors or TorchScript, with a config.json describing it."""
@@ -219,13 +332,23 @@ def export(run, fmt, which, out) -> None:
 @cli.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("repo")
-@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which checkpoint of the run.")
+@click.option(
+    "--checkpoint",
+    "which",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Which checkpoint of the run.",
+)
 @click.option("--private", is_flag=True, help="Create the repository private.")
 @click.option("--revision", help="Branch to push to (default main).")
 @click.option("--token", help="Hugging Face token (default: the one `hf auth login` saved, or HF_TOKEN).")
-@click.option("--to-cache", is_flag=True, help="Write the repository into the local Hugging Face cache instead of "
-                                               "uploading it (no network; hf:REPO then loads offline).")
+@click.option(
+    "--to-cache",
+    is_flag=True,
+    help="Write the repository into the local Hugging Face cache instead of "
+    "uploading it (no network; hf:REPO then loads offline).",
+)
 def push(run, repo, which, private, revision, token, to_cache) -> None:
     """Upload a run to the Hugging Face Hub as REPO (ORG/NAME): safetensors weights, config.json and a model card."""
     from regdefense.hub import push as hub_push
@@ -247,8 +370,11 @@ def compare(runs, plot, as_json) -> None:
     cmp.split_recipes(rows)
     groups = cmp.group(rows)
     if as_json:
-        click.echo(json.dumps({"groups": groups, "runs": [{k: v for k, v in r.items() if k != "settings"}
-                                                          for r in rows]}, indent=2))
+        click.echo(
+            json.dumps(
+                {"groups": groups, "runs": [{k: v for k, v in r.items() if k != "settings"} for r in rows]}, indent=2
+            )
+        )
     else:
         click.echo(cmp.table(groups, rows))
     if plot:
@@ -259,17 +385,43 @@ def compare(runs, plot, as_json) -> None:
 
 @cli.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path())
-@click.option("--seeds", "seeds", type=int, multiple=True, metavar="N...", help="Seeds to run each recipe with: "
-              "--seeds 0 1 2 (default 0 1 2).")
-@click.option("-o", "--override", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Applied to every run (e.g. -o train.device=cuda).")
-@click.option("--out", default="runs/sweep", show_default=True, type=click.Path(file_okay=False),
-              help="Runs go to OUT/<recipe>/seed<k>.")
-@click.option("--attacks", "attacks", multiple=True, metavar="SUITE",
-              help="Also evaluate each run with these suites (e.g. autoattack) for the table's AutoAttack column.")
+@click.option(
+    "--seeds",
+    "seeds",
+    type=int,
+    multiple=True,
+    metavar="N...",
+    help="Seeds to run each recipe with: --seeds 0 1 2 (default 0 1 2).",
+)
+@click.option(
+    "-o",
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Applied to every run (e.g. -o train.device=cuda).",
+)
+@click.option(
+    "--out",
+    default="runs/sweep",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Runs go to OUT/<recipe>/seed<k>.",
+)
+@click.option(
+    "--attacks",
+    "attacks",
+    multiple=True,
+    metavar="SUITE",
+    help="Also evaluate each run with these suites (e.g. autoattack) for the table's AutoAttack column.",
+)
 @click.option("--n", "eval_n", type=click.IntRange(min=1), help="Evaluate only the first N test points.")
-@click.option("--print", "print_only", is_flag=True, help="Print the commands (one run per line) instead of running "
-                                                          "them: for a cluster's job array.")
+@click.option(
+    "--print",
+    "print_only",
+    is_flag=True,
+    help="Print the commands (one run per line) instead of running them: for a cluster's job array.",
+)
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write the comparison bar chart here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
 def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_json) -> None:
@@ -297,14 +449,20 @@ def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_
 
 @cli.command("new-plugin")
 @click.argument("name")
-@click.option("--dir", "where", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="Where to create the package folder regdefense-NAME.")
+@click.option(
+    "--dir",
+    "where",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where to create the package folder regdefense-NAME.",
+)
 def new_plugin(name: str, where: str) -> None:
     """Write a defense plugin package that installs and passes its own test (pyproject, module, test, README)."""
     from regdefense.template import new_plugin as write
 
     root = write(name, where)
-    click.echo(f"wrote {root}\nnext: cd {root} && pip install -e \".[test]\" && python -m pytest")
+    click.echo(f'wrote {root}\nnext: cd {root} && pip install -e ".[test]" && python -m pytest')
 
 
 @cli.command()
@@ -316,8 +474,10 @@ def models() -> None:
         doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()
         click.echo(f"{name:18s} {doc[0] if doc else ''}")
     click.echo(f"{'timm:NAME':18s} any timm architecture (`timm.list_models()`), e.g. timm:convnext_tiny")
-    click.echo(f"{'robustbench:NAME':18s} a RobustBench zoo entry's architecture, e.g. "
-               f"robustbench:Wang2023Better_WRN-28-10 (model.pretrained: with its weights)")
+    click.echo(
+        f"{'robustbench:NAME':18s} a RobustBench zoo entry's architecture, e.g. "
+        f"robustbench:Wang2023Better_WRN-28-10 (model.pretrained: with its weights)"
+    )
 
 
 def main() -> None:
@@ -339,46 +499,114 @@ def main() -> None:
 
 @cli.command()
 @click.argument("target", type=click.Path())
-@click.option("--attacks", "suites", multiple=True, metavar="SUITE_OR_SPEC",
-              help="quick (default), paper-001, paper-002, autoattack (official code), autoattack-ta (torchattacks), "
-                   "autoattack-rand, autoattack-rand-ta, eot-pgd, bpda-pgd, or an attack spec such as "
-                   "'torchattacks:PGD(eps=0.1, alpha=0.01, steps=50)' or 'art:HopSkipJump'. Repeat for several.")
+@click.option(
+    "--attacks",
+    "suites",
+    multiple=True,
+    metavar="SUITE_OR_SPEC",
+    help="quick (default), paper-001, paper-002, autoattack (official code), autoattack-ta (torchattacks), "
+    "autoattack-rand, autoattack-rand-ta, eot-pgd, bpda-pgd, or an attack spec such as "
+    "'torchattacks:PGD(eps=0.1, alpha=0.01, steps=50)' or 'art:HopSkipJump'. Repeat for several.",
+)
 @click.option("--eps", type=float, help="Perturbation budget (default: the run's threat ε; paper-001: 0.1).")
 @click.option("--n", "n", type=click.IntRange(min=1), help="Evaluate the first N test points.")
-@click.option("--chunk", type=click.IntRange(min=1), metavar="N",
-              help="Evaluate N points at a time (decoded, attacked, dropped) and merge: memory follows N, not the test "
-                   "set (ImageNet's 50 000 validation images).")
-@click.option("--subset", metavar="robustbench|FILE",
-              help="Evaluate a fixed subset of a streamed image-folder test split: robustbench (RobustBench's 5 000 "
-                   "ImageNet validation images, from the robustbench package) or a file of CLASS/FILE lines.")
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Evaluate N points at a time (decoded, attacked, dropped) and merge: memory follows N, not the test "
+    "set (ImageNet's 50 000 validation images).",
+)
+@click.option(
+    "--subset",
+    metavar="robustbench|FILE",
+    help="Evaluate a fixed subset of a streamed image-folder test split: robustbench (RobustBench's 5 000 "
+    "ImageNet validation images, from the robustbench package) or a file of CLASS/FILE lines.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the attacks' randomness.")
-@click.option("--checkpoint", "which", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which checkpoint of a run directory.")
+@click.option(
+    "--checkpoint",
+    "which",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Which checkpoint of a run directory.",
+)
 @click.option("--arch", help="For a user's own model file: an architecture name (state_dict) or 'torchscript'.")
 @click.option("--dataset", help="Evaluate on this dataset's test split (default: the run's; digits for model files).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Starting batch size (halved automatically on GPU out-of-memory).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Starting batch size (halved automatically on GPU out-of-memory).",
+)
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
-@click.option("--surrogate", default="auto", show_default=True, metavar="auto|none|RUN",
-              help="The transfer check's clean surrogate: auto (trained once per dataset and cached), none, or a run "
-                   "directory or checkpoint of a model trained without defenses on the same data.")
-@click.option("--surrogate-epochs", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Epochs of the automatic surrogate.")
+@click.option(
+    "--surrogate",
+    default="auto",
+    show_default=True,
+    metavar="auto|none|RUN",
+    help="The transfer check's clean surrogate: auto (trained once per dataset and cached), none, or a run "
+    "directory or checkpoint of a model trained without defenses on the same data.",
+)
+@click.option(
+    "--surrogate-epochs",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Epochs of the automatic surrogate.",
+)
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing from OUT/progress.pt.")
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write the reports (default RUN_DIR/eval).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def evaluate(target, suites, eps, n, chunk, subset, seed, which, arch, dataset, device, batch_size, no_checks, surrogate,
-             surrogate_epochs, no_resume, out, as_json, quiet) -> None:
+def evaluate(
+    target,
+    suites,
+    eps,
+    n,
+    chunk,
+    subset,
+    seed,
+    which,
+    arch,
+    dataset,
+    device,
+    batch_size,
+    no_checks,
+    surrogate,
+    surrogate_epochs,
+    no_resume,
+    out,
+    as_json,
+    quiet,
+) -> None:
     """Measure robustness of a run, checkpoint or model file; write report.json, report.md and plots."""
     from regdefense.evaluate import evaluate as run_eval
     from regdefense.report import markdown
 
-    report, files = run_eval(target, suites=list(suites) or None, eps=eps, n=n, chunk=chunk, subset=subset, seed=seed, which=which, arch=arch,
-                             dataset=dataset, device=device, batch_size=batch_size, checks=not no_checks, out=out,
-                             progress=not quiet and not as_json, resume=not no_resume,
-                             surrogate=None if surrogate == "none" else surrogate, surrogate_epochs=surrogate_epochs)
+    report, files = run_eval(
+        target,
+        suites=list(suites) or None,
+        eps=eps,
+        n=n,
+        chunk=chunk,
+        subset=subset,
+        seed=seed,
+        which=which,
+        arch=arch,
+        dataset=dataset,
+        device=device,
+        batch_size=batch_size,
+        checks=not no_checks,
+        out=out,
+        progress=not quiet and not as_json,
+        resume=not no_resume,
+        surrogate=None if surrogate == "none" else surrogate,
+        surrogate_epochs=surrogate_epochs,
+    )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return

@@ -27,10 +27,13 @@ def read_run(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         raise UserError(f"{path} is not a run directory (no readable config.json)") from None
     model = (config.get("model") or {}).get("name", "auto")
-    row: dict[str, Any] = {"run": str(path), "seed": (config.get("train") or {}).get("seed"),
-                           "recipe": f"{'+'.join(config.get('defenses') or []) or 'clean'} | "
-                                     f"{(config.get('data') or {}).get('name', '?')} | {model}",
-                           "settings": settings(config)}
+    row: dict[str, Any] = {
+        "run": str(path),
+        "seed": (config.get("train") or {}).get("seed"),
+        "recipe": f"{'+'.join(config.get('defenses') or []) or 'clean'} | "
+        f"{(config.get('data') or {}).get('name', '?')} | {model}",
+        "settings": settings(config),
+    }
     try:
         summary = json.loads((path / "summary.json").read_text())
     except (OSError, ValueError):
@@ -39,8 +42,13 @@ def read_run(path: str | Path) -> dict[str, Any]:
         return row | {"status": why}
     last = summary["table"][0]
     cost = summary.get("cost") or {}
-    row |= {"status": "ok", "clean": last["clean"], "pgd": last["robust"], "wall_seconds": summary.get("wall_seconds"),
-            "train_images_per_second": cost.get("train_images_per_second")}
+    row |= {
+        "status": "ok",
+        "clean": last["clean"],
+        "pgd": last["robust"],
+        "wall_seconds": summary.get("wall_seconds"),
+        "train_images_per_second": cost.get("train_images_per_second"),
+    }
     try:
         report = json.loads((path / "eval" / "report.json").read_text())
         aa = [r for r in report["rows"] if r["suite"] == "autoattack" and r["kind"] == "group worst case"]
@@ -56,7 +64,7 @@ PER_RUN = {"train.seed", "train.out_dir", "train.device", "train.progress", "tra
 
 def settings(config: dict[str, Any]) -> dict[str, str]:
     """A run's config as flat ``section.key`` → value text, without what varies from run to run of one recipe."""
-    flat = {}
+    flat: dict[str, str] = {}
     for section, values in config.items():
         if section in ("versions", "resolved"):
             continue
@@ -89,12 +97,19 @@ def group(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for recipe in dict.fromkeys(r["recipe"] for r in rows):
         mine = [r for r in rows if r["recipe"] == recipe]
         done = [r for r in mine if r["status"] == "ok"]
-        g: dict[str, Any] = {"recipe": recipe, "runs": len(mine), "failed": len(mine) - len(done),
-                             "seeds": sorted(r["seed"] for r in done if r["seed"] is not None)}
+        g: dict[str, Any] = {
+            "recipe": recipe,
+            "runs": len(mine),
+            "failed": len(mine) - len(done),
+            "seeds": sorted(r["seed"] for r in done if r["seed"] is not None),
+        }
         for m in METRICS:
             values = [r[m] for r in done if r.get(m) is not None]
-            g[m] = ((statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
-                    if values else None)
+            g[m] = (
+                (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+                if values
+                else None
+            )
         out.append(g)
     return out
 
@@ -109,12 +124,16 @@ def table(groups: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     head = ["recipe", "runs", "failed", "clean %", "PGD %", "AutoAttack %", "wall s", "train img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        lines.append(f"| {g['recipe']} | {g['runs']} | {g['failed']} | {cell(g['clean'], True)} | {cell(g['pgd'], True)} "
-                     f"| {cell(g['autoattack'], True)} | {cell(g['wall_seconds'], False)} "
-                     f"| {cell(g['train_images_per_second'], False)} |")
+        lines.append(
+            f"| {g['recipe']} | {g['runs']} | {g['failed']} | {cell(g['clean'], True)} | {cell(g['pgd'], True)} "
+            f"| {cell(g['autoattack'], True)} | {cell(g['wall_seconds'], False)} "
+            f"| {cell(g['train_images_per_second'], False)} |"
+        )
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
-        lines += ["", "failed or unfinished runs:"] + [f"- {r['run']} (seed {r['seed']}): {r['status']}" for r in failed]
+        lines += ["", "failed or unfinished runs:"] + [
+            f"- {r['run']} (seed {r['seed']}): {r['status']}" for r in failed
+        ]
     return "\n".join(lines)
 
 
@@ -129,8 +148,14 @@ def plot(groups: list[dict[str, Any]], path: Path) -> None:
     width = 0.27
     for k, (m, label) in enumerate((("clean", "clean"), ("pgd", "PGD"), ("autoattack", "AutoAttack"))):
         xs = [i + (k - 1) * width for i, g in enumerate(groups) if g[m]]
-        ax.bar(xs, [100 * g[m][0] for g in groups if g[m]], width, yerr=[100 * g[m][1] for g in groups if g[m]],
-               label=label, capsize=3)
+        ax.bar(
+            xs,
+            [100 * g[m][0] for g in groups if g[m]],
+            width,
+            yerr=[100 * g[m][1] for g in groups if g[m]],
+            label=label,
+            capsize=3,
+        )
     ax.set_xticks(range(len(groups)), [g["recipe"].split(" | ")[0] for g in groups], rotation=20, ha="right")
     ax.set_ylabel("accuracy %")
     ax.legend(fontsize=8)

@@ -25,8 +25,14 @@ from typing import Any, Callable, Iterable
 from regdefense.errors import PluginError
 
 #: the per-batch hooks in the order the loop calls them (compute_loss runs inside forward_backward)
-STEP_ORDER = ("regdefense_batch_start", "regdefense_make_adversarial", "regdefense_forward_backward",
-              "regdefense_compute_loss", "regdefense_before_optimizer_step", "regdefense_batch_end")
+STEP_ORDER = (
+    "regdefense_batch_start",
+    "regdefense_make_adversarial",
+    "regdefense_forward_backward",
+    "regdefense_compute_loss",
+    "regdefense_before_optimizer_step",
+    "regdefense_batch_end",
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,9 @@ class Key:
         return STEP_ORDER.index(self.hook)
 
     def __str__(self) -> str:
-        return f"{self.name} in {self.hook[len('regdefense_'):]}" + (f" (when {self.when} is set)" if self.when else "")
+        return f"{self.name} in {self.hook[len('regdefense_') :]}" + (
+            f" (when {self.when} is set)" if self.when else ""
+        )
 
 
 def declared(plugin: Any, kind: str) -> tuple[Key, ...]:
@@ -71,8 +79,10 @@ def declared(plugin: Any, kind: str) -> tuple[Key, ...]:
     keys = tuple(getattr(plugin, kind, ()) or ())
     for key in keys:
         if not isinstance(key, Key):
-            raise PluginError(f"defense '{getattr(plugin, 'name', type(plugin).__name__)}': {kind} must hold "
-                              f"regdefense.contract.Key objects, got {key!r}")
+            raise PluginError(
+                f"defense '{getattr(plugin, 'name', type(plugin).__name__)}': {kind} must hold "
+                f"regdefense.contract.Key objects, got {key!r}"
+            )
     config = getattr(plugin, "config", None)
     return tuple(k for k in keys if _enabled(k.when, config))
 
@@ -118,8 +128,12 @@ def order(named: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
                 if rname == wname:
                     continue
                 for r in declared(reader, "reads"):
-                    if r.name == w.name and r.hook == w.hook and _same_hook_plain(writer, w.hook) \
-                            and _same_hook_plain(reader, r.hook):
+                    if (
+                        r.name == w.name
+                        and r.hook == w.hook
+                        and _same_hook_plain(writer, w.hook)
+                        and _same_hook_plain(reader, r.hook)
+                    ):
                         before[wname].add(rname)
     out: list[tuple[str, Any]] = []
     left = list(named)
@@ -127,8 +141,9 @@ def order(named: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
         ready = next((item for item in left if before[item[0]] <= {n for n, _ in out}), None)
         if ready is None:
             names = " and ".join(f"'{n}'" for n, _ in left)
-            raise PluginError(f"defenses {names} each read what another writes in the same hook; no order of "
-                              f"calls satisfies them all")
+            raise PluginError(
+                f"defenses {names} each read what another writes in the same hook; no order of calls satisfies them all"
+            )
         out.append(ready)
         left.remove(ready)
     return out
@@ -138,16 +153,25 @@ def effective(name: str, plugin: Any, kind: str, answering: dict[str, str]) -> t
     """The keys a plugin really writes or reads in this stack: a plain implementation of an exclusive hook
     counts only if it is the one that answers (a fallback adversary that another provider overrides
     publishes nothing)."""
-    return tuple(k for k in declared(plugin, kind)
-                 if k.hook not in answering or answering[k.hook] == name or not _same_hook_plain(plugin, k.hook))
+    return tuple(
+        k
+        for k in declared(plugin, kind)
+        if k.hook not in answering or answering[k.hook] == name or not _same_hook_plain(plugin, k.hook)
+    )
 
 
-def check(named: list[tuple[str, Any]], warn: Callable[[str], None], answering: dict[str, str]) -> None:
+def check(
+    named: list[tuple[str, Any]],
+    warn: Callable[[str], None],
+    answering: dict[str, str],
+    publishers: Callable[[str], list[str]] | None = None,
+) -> None:
     """Refuse (or warn about) reads without a writer, reads of keys written only later in the step, and
     required publications that nothing active applies.
 
     :param named: the active plugins, ``core`` included.
     :param answering: for each exclusive hook, the name of the plugin whose plain implementation answers.
+    :param publishers: the installed defenses that publish a key (for the "add one of" hint), if known.
     """
     writers: dict[str, list[tuple[str, Key]]] = {}
     readers: dict[str, list[tuple[str, Key]]] = {}
@@ -160,17 +184,28 @@ def check(named: list[tuple[str, Any]], warn: Callable[[str], None], answering: 
         for rname, r in reads:
             ws = [(n, w) for n, w in writers.get(key_name, []) if n != rname]
             if not ws and not r.silent:
-                _say(r.required, warn, f"defense '{rname}' reads {r.name} but no active defense publishes it"
-                                       f"{_hint(key_name, named)}{'; ' + r.why if r.why else ''}")
+                _say(
+                    r.required,
+                    warn,
+                    f"defense '{rname}' reads {r.name} but no active defense publishes it"
+                    f"{_hint(key_name, named, publishers)}{'; ' + r.why if r.why else ''}",
+                )
             elif ws and all(w.stage > r.stage for _, w in ws):
                 who = ", ".join(f"'{n}' ({w.hook})" for n, w in ws)
-                _say(r.required, warn, f"defense '{rname}' reads {r.name} in {r.hook}, but it is written only "
-                                       f"later in the step by {who}")
+                _say(
+                    r.required,
+                    warn,
+                    f"defense '{rname}' reads {r.name} in {r.hook}, but it is written only later in the step by {who}",
+                )
     for key_name, pubs in writers.items():
         for wname, w in pubs:
             if w.required and not [n for n, _ in readers.get(key_name, []) if n != wname]:
-                _say(True, warn, f"defense '{wname}' publishes {w.name} but no active defense applies it"
-                                 f"{'; ' + w.why if w.why else ''}")
+                _say(
+                    True,
+                    warn,
+                    f"defense '{wname}' publishes {w.name} but no active defense applies it"
+                    f"{'; ' + w.why if w.why else ''}",
+                )
 
 
 def _say(required: bool, warn: Callable[[str], None], message: str) -> None:
@@ -179,13 +214,10 @@ def _say(required: bool, warn: Callable[[str], None], message: str) -> None:
     warn("warning: " + message)
 
 
-def _hint(key_name: str, named: Iterable[tuple[str, Any]]) -> str:
-    """Which installed built-ins publish ``key_name``, to suggest adding one."""
+def _hint(key_name: str, named: Iterable[tuple[str, Any]], publishers: Callable[[str], list[str]] | None) -> str:
+    """Which installed defenses publish ``key_name``, to suggest adding one."""
     try:
-        from regdefense.plugins import catalogue
-
-        names = sorted(n for n, info in catalogue().items() if info.cls is not None and any(
-            k.name == key_name for k in declared_class(info.cls, "publishes")))
+        names = sorted(publishers(key_name)) if publishers is not None else []
     except Exception:  # a hint must never break activation
         names = []
     active = {n for n, _ in named}

@@ -10,17 +10,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from regdefense.augment import augment_batch, draw_augment
 from regdefense.config import DataConfig
 from regdefense.errors import DataError, unknown
+from regdefense.stream import STREAM_ABOVE, FileSplit, scan_folder, scan_shards
 
 #: default L∞ budget per dataset, in [0,1] pixel units
-DEFAULT_EPS = {"digits": 0.2, "mnist": 0.3, "fashion_mnist": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255,
-               "svhn": 8 / 255}
+DEFAULT_EPS = {
+    "digits": 0.2,
+    "mnist": 0.3,
+    "fashion_mnist": 0.1,
+    "cifar10": 8 / 255,
+    "cifar100": 8 / 255,
+    "svhn": 8 / 255,
+}
 TORCHVISION_SETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
 SPLIT_SEED = 0  # fixed: the digits test split and every validation split do not depend on the run seed
 
@@ -74,8 +83,18 @@ class BatchLoader:
     asynchronous copies to a GPU; a split already on the GPU is indexed there.
     """
 
-    def __init__(self, split: Split, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 augment: str = "none", drop_last: bool = False, dist=None, pin: bool = False) -> None:
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        augment: str = "none",
+        drop_last: bool = False,
+        dist=None,
+        pin: bool = False,
+    ) -> None:
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.augment, self.drop_last, self.epoch, self.start = augment, drop_last, 0, 0
         self.dist, self.pin = dist, pin
@@ -95,7 +114,7 @@ class BatchLoader:
         else:
             order = torch.arange(n)
         for i in range(self.start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             params = None
             if self.augment != "none":
                 gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 100_019 + i)
@@ -110,25 +129,6 @@ class BatchLoader:
             if self.pin and not x.is_cuda:
                 x, y = x.pin_memory(), y.pin_memory()
             yield x, y, idx
-
-
-def draw_augment(b: int, mode: str, gen: torch.Generator, pad: int = 4) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-image random crop offsets and flips for ``augment_batch``, drawn for a whole global batch."""
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    flip = torch.rand(b, generator=gen) < 0.5 if mode == "crop_flip" else torch.zeros(b, dtype=torch.bool)
-    return dy, dx, flip
-
-
-def augment_batch(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
-    """Crop each image at offset (dy, dx) from a zero-padded copy, then mirror those with ``flip``."""
-    b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
-    x = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
-    x = x.gather(3, cols)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -154,14 +154,20 @@ def _torchvision(name: str, root: str, download: bool) -> tuple[Split, Split]:
             if name == "svhn":
                 ds = tvd.SVHN(root, split="train" if train else "test", download=download)
                 return torch.as_tensor(ds.data), torch.as_tensor(ds.labels, dtype=torch.long)
-            cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
-                   "cifar100": tvd.CIFAR100}[name]
+            cls = {
+                "mnist": tvd.MNIST,
+                "fashion_mnist": tvd.FashionMNIST,
+                "cifar10": tvd.CIFAR10,
+                "cifar100": tvd.CIFAR100,
+            }[name]
             ds = cls(root, train=train, download=download)
         except RuntimeError as exc:
             if download:
                 raise DataError(f"could not download {name} into {root}: {exc}") from None
-            raise DataError(f"{name} was not found under '{root}'; pass --download to fetch it (needs a network) "
-                            f"or --data-dir to point at a copy") from None
+            raise DataError(
+                f"{name} was not found under '{root}'; pass --download to fetch it (needs a network) "
+                f"or --data-dir to point at a copy"
+            ) from None
         except OSError as exc:
             raise DataError(f"could not get {name} into '{root}': {exc}") from None
         data = torch.as_tensor(np.asarray(ds.data))
@@ -188,8 +194,10 @@ def _array_to_nchw(x: np.ndarray, where: str) -> Tensor:
         raise DataError(f"{where}: x contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
-        raise DataError(f"{where}: float pixels must lie in [0,1], found [{lo:g}, {hi:g}]; "
-                        f"divide 8-bit images by 255 or store them as uint8")
+        raise DataError(
+            f"{where}: float pixels must lie in [0,1], found [{lo:g}, {hi:g}]; "
+            f"divide 8-bit images by 255 or store them as uint8"
+        )
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
@@ -224,7 +232,7 @@ def _image_folder(root: Path, classes: list[str] | None, size: int | None) -> tu
         for f in sorted(folder.iterdir()):
             if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"):
                 continue
-            img = Image.open(f)
+            img: Image.Image = Image.open(f)
             img = img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB")
             if size:
                 img = img.resize((size, size))
@@ -237,37 +245,36 @@ def _image_folder(root: Path, classes: list[str] | None, size: int | None) -> tu
         raise DataError(f"{root} holds no images")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise DataError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; "
-                        f"set data.image_size to resize them")
+        raise DataError(
+            f"images under {root} have different sizes {sorted(shapes)[:3]}...; set data.image_size to resize them"
+        )
     rgb = any(im.ndim == 3 for im in images)
     arr = np.stack([np.repeat(im[..., None], 3, -1) if rgb and im.ndim == 2 else im for im in images])
     return Split(_array_to_nchw(arr, str(root)), torch.tensor(labels, dtype=torch.long)), classes
 
 
-def _folder(path: Path, cfg: DataConfig) -> tuple[Split, Split]:
+def _folder(path: Path, cfg: DataConfig) -> tuple[Any, Any]:
     """train.npz/test.npz, or train/ with test/ (or val/, ImageNet's name) as image folders or tar shards."""
     if (path / "train.npz").exists() and (path / "test.npz").exists():
         return _npz(path / "train.npz"), _npz(path / "test.npz")
     train_dir = path / "train"
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
     if train_dir.is_dir() and test_dir.is_dir() and any(train_dir.glob("*.tar")):
-        from regdefense.stream import scan_shards
-
-        train = scan_shards(train_dir, cfg.image_size)  # tar shards are always streamed
-        return train, scan_shards(test_dir, train.size)
+        shards = scan_shards(train_dir, cfg.image_size)  # tar shards are always streamed
+        return shards, scan_shards(test_dir, shards.size)
     if train_dir.is_dir() and test_dir.is_dir():
         if cfg.stream != "off":
-            from regdefense.stream import STREAM_ABOVE, scan_folder
-
-            train, classes = scan_folder(train_dir, None, cfg.image_size)
-            if cfg.stream == "on" or len(train) * train.channels * train.size ** 2 > STREAM_ABOVE:
-                test, _ = scan_folder(test_dir, classes, train.size)
-                return train, test
+            files, names = scan_folder(train_dir, None, cfg.image_size)
+            if cfg.stream == "on" or len(files) * files.channels * files.size**2 > STREAM_ABOVE:
+                test_files, _ = scan_folder(test_dir, names, files.size)
+                return files, test_files
         train, classes = _image_folder(train_dir, None, cfg.image_size)
         test, _ = _image_folder(test_dir, classes, cfg.image_size)
         return train, test
-    raise DataError(f"{path} must hold train.npz and test.npz, train/ and test/ (or val/) image folders, or train/ "
-                    f"and test/ folders of WebDataset tar shards")
+    raise DataError(
+        f"{path} must hold train.npz and test.npz, train/ and test/ (or val/) image folders, or train/ "
+        f"and test/ folders of WebDataset tar shards"
+    )
 
 
 def load_data(cfg: DataConfig, seed: int = 0) -> Data:
@@ -296,18 +303,29 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Data:
     if n_val > 0:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(SPLIT_SEED + 1))
         val, train = train.subset(order[:n_val]), train.subset(order[n_val:])
-    augment = cfg.augment
+    augment: str = cfg.augment
     streamed = not isinstance(train, Split)
     if augment == "imagenet" and not streamed:
-        raise DataError("data.augment=imagenet needs streamed image folders (data.stream=on); in-memory data takes "
-                        "none, crop or crop_flip")
+        raise DataError(
+            "data.augment=imagenet needs streamed image folders (data.stream=on); in-memory data takes "
+            "none, crop or crop_flip"
+        )
     if augment == "auto":
         augment = {"cifar10": "crop_flip", "cifar100": "crop_flip", "svhn": "crop"}.get(name, "none")
-    sample = train.sample(64) if streamed else train.floats(torch.arange(min(len(train), 2048)))
+    sample = train.sample(64) if isinstance(train, FileSplit) else train.floats(torch.arange(min(len(train), 2048)))
     mean = sample.mean(dim=(0, 2, 3)).tolist()
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    return Data(name=name, train=train, val=val, test=test, num_classes=num_classes,
-                default_eps=DEFAULT_EPS.get(name, 8 / 255), augment=augment, mean=mean, std=std)
+    return Data(
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        num_classes=num_classes,
+        default_eps=DEFAULT_EPS.get(name, 8 / 255),
+        augment=augment,
+        mean=mean,
+        std=std,
+    )
 
 
 def check_data(data: Data) -> None:
@@ -330,22 +348,26 @@ def check_data(data: Data) -> None:
         if x.ndim != 4:
             raise DataError(f"dataset '{data.name}' {name} split: images must be N×C×H×W, got shape {tuple(x.shape)}")
         if tuple(x.shape[1:]) != shape:
-            raise DataError(f"dataset '{data.name}' {name} split: images are {tuple(x.shape[1:])}, but training "
-                            f"images are {shape}")
+            raise DataError(
+                f"dataset '{data.name}' {name} split: images are {tuple(x.shape[1:])}, but training images are {shape}"
+            )
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"dataset '{data.name}' {name} split: {len(x)} images but labels of shape {tuple(y.shape)}")
         if y.is_floating_point() or y.dtype == torch.bool:
             raise DataError(f"dataset '{data.name}' {name} split: labels must be integers, got {y.dtype}")
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= data.num_classes):
-            raise DataError(f"dataset '{data.name}' {name} split: labels must lie in [0, {data.num_classes - 1}], "
-                            f"found [{int(y.min())}, {int(y.max())}]")
+            raise DataError(
+                f"dataset '{data.name}' {name} split: labels must lie in [0, {data.num_classes - 1}], "
+                f"found [{int(y.min())}, {int(y.max())}]"
+            )
         if x.is_floating_point() and len(x):
             if not bool(torch.isfinite(x).all()):
                 bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
                 raise DataError(f"dataset '{data.name}' {name} split: image {bad} has NaN or infinite pixels")
             lo, hi = float(x.min()), float(x.max())
             if lo < 0 or hi > 1:
-                raise DataError(f"dataset '{data.name}' {name} split: float pixels must lie in [0,1], found "
-                                f"[{lo:g}, {hi:g}]")
+                raise DataError(
+                    f"dataset '{data.name}' {name} split: float pixels must lie in [0,1], found [{lo:g}, {hi:g}]"
+                )
         elif x.dtype != torch.uint8:
             raise DataError(f"dataset '{data.name}' {name} split: pixels must be uint8 or float, got {x.dtype}")

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from regdefense.errors import UserError
+
 
 def launched() -> bool:
     """True when started by torchrun (or any launcher that sets ``WORLD_SIZE`` > 1)."""
@@ -69,7 +71,7 @@ class Dist:
         flat = flat[:-1].div_(flat[-1])
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def set_rows(self, buffer: Tensor, index: Tensor, values: Tensor) -> None:
@@ -81,7 +83,7 @@ class Dist:
         where = values.device  # the collective runs where the values are (a buffer may live in host memory)
         idx = torch.full((width,), -1, dtype=torch.long, device=where)
         val = torch.zeros((width, *values.shape[1:]), dtype=values.dtype, device=where)
-        idx[:len(index)], val[:len(index)] = index, values
+        idx[: len(index)], val[: len(index)] = index, values
         all_idx = [torch.empty_like(idx) for _ in range(self.world)]
         all_val = [torch.empty_like(val) for _ in range(self.world)]
         dist.all_gather(all_idx, idx)
@@ -134,19 +136,26 @@ class Dist:
         if not self.enabled:
             return
         names = sorted(modules)
-        local = torch.stack([sum((p.detach().double().sum() for p in modules[n].parameters()),
-                                 torch.zeros((), dtype=torch.float64, device=self.device)) for n in names])
+        local = torch.stack(
+            [
+                sum(
+                    (p.detach().double().sum() for p in modules[n].parameters()),
+                    torch.zeros((), dtype=torch.float64, device=self.device),
+                )
+                for n in names
+            ]
+        )
         every = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(every, local)
         table = torch.stack(every).cpu()
         drift = (table - table[0]).abs().amax(0) > 1e-6 * table[0].abs().clamp_min(1.0)
         if bool(drift.any()):
-            from regdefense.errors import UserError
-
             bad = [n for n, d in zip(names, drift.tolist()) if d]
-            raise UserError(f"the {self.world} processes' weights of {', '.join(bad)} have drifted apart; a defense "
-                            f"updates state on one process only (per-sample buffers must go through "
-                            f"trainer.dist.set_rows, extra optimizers through trainer.dist.reduce_grads)")
+            raise UserError(
+                f"the {self.world} processes' weights of {', '.join(bad)} have drifted apart; a defense "
+                f"updates state on one process only (per-sample buffers must go through "
+                f"trainer.dist.set_rows, extra optimizers through trainer.dist.reduce_grads)"
+            )
 
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` on every rank (the run directory's name, for one)."""

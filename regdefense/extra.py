@@ -3,7 +3,8 @@
 
 ``data.extra = ["gen/1m.npz", "unlabeled/"]`` adds sources — ``.npz`` files (arrays ``x``/``y``, or ``image``/``label``
 as the generated-data files of Wang et al. name them; ``y`` optional), folders of WebDataset shards or of class
-sub-folders (labelled, read per batch like the streamed data path), or folders of loose images (unlabeled). An uncompressed ``.npz`` (``np.savez``) is memory-mapped, not read: tens of millions of
+sub-folders (labelled, read per batch like the streamed data path), or folders of loose images (unlabeled). An
+uncompressed ``.npz`` (``np.savez``) is memory-mapped, not read: tens of millions of
 32-px images cost no memory until a batch reads its rows. Sources without labels get pseudo-labels from
 ``data.teacher`` (a run directory, checkpoint, export or ``hf:`` model): computed once, cached with the teacher's
 confidence under ``$REGDEFENSE_CACHE/pseudo``, reused by every later run; ``data.pseudo_min_confidence`` drops the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from regdefense.data import augment_batch, draw_augment
+from regdefense import ledger
+from regdefense.augment import augment_batch, draw_augment
 from regdefense.errors import DataError
+from regdefense.paths import cache_dir
+from regdefense.restore import load_model
+from regdefense.runtime import resolve_device
+from regdefense.stream import scan_folder, scan_shards
+from regdefense.weights import is_export, resolve
 
 
 def _npz_member(path: Path, name: str) -> np.ndarray:
@@ -52,8 +58,7 @@ def _npz_member(path: Path, name: str) -> np.ndarray:
                 n_name, n_extra = np.frombuffer(raw.read(4), dtype="<u2")
             offset = info.header_offset + 30 + int(n_name) + int(n_extra) + header
             if not dtype.hasobject:
-                return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                                 order="F" if fortran else "C")
+                return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
     with np.load(path, allow_pickle=False) as arrays:
         return arrays[name]
 
@@ -69,8 +74,9 @@ class ArraySource:
             raise DataError(f"data.extra: {path} is not a readable .npz file: {exc}") from None
         xkey = next((k for k in ("x", "image") if f"{k}.npy" in names), None)
         if xkey is None:
-            raise DataError(f"data.extra: {path} holds no image array 'x' (or 'image'); found "
-                            f"{sorted(n[:-4] for n in names)}")
+            raise DataError(
+                f"data.extra: {path} holds no image array 'x' (or 'image'); found {sorted(n[:-4] for n in names)}"
+            )
         self.x = _npz_member(path, xkey)
         ykey = next((k for k in ("y", "label") if f"{k}.npy" in names), None)
         self.y = np.array(_npz_member(path, ykey), dtype=np.int64) if ykey else None  # a copy: labels are small
@@ -110,7 +116,6 @@ class StreamSource:
     training images' size. Decoded in the training process, batch by batch."""
 
     def __init__(self, path: Path, size: int | None) -> None:
-        from regdefense.stream import scan_folder, scan_shards
 
         self.path = path
         self.split = scan_shards(path, size) if any(path.glob("*.tar")) else scan_folder(path, None, size)[0]
@@ -121,7 +126,8 @@ class StreamSource:
 
     @property
     def chw(self) -> tuple[int, int, int]:
-        return tuple(self.split.shape[1:])
+        c, h, w = self.split.shape[1:]
+        return c, h, w
 
     def rows(self, rows: np.ndarray) -> Tensor:
         return self.split.floats(torch.from_numpy(np.asarray(rows, dtype=np.int64)))
@@ -140,8 +146,8 @@ class FolderSource:
         images = []
         for f in files:
             try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
+                with Image.open(f) as opened:
+                    im: Image.Image = opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened
                     images.append(np.asarray(im.resize((size, size)) if size else im))
             except OSError as exc:
                 raise DataError(f"data.extra: cannot decode {f}: {exc}") from None
@@ -177,15 +183,16 @@ class Extra:
         return str(self.sources[s].path), int(self.keep[s][k - self.starts[s]])
 
     def floats(self, idx: Tensor) -> Tensor:
-        idx = idx.cpu().numpy()
-        src = np.searchsorted(self.starts, idx, side="right") - 1
+        rows = idx.cpu().numpy()
+        src = np.searchsorted(self.starts, rows, side="right") - 1
         out: Tensor | None = None
         for s in np.unique(src):
             where = np.nonzero(src == s)[0]
-            part = self.sources[s].rows(self.keep[s][idx[where] - self.starts[s]])
+            part = self.sources[s].rows(self.keep[s][rows[where] - self.starts[s]])
             if out is None:
-                out = torch.empty((len(idx), *part.shape[1:]))
+                out = torch.empty((len(rows), *part.shape[1:]))
             out[torch.from_numpy(where)] = part
+        assert out is not None, "no rows asked for"
         return out
 
 
@@ -193,6 +200,7 @@ def open_sources(paths: list[str], shape: tuple[int, int, int], size: int | None
     out = []
     for p in paths:
         path = Path(p).expanduser()
+        src: Any
         if path.suffix == ".npz" and path.is_file():
             src = ArraySource(path)
         elif path.is_dir() and (any(path.glob("*.tar")) or any(d.is_dir() for d in path.iterdir())):
@@ -200,19 +208,21 @@ def open_sources(paths: list[str], shape: tuple[int, int, int], size: int | None
         elif path.is_dir():
             src = FolderSource(path, size or shape[-1])
         elif path.suffix == ".tar" or not path.exists():
-            raise DataError(f"data.extra: {p} " + ("does not exist" if not path.exists() else
-                            "is one shard; give the folder that holds the shards"))
+            raise DataError(
+                f"data.extra: {p} "
+                + ("does not exist" if not path.exists() else "is one shard; give the folder that holds the shards")
+            )
         else:
             raise DataError(f"data.extra: {p} is neither an .npz file nor an image folder")
         if tuple(src.chw) != tuple(shape):
-            raise DataError(f"data.extra: {p} has images of shape {tuple(src.chw)}; the training data's are "
-                            f"{tuple(shape)}")
+            raise DataError(
+                f"data.extra: {p} has images of shape {tuple(src.chw)}; the training data's are {tuple(shape)}"
+            )
         out.append(src)
     return out
 
 
-def load_extra(cfg, shape: tuple[int, int, int], num_classes: int, *, device: str = "auto",
-               echo=print) -> Extra | None:
+def load_extra(cfg, shape: tuple[int, int, int], num_classes: int, *, device: str = "auto", echo=print) -> Extra | None:
     """Open ``cfg.extra`` (a DataConfig), pseudo-label what has no labels with ``cfg.teacher``, filter by confidence."""
     if not cfg.extra:
         return None
@@ -229,8 +239,10 @@ def load_extra(cfg, shape: tuple[int, int, int], num_classes: int, *, device: st
             pseudo.append(torch.zeros(len(y), dtype=torch.bool))
             continue
         if not cfg.teacher:
-            raise DataError(f"data.extra: {src.path} has no labels; give data.teacher = RUN (a model to pseudo-label "
-                            f"it, as RST does) or store labels with the images")
+            raise DataError(
+                f"data.extra: {src.path} has no labels; give data.teacher = RUN (a model to pseudo-label "
+                f"it, as RST does) or store labels with the images"
+            )
         y, c = pseudo_labels(src, cfg.teacher, device=device, echo=echo)
         labels.append(y)
         conf.append(c)
@@ -238,17 +250,17 @@ def load_extra(cfg, shape: tuple[int, int, int], num_classes: int, *, device: st
     keep = []
     for y, c in zip(labels, conf):
         keep.append(np.nonzero((c >= cfg.pseudo_min_confidence).numpy())[0])
-    labels = torch.cat([y[torch.from_numpy(k)] for y, k in zip(labels, keep)])
+    labels_all = torch.cat([y[torch.from_numpy(k)] for y, k in zip(labels, keep)])
     conf_all = torch.cat([c[torch.from_numpy(k)] for c, k in zip(conf, keep)])
     pseudo_all = torch.cat([p[torch.from_numpy(k)] for p, k in zip(pseudo, keep)])
-    info |= {"rows": sum(len(s) for s in sources), "kept": int(len(labels)), "pseudo_labelled": int(pseudo_all.sum())}
-    if not len(labels):
+    info |= {
+        "rows": sum(len(s) for s in sources),
+        "kept": int(len(labels_all)),
+        "pseudo_labelled": int(pseudo_all.sum()),
+    }
+    if not len(labels_all):
         raise DataError(f"data.extra: no sample is left after data.pseudo_min_confidence={cfg.pseudo_min_confidence}")
-    return Extra(sources, labels, keep, conf_all, pseudo_all, info)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("REGDEFENSE_CACHE", Path.home() / ".cache" / "regdefense")) / "pseudo"
+    return Extra(sources, labels_all, keep, conf_all, pseudo_all, info)
 
 
 def _source_digest(src) -> str:
@@ -263,8 +275,6 @@ def _source_digest(src) -> str:
 def _weights_file(teacher: str) -> Path | None:
     """The file holding the teacher's weights (a run's best.pt, a checkpoint, an export's weights), found without
     loading the model, so a cached answer costs no model load; None for a zoo model (keyed by its name)."""
-    from regdefense.export import is_export, resolve
-
     if str(teacher).startswith("robustbench:"):
         return None
     path = Path(resolve(teacher))
@@ -274,17 +284,16 @@ def _weights_file(teacher: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def pseudo_labels(src, teacher: str, *, device: str = "auto", batch_size: int = 512,
-                  echo=print) -> tuple[Tensor, Tensor]:
+def pseudo_labels(
+    src, teacher: str, *, device: str = "auto", batch_size: int = 512, echo=print
+) -> tuple[Tensor, Tensor]:
     """The teacher's labels and softmax confidence for every row of ``src``, computed once and cached (keyed by the
     teacher's weights and the source file)."""
-    from regdefense import ledger
-    from regdefense.evaluate import load_target
-
     weights = _weights_file(teacher)
-    key = hashlib.sha256(((ledger.fingerprint(weights) if weights is not None else str(teacher)) + "|"
-                          + _source_digest(src)).encode()).hexdigest()[:20]
-    path = cache_dir() / f"{key}.pt"
+    key = hashlib.sha256(
+        ((ledger.fingerprint(weights) if weights is not None else str(teacher)) + "|" + _source_digest(src)).encode()
+    ).hexdigest()[:20]
+    path = cache_dir() / "pseudo" / f"{key}.pt"
     if path.exists():
         try:
             cached = torch.load(path, weights_only=True)
@@ -294,31 +303,43 @@ def pseudo_labels(src, teacher: str, *, device: str = "auto", batch_size: int = 
         except (OSError, RuntimeError, KeyError):
             pass  # unreadable: compute again
     echo(f"pseudo-labelling {len(src)} images of {src.path} with {teacher} ...")
-    t = load_target(teacher, n=1, device=device)  # only on a cache miss
-    model, labels, conf = t.model.eval(), [], []
+    dev = resolve_device(device)
+    model = load_model(teacher, device=str(dev))  # only on a cache miss
+    labels, conf = [], []
     with torch.no_grad():
         for start in range(0, len(src), batch_size):
-            x = src.rows(np.arange(start, min(start + batch_size, len(src)))).to(t.device)
+            x = src.rows(np.arange(start, min(start + batch_size, len(src)))).to(dev)
             p = torch.softmax(model(x).float(), dim=1)
             c, y = p.max(dim=1)
             labels.append(y.cpu())
             conf.append(c.cpu())
-    labels, conf = torch.cat(labels), torch.cat(conf)
+    labels_t, conf_t = torch.cat(labels), torch.cat(conf)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"labels": labels, "confidence": conf}, tmp)
+    torch.save({"labels": labels_t, "confidence": conf_t}, tmp)
     tmp.replace(path)
-    (path.with_suffix(".json")).write_text(json.dumps({"teacher": str(teacher), "source": str(src.path),
-                                                       "rows": len(src)}))
-    return labels, conf
+    (path.with_suffix(".json")).write_text(
+        json.dumps({"teacher": str(teacher), "source": str(src.path), "rows": len(src)})
+    )
+    return labels_t, conf_t
 
 
 class MixedLoader:
     """Batches of ``(x, y, index)`` holding ``batch_size - int(batch_size × fraction)`` original samples (one pass
     over the original split per epoch) and extra samples drawn with replacement to fill the batch."""
 
-    def __init__(self, split, extra: Extra, batch_size: int, fraction: float, *, seed: int = 0,
-                 augment: str = "none", dist=None, pin: bool = False) -> None:
+    def __init__(
+        self,
+        split,
+        extra: Extra,
+        batch_size: int,
+        fraction: float,
+        *,
+        seed: int = 0,
+        augment: str = "none",
+        dist=None,
+        pin: bool = False,
+    ) -> None:
         self.split, self.extra, self.batch_size, self.seed = split, extra, batch_size, seed
         self.n_extra = int(batch_size * fraction)
         self.n_orig = batch_size - self.n_extra
@@ -341,7 +362,7 @@ class MixedLoader:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(base))
         for i in range(self.start, len(self)):
             gen = torch.Generator().manual_seed(base * 100_019 + i)
-            orig = order[i * self.n_orig:(i + 1) * self.n_orig]
+            orig = order[i * self.n_orig : (i + 1) * self.n_orig]
             rows = torch.randint(len(self.extra), (self.batch_size - len(orig),), generator=gen)
             idx = torch.cat([orig, rows + n])
             mix = torch.randperm(len(idx), generator=gen)  # originals and extras interleaved across processes

@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # imports for annotations only, so this module stays cheap to
     from regdefense.trainer import Trainer
 
 hookspec = pluggy.HookspecMarker("regdefense")
+#: marker for hook implementations (re-exported as ``regdefense.hookimpl``, where plugins import it)
+hookimpl = pluggy.HookimplMarker("regdefense")
 
 #: hooks with one provider per run (``core`` and wrappers aside)
 EXCLUSIVE = (
@@ -261,7 +263,7 @@ def regdefense_log_metrics(trainer: Trainer, epoch: int, metrics: dict[str, Any]
         ``val_clean``/``val_robust`` and whatever defenses added; do not modify.
     :return: ignored.
 
-    Since 0.2.
+    Since 0.1.
     """
 
 
@@ -279,5 +281,5 @@ def regdefense_log_summary(trainer: Trainer, summary: dict[str, Any], files: dic
         (those that exist).
     :return: ignored.
 
-    Since 0.2.
+    Since 0.1.
     """

@@ -20,23 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from regdefense.errors import UserError
+from regdefense.export import export
+from regdefense.weights import download, parse
+
+__all__ = ["FILES", "download", "model_card", "parse", "push", "stage", "write_to_cache"]
 
 FILES = ("model.safetensors", "config.json", "README.md")
 
 
-def parse(target: str) -> tuple[str, str | None]:
-    """``hf:ORG/NAME[@REV]`` → (repo id, revision)."""
-    spec = target[3:] if target.startswith("hf:") else target
-    repo, _, rev = spec.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise UserError(f"'{target}' is not a Hub model: write hf:ORG/NAME or hf:ORG/NAME@REVISION")
-    return repo, rev or None
-
-
 def stage(run: str | Path, *, which: str = "best", out: str | Path | None = None) -> Path:
     """The folder a push uploads: the safetensors export of ``run`` and its model card."""
-    from regdefense.export import export
-
     run = Path(run)
     folder = Path(out) if out is not None else run / "export" / "hub"
     files = export(run, fmt="safetensors", out=folder, which=which)
@@ -45,13 +38,23 @@ def stage(run: str | Path, *, which: str = "best", out: str | Path | None = None
     return folder
 
 
-def push(run: str | Path, repo_id: str, *, which: str = "best", private: bool = False, revision: str | None = None,
-         token: str | None = None, to_cache: bool = False, cache_dir: str | Path | None = None) -> dict[str, Any]:
+def push(
+    run: str | Path,
+    repo_id: str,
+    *,
+    which: str = "best",
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    to_cache: bool = False,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Upload ``run``'s export and model card to ``repo_id`` (created if missing), or with ``to_cache`` write them
     into the local huggingface_hub cache. Returns ``{"repo": ..., "files": [...], "where": url or folder}``."""
     repo_id, rev = parse(repo_id)
     rev = revision or rev
     folder = stage(run, which=which)
+    where: Any
     if to_cache:
         where = write_to_cache(folder, repo_id, revision=rev or "main", cache_dir=cache_dir)
     else:
@@ -61,11 +64,18 @@ def push(run: str | Path, repo_id: str, *, which: str = "best", private: bool = 
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=rev, allow_patterns=list(FILES),
-                                     commit_message=f"regdefense push of {Path(run).name}")
+            info = api.upload_folder(
+                folder_path=str(folder),
+                repo_id=repo_id,
+                revision=rev,
+                allow_patterns=list(FILES),
+                commit_message=f"regdefense push of {Path(run).name}",
+            )
         except (HfHubHTTPError, OSError, ValueError) as exc:
-            raise UserError(f"pushing to {repo_id} failed: {str(exc).splitlines()[0][:300]} (log in with `hf auth "
-                            f"login` or pass --token; --to-cache writes the files locally instead)") from None
+            raise UserError(
+                f"pushing to {repo_id} failed: {str(exc).splitlines()[0][:300]} (log in with `hf auth "
+                f"login` or pass --token; --to-cache writes the files locally instead)"
+            ) from None
         where = getattr(info, "commit_url", None) or str(info)
     return {"repo": repo_id, "revision": rev or "main", "files": [str(folder / f) for f in FILES], "where": str(where)}
 
@@ -89,27 +99,6 @@ def write_to_cache(folder: Path, repo_id: str, *, revision: str = "main", cache_
     return snapshot
 
 
-def download(target: str) -> Path:
-    """``hf:ORG/NAME[@REV]`` → a local export folder, through huggingface_hub's cache (offline: the cache only)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    repo_id, rev = parse(target)
-    try:
-        path = Path(snapshot_download(repo_id, revision=rev, allow_patterns=["config.json", "model.safetensors",
-                                                                             "model.ts", "README.md"]))
-    except LocalEntryNotFoundError:
-        raise UserError(f"{target} is not in the local Hugging Face cache and the Hub cannot be reached (offline: "
-                        f"HF_HUB_OFFLINE or no network); download it once online, or copy the cache "
-                        f"(HF_HUB_CACHE) from a machine that has it") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise UserError(f"cannot fetch {target} from the Hub: {str(exc).splitlines()[0][:300]}") from None
-    if not (path / "config.json").exists():
-        raise UserError(f"{target} is not a regdefense export (no config.json); a plain Hub checkpoint loads with "
-                        f"--arch NAME from its file")
-    return path
-
-
 def model_card(run: Path, info: dict[str, Any]) -> str:
     """A Hub model card from the run's files: what was trained on what, how, at what cost, and how robust it is."""
     config = info["config"]
@@ -117,49 +106,104 @@ def model_card(run: Path, info: dict[str, Any]) -> str:
     data, train = config.get("data") or {}, config.get("train") or {}
     eps = info["threat"]["eps"]
     summary, report = _read_json(run / "summary.json"), _read_json(run / "eval" / "report.json")
-    lines = ["---", "library_name: regdefense", "tags:", "- adversarial-robustness", "- adversarial-training",
-             "- image-classification", *[f"- {d}" for d in (info.get("stack") or [])],
-             f"datasets:\n- {info.get('dataset')}", *_model_index(run.name, info, summary, report), "---", "",
-             f"# {run.name}", "",
-             f"An image classifier trained with **regdefense** (stack `{stack}`) on `{info.get('dataset')}` against "
-             f"{info['threat']['norm']} perturbations of ε = {eps:.4g} ({eps * 255:.3g}/255).", "",
-             "| | |", "|---|---|",
-             f"| architecture | `{info['architecture']}` ({info['evaluated_model']}) |",
-             f"| inputs | {info['inputs']}, shape {info['input_shape']}, {info['num_classes']} classes |",
-             f"| stack | `{stack}` |",
-             *[f"| `{name}` settings | " + ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) + " |"
-               for name, values in (config.get("defense") or {}).items()],
-             f"| data | `{data.get('name')}` |",
-             f"| seed | {train.get('seed')} |",
-             f"| epochs | {info.get('epoch')} of {train.get('epochs')}, batch {train.get('batch_size')}, "
-             f"{train.get('optimizer')} lr {train.get('lr')} ({train.get('schedule')}) |"]
+    lines = [
+        "---",
+        "library_name: regdefense",
+        "tags:",
+        "- adversarial-robustness",
+        "- adversarial-training",
+        "- image-classification",
+        *[f"- {d}" for d in (info.get("stack") or [])],
+        f"datasets:\n- {info.get('dataset')}",
+        *_model_index(run.name, info, summary, report),
+        "---",
+        "",
+        f"# {run.name}",
+        "",
+        f"An image classifier trained with **regdefense** (stack `{stack}`) on `{info.get('dataset')}` against "
+        f"{info['threat']['norm']} perturbations of ε = {eps:.4g} ({eps * 255:.3g}/255).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | `{info['architecture']}` ({info['evaluated_model']}) |",
+        f"| inputs | {info['inputs']}, shape {info['input_shape']}, {info['num_classes']} classes |",
+        f"| stack | `{stack}` |",
+        *[
+            f"| `{name}` settings | " + ", ".join(f"{k}={json.dumps(v)}" for k, v in (values or {}).items()) + " |"
+            for name, values in (config.get("defense") or {}).items()
+        ],
+        f"| data | `{data.get('name')}` |",
+        f"| seed | {train.get('seed')} |",
+        f"| epochs | {info.get('epoch')} of {train.get('epochs')}, batch {train.get('batch_size')}, "
+        f"{train.get('optimizer')} lr {train.get('lr')} ({train.get('schedule')}) |",
+    ]
     cost = (summary or {}).get("cost") or {}
     if cost:
-        lines.append(f"| cost | {cost.get('wall_seconds', 0):.0f} s wall, "
-                     + (f"{cost['train_images_per_second']:.0f} training images/s, "
-                        if cost.get("train_images_per_second") else "")
-                     + f"{cost.get('gpu_hours', 0):.3f} GPU-hours |")
+        lines.append(
+            f"| cost | {cost.get('wall_seconds', 0):.0f} s wall, "
+            + (
+                f"{cost['train_images_per_second']:.0f} training images/s, "
+                if cost.get("train_images_per_second")
+                else ""
+            )
+            + f"{cost.get('gpu_hours', 0):.3f} GPU-hours |"
+        )
     if summary:
-        lines += ["", "## Final table (torchattacks PGD on the test split)", "",
-                  "| model | clean | robust | attack | n |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {100 * r['clean']:.2f}% | {100 * r['robust']:.2f}% | {r['attack']} | {r['n']} |"
-                  for r in summary["table"]]
+        lines += [
+            "",
+            "## Final table (torchattacks PGD on the test split)",
+            "",
+            "| model | clean | robust | attack | n |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {100 * r['clean']:.2f}% | {100 * r['robust']:.2f}% | {r['attack']} | {r['n']} |"
+            for r in summary["table"]
+        ]
     if report:
         meta = report["meta"]
-        lines += ["", f"## `regdefense evaluate` ({meta.get('n')} test points, ε = {float(meta['eps']):.4g})", "",
-                  f"Clean accuracy {100 * report['clean']:.2f}%.", "", "| suite | attack | robust accuracy |", "|---|---|---|"]
-        lines += [f"| {r['suite']} | {r['label']} | {100 * r['robust']:.2f}% |" for r in report["rows"]
-                  if r.get("kind") in ("attack", "group worst case", "worst case", "best known")]
+        lines += [
+            "",
+            f"## `regdefense evaluate` ({meta.get('n')} test points, ε = {float(meta['eps']):.4g})",
+            "",
+            f"Clean accuracy {100 * report['clean']:.2f}%.",
+            "",
+            "| suite | attack | robust accuracy |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['suite']} | {r['label']} | {100 * r['robust']:.2f}% |"
+            for r in report["rows"]
+            if r.get("kind") in ("attack", "group worst case", "worst case", "best known")
+        ]
     else:
-        lines += ["", "No `regdefense evaluate` report yet: run `regdefense evaluate RUN --attacks autoattack` before "
-                      "pushing to publish the official AutoAttack figure."]
-    lines += ["", "## Recipe", "", "`config.json` holds the run's whole resolved configuration (key `config`); "
-              "to train it again, write its sections as a TOML run file and run "
-              f"`regdefense train --config recipe.toml --seed {train.get('seed')}`."]
-    lines += ["", "## Use", "", "```python",
-              "from huggingface_hub import snapshot_download", "from regdefense.export import load", "",
-              "model = load(snapshot_download(\"ORG/NAME\"))  # inputs in [0, 1]; normalisation is inside", "```", "",
-              "or `regdefense evaluate hf:ORG/NAME --attacks autoattack`.", ""]
+        lines += [
+            "",
+            "No `regdefense evaluate` report yet: run `regdefense evaluate RUN --attacks autoattack` before "
+            "pushing to publish the official AutoAttack figure.",
+        ]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "`config.json` holds the run's whole resolved configuration (key `config`); "
+        "to train it again, write its sections as a TOML run file and run "
+        f"`regdefense train --config recipe.toml --seed {train.get('seed')}`.",
+    ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "from regdefense.export import load",
+        "",
+        'model = load(snapshot_download("ORG/NAME"))  # inputs in [0, 1]; normalisation is inside',
+        "```",
+        "",
+        "or `regdefense evaluate hf:ORG/NAME --attacks autoattack`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -177,12 +221,23 @@ def _model_index(name: str, info: dict[str, Any], summary: dict | None, report: 
             metrics.append(("robust-accuracy", 100 * worst["robust"], f"{label} ({threat})"))
     elif summary:
         row = summary["table"][0]
-        metrics += [("accuracy", 100 * row["clean"], "clean accuracy"),
-                    ("robust-accuracy", 100 * row["robust"], f"{row['attack']}")]
+        metrics += [
+            ("accuracy", 100 * row["clean"], "clean accuracy"),
+            ("robust-accuracy", 100 * row["robust"], f"{row['attack']}"),
+        ]
     if not metrics:
         return []
-    out = ["model-index:", f"- name: {name}", "  results:", "  - task:", "      type: image-classification",
-           "    dataset:", f"      name: {info.get('dataset')}", f"      type: {info.get('dataset')}", "    metrics:"]
+    out = [
+        "model-index:",
+        f"- name: {name}",
+        "  results:",
+        "  - task:",
+        "      type: image-classification",
+        "    dataset:",
+        f"      name: {info.get('dataset')}",
+        f"      type: {info.get('dataset')}",
+        "    metrics:",
+    ]
     for kind, value, label in metrics:
         out += [f"    - type: {kind}", f"      value: {value:.2f}", f"      name: {json.dumps(label)}"]
     return out

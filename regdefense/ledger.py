@@ -41,12 +41,14 @@ def record(ledger_path: Path, meta: dict[str, Any], clean_ok: Tensor, broken_by:
     :param clean_ok: per-point clean correctness of the evaluated points (the first ``len(clean_ok)`` test points).
     :param broken_by: ``{attack label: per-point "still correct" under that attack}``, in the order the attacks ran.
     """
-    data = {"format": FORMAT, "entries": {}}
+    data: dict[str, Any] = {"format": FORMAT, "entries": {}}
     if ledger_path.exists():
         try:
             data = json.loads(ledger_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{ledger_path} is not a readable ledger ({exc}); move it away to start a new one") from None
+            raise UserError(
+                f"{ledger_path} is not a readable ledger ({exc}); move it away to start a new one"
+            ) from None
     entry = data["entries"].setdefault(_key(meta), {"attacks": [], "points": {}})
     points = entry["points"]
     for i, ok in enumerate(clean_ok.tolist()):

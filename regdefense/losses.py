@@ -13,8 +13,9 @@ from torch import Tensor
 
 def kl(p_logits: Tensor, q_logits: Tensor, reduction: str = "none") -> Tensor:
     """KL(p ‖ q) = Σ_k p_k (log p_k − log q_k) per sample (``reduction="none"``), or its ``"mean"``/``"sum"``."""
-    per = F.kl_div(F.log_softmax(q_logits, dim=1), F.log_softmax(p_logits, dim=1), reduction="none",
-                   log_target=True).sum(dim=1)
+    per = F.kl_div(
+        F.log_softmax(q_logits, dim=1), F.log_softmax(p_logits, dim=1), reduction="none", log_target=True
+    ).sum(dim=1)
     return per if reduction == "none" else (per.mean() if reduction == "mean" else per.sum())
 
 

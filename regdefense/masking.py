@@ -17,6 +17,8 @@ A step inside one module's ``forward`` with no submodule after it cannot be foun
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -42,8 +44,9 @@ def find_nondifferentiable(model: nn.Module, x: Tensor) -> str | None:
             for name, inp in seen:
                 if not inp.requires_grad:
                     return name
-                (g,) = torch.autograd.grad(inp, xb, grad_outputs=torch.randn_like(inp), retain_graph=True,
-                                           allow_unused=True)
+                (g,) = torch.autograd.grad(
+                    inp, xb, grad_outputs=torch.randn_like(inp), retain_graph=True, allow_unused=True
+                )
                 if g is None or not bool(g.abs().sum() > 0):
                     return name
     finally:
@@ -61,7 +64,7 @@ class StraightThrough(nn.Module):
         self.model, self.name = model, name
 
     def forward(self, x: Tensor) -> Tensor:
-        done = []
+        done: list[Any] = []
 
         def pre(module, args):
             if done or args[0].shape != x.shape:
@@ -84,4 +87,6 @@ def bpda_view(model: nn.Module, x: Tensor) -> tuple[nn.Module, str] | None:
     name = find_nondifferentiable(model, x)
     if name is None:
         return None
-    return StraightThrough(model, name), f"the input of submodule '{name}' (it does not depend differentiably on the image)"
+    return StraightThrough(
+        model, name
+    ), f"the input of submodule '{name}' (it does not depend differentiably on the image)"

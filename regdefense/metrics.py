@@ -27,7 +27,7 @@ def acc_drop(clean_acc: float, adv_acc: float) -> float:
 def psnr(x: Tensor, x_adv: Tensor, peak: float = 1.0) -> Tensor:
     """Per-image PSNR in dB, 10·log10(peak² / MSE); +inf for an unchanged image."""
     mse = (x_adv - x).flatten(1).pow(2).mean(dim=1)
-    return 10 * torch.log10(peak ** 2 / mse)
+    return 10 * torch.log10(peak**2 / mse)
 
 
 def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
@@ -46,7 +46,7 @@ def auroc(scores_negative: Tensor, scores_positive: Tensor) -> float:
     uniq, inverse, counts = torch.unique(allv, return_inverse=True, return_counts=True)
     sums = torch.zeros(len(uniq), dtype=torch.double).index_add_(0, inverse, ranks)
     ranks = (sums / counts)[inverse]
-    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
+    u = ranks[len(neg) :].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(neg) * len(pos)))
 
 
@@ -58,8 +58,12 @@ def detection_score(logits: Tensor) -> Tensor:
 def per_point(x: Tensor, x_adv: Tensor, adv_logits: Tensor) -> dict[str, Tensor]:
     """Per image: PSNR, L∞ and L2 of the perturbation, and the adversarial input's detection score."""
     d = (x_adv - x).flatten(1)
-    return {"psnr": psnr(x, x_adv), "linf": d.abs().amax(dim=1) if d.numel() else torch.zeros(len(x)),
-            "l2": d.norm(dim=1), "score": detection_score(adv_logits)}
+    return {
+        "psnr": psnr(x, x_adv),
+        "linf": d.abs().amax(dim=1) if d.numel() else torch.zeros(len(x)),
+        "l2": d.norm(dim=1),
+        "score": detection_score(adv_logits),
+    }
 
 
 def summarise(points: dict[str, Tensor], clean_scores: Tensor, mask: Tensor | None = None) -> dict:
@@ -69,7 +73,13 @@ def summarise(points: dict[str, Tensor], clean_scores: Tensor, mask: Tensor | No
     ps, linf, l2 = points["psnr"][sel], points["linf"][sel], points["l2"][sel]
     finite = ps[torch.isfinite(ps)]
     n = int(sel.sum())
-    return {"psnr_mean": float(finite.mean()) if len(finite) else None,
-            "norms": {"linf_max": float(linf.max()) if n else 0.0, "linf_mean": float(linf.mean()) if n else 0.0,
-                      "l2_mean": float(l2.mean()) if n else 0.0, "changed": int((linf > 0).sum())},
-            "auroc": auroc(clean_scores[sel], points["score"][sel]) if n else None}
+    return {
+        "psnr_mean": float(finite.mean()) if len(finite) else None,
+        "norms": {
+            "linf_max": float(linf.max()) if n else 0.0,
+            "linf_mean": float(linf.mean()) if n else 0.0,
+            "l2_mean": float(l2.mean()) if n else 0.0,
+            "changed": int((linf > 0).sum()),
+        },
+        "auroc": auroc(clean_scores[sel], points["score"][sel]) if n else None,
+    }

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as md
+import inspect
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pluggy
 
 from regdefense import contract, hookspecs
-from regdefense.errors import PluginError, unknown
+from regdefense.core import CorePlugin
+from regdefense.defense import declared
+from regdefense.errors import PluginError, did_you_mean, unknown
 
 GROUP = "regdefense"
 
@@ -52,22 +57,32 @@ class PluginInfo:
         return [h for h in self.hooks if (getattr(getattr(self.cls, h), "regdefense_impl", None) or {}).get("wrapper")]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "distribution": self.dist, "version": self.version, "entry_point": self.value,
-                "builtin": self.builtin, "hooks": self.hooks, "wrappers": self.wrappers,
-                **{kind: [dict(name=k.name, hook=k.hook, required=k.required, when=k.when, why=k.why)
-                          for k in contract.declared_class(self.cls, kind)] if self.cls else []
-                   for kind in ("publishes", "reads")},
-                "status": "broken" if self.error else "ok", "error": self.error}
+        return {
+            "name": self.name,
+            "distribution": self.dist,
+            "version": self.version,
+            "entry_point": self.value,
+            "builtin": self.builtin,
+            "hooks": self.hooks,
+            "wrappers": self.wrappers,
+            **{
+                kind: [
+                    dict(name=k.name, hook=k.hook, required=k.required, when=k.when, why=k.why)
+                    for k in contract.declared_class(self.cls, kind)
+                ]
+                if self.cls
+                else []
+                for kind in ("publishes", "reads")
+            },
+            "status": "broken" if self.error else "ok",
+            "error": self.error,
+        }
 
 
 def hook_problems(cls: type) -> list[str]:
     """What is wrong with a class's ``regdefense_*`` methods, checked against the hook specs: a method without the
     ``@hookimpl`` marker (it would never run), a name that is no hook (with a suggestion), an argument the hook
     does not pass. Empty when every hook is fine."""
-    import inspect
-
-    from regdefense.errors import did_you_mean
-
     specs = {n: getattr(hookspecs, n) for n in dir(hookspecs) if n.startswith("regdefense_")}
     problems = []
     for name in sorted(n for n in dir(cls) if n.startswith("regdefense_")):
@@ -85,8 +100,9 @@ def hook_problems(cls: type) -> list[str]:
             continue
         extra = [p for p in taken if p not in passed]
         if extra:
-            problems.append(f"{name} takes {', '.join(extra)}, which the hook does not pass (it passes "
-                            f"{', '.join(sorted(passed))})")
+            problems.append(
+                f"{name} takes {', '.join(extra)}, which the hook does not pass (it passes {', '.join(sorted(passed))})"
+            )
     return problems
 
 
@@ -100,8 +116,10 @@ def _check_defense_class(cls: Any, ep_name: str | None = None) -> str | None:
         return "defense class implements no regdefense_* hook"
     declared = getattr(cls, "name", None)
     if ep_name is not None and declared is not None and declared != ep_name:
-        return (f"the entry point is named '{ep_name}' but the class says name = '{declared}'; users activate the "
-                f"entry-point name, so make them the same")
+        return (
+            f"the entry point is named '{ep_name}' but the class says name = '{declared}'; users activate the "
+            f"entry-point name, so make them the same"
+        )
     problems = hook_problems(cls)
     return "; ".join(problems) if problems else None
 
@@ -138,10 +156,16 @@ def get(name: str, cat: dict[str, PluginInfo] | None = None) -> PluginInfo:
     return info
 
 
+def _cls(info: PluginInfo) -> Any:
+    """The defense class of a usable catalogue entry (:func:`get` refused the others)."""
+    assert info.cls is not None, info.error
+    return info.cls
+
+
 def config_classes(names: list[str]) -> dict[str, type]:
     """``{name: Config dataclass}`` for a stack of defense names (validated)."""
     cat = catalogue()
-    return {name: get(name, cat).cls.Config for name in names}
+    return {name: _cls(get(name, cat)).Config for name in names}
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -150,8 +174,9 @@ def new_manager() -> pluggy.PluginManager:
     return pm
 
 
-def activate(stack: list[Any], configs: dict[str, Any] | None = None,
-             warn: Callable[[str], None] | None = None) -> pluggy.PluginManager:
+def activate(
+    stack: list[Any], configs: dict[str, Any] | None = None, warn: Callable[[str], None] | None = None
+) -> pluggy.PluginManager:
     """Build a plugin manager with the stack plus ``core``.
 
     The stack is registered in the typed order except where the data contract
@@ -165,8 +190,6 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None,
     :raises PluginError: unknown or broken names, a name given twice, hooks that do not match
         the specs, two defenses providing the same exclusive hook, or a required contract key missing.
     """
-    from regdefense.trainer import CorePlugin
-
     configs = configs or {}
     pm = new_manager()
     cat = None
@@ -177,9 +200,12 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None,
             info = get(item, cat)
             name, origin = item, f"{info.dist} {info.version}"
             try:
-                plugin = info.cls(configs.get(item) or info.cls.Config())
+                cls = _cls(info)
+                plugin = cls(configs.get(item) or cls.Config())
             except Exception as exc:  # a third-party constructor may raise anything
-                raise PluginError(f"defense '{item}' ({origin}) could not be created: {type(exc).__name__}: {exc}") from None
+                raise PluginError(
+                    f"defense '{item}' ({origin}) could not be created: {type(exc).__name__}: {exc}"
+                ) from None
         else:
             if isinstance(item, type):  # a class (a plugin under test, not installed): built with its defaults
                 item = item(item.Config()) if hasattr(item, "Config") else item()
@@ -188,8 +214,11 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None,
             if problems:
                 raise PluginError(f"defense '{name}' ({origin}): {'; '.join(problems)}")
         if any(n == name for n, _, _ in named) or name == "core":
-            raise PluginError(f"defense '{name}' is in the stack twice; list each defense once"
-                              if name != "core" else "'core' is the loop's own plugin; it cannot be activated")
+            raise PluginError(
+                f"defense '{name}' is in the stack twice; list each defense once"
+                if name != "core"
+                else "'core' is the loop's own plugin; it cannot be activated"
+            )
         named.append((name, plugin, origin))
     # writers of step data are registered after their readers, so that pluggy (last registered, first called)
     # calls them first in a hook both act in, whatever order the stack was typed in
@@ -207,32 +236,48 @@ def activate(stack: list[Any], configs: dict[str, Any] | None = None,
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"unknown hook: {exc}") from None
     check_conflicts(pm)
-    answering = {hook: (providers(pm, hook) or providers(pm, hook, fallbacks=True) or ["core"])[0]
-                 for hook in hookspecs.EXCLUSIVE}
-    contract.check(pm.list_name_plugin(), warn or _warn, answering)
+    answering = {
+        hook: (providers(pm, hook) or providers(pm, hook, fallbacks=True) or ["core"])[0]
+        for hook in hookspecs.EXCLUSIVE
+    }
+    contract.check(pm.list_name_plugin(), warn or _warn, answering, publishers_of)
     check_requires(pm)
     return pm
+
+
+def publishers_of(key_name: str) -> list[str]:
+    """The installed, usable defenses that declare they publish step data ``key_name``."""
+    return [
+        n
+        for n, info in catalogue().items()
+        if info.cls is not None
+        and not info.error
+        and any(k.name == key_name for k in contract.declared_class(info.cls, "publishes"))
+    ]
 
 
 def check_requires(pm: pluggy.PluginManager) -> None:
     """Refuse a stack in which a defense's ``requires`` (hook names, e.g. ``("make_adversarial",)``: a modifier of
     adversarial examples without an adversary adds nothing) has no provider besides ``core``."""
     for name, plugin in pm.list_name_plugin():
-        for hook in getattr(plugin, "requires", ()) or ():
+        for hook in declared(plugin, "requires") or ():
             full = hook if hook.startswith("regdefense_") else "regdefense_" + hook
             if not hasattr(hookspecs, full):
                 raise PluginError(f"defense '{name}' requires '{hook}', which is not a hook")
             impls = getattr(pm.hook, full).get_hookimpls()
             if not any(i.plugin_name not in ("core", name) and not (i.wrapper or i.hookwrapper) for i in impls):
-                have = sorted(n for n, info in catalogue().items() if info.cls is not None and not info.error
-                              and callable(getattr(info.cls, full, None)) and n != name)
-                raise PluginError(f"defense '{name}' needs a defense that provides {full.removeprefix('regdefense_')}"
-                                  f" and none is active; add one of: {', '.join(have)}")
+                have = sorted(
+                    n
+                    for n, info in catalogue().items()
+                    if info.cls is not None and not info.error and callable(getattr(info.cls, full, None)) and n != name
+                )
+                raise PluginError(
+                    f"defense '{name}' needs a defense that provides {full.removeprefix('regdefense_')}"
+                    f" and none is active; add one of: {', '.join(have)}"
+                )
 
 
 def _warn(message: str) -> None:
-    import warnings
-
     warnings.warn(message.removeprefix("warning: "), ContractWarning, stacklevel=3)
 
 
@@ -250,8 +295,11 @@ def providers(pm: pluggy.PluginManager, hook: str, fallbacks: bool = False) -> l
     ``fallbacks=True`` the fallbacks are listed instead of the regular providers.
     """
     impls = getattr(pm.hook, hook).get_hookimpls()
-    return [i.plugin_name for i in impls if i.plugin_name != "core" and not (i.wrapper or i.hookwrapper)
-            and bool(i.trylast) == fallbacks]
+    return [
+        i.plugin_name
+        for i in impls
+        if i.plugin_name != "core" and not (i.wrapper or i.hookwrapper) and bool(i.trylast) == fallbacks
+    ]
 
 
 def check_conflicts(pm: pluggy.PluginManager) -> None:
@@ -275,9 +323,11 @@ class Culprit:
         info = catalogue().get(self.name)
         origin = f" (from {info.dist} {info.version})" if info is not None and not info.builtin else ""
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        return PluginError(f"defense '{self.name}'{origin} failed in {self.where}: {type(exc).__name__}"
-                           f"{': ' + text if text else ''}; last good checkpoint: {last_good}. Fix or "
-                           f"deactivate it; the other defenses are unaffected (full traceback: {traceback_at})")
+        return PluginError(
+            f"defense '{self.name}'{origin} failed in {self.where}: {type(exc).__name__}"
+            f"{': ' + text if text else ''}; last good checkpoint: {last_good}. Fix or "
+            f"deactivate it; the other defenses are unaffected (full traceback: {traceback_at})"
+        )
 
 
 def blame(pm: pluggy.PluginManager, exc: BaseException) -> Culprit | None:
@@ -286,9 +336,6 @@ def blame(pm: pluggy.PluginManager, exc: BaseException) -> Culprit | None:
     Read from the frames' source files: a frame in the module that defines a registered plugin's class.
     The deepest such frame names the defense; the function it ran names where.
     """
-    import inspect
-    import os
-
     files: dict[str, str] = {}
     for name, plugin in pm.list_name_plugin():
         if name == "core":

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from regdefense.evaluate import Report
+import torch
+
+from regdefense.metrics import psnr
+from regdefense.results import Report
 
 
 def _pct(v) -> str:
@@ -15,39 +18,60 @@ def _pct(v) -> str:
 def markdown(report: Report) -> str:
     m = report.meta
     lines = [f"# Robustness report: {m.get('target', 'model')}", ""]
-    lines.append(f"- dataset: {m.get('dataset', '?')}, {m['n']} test points; threat model {m['norm']}, "
-                 f"ε = {m['eps']:.4g}; seed {m['seed']}")
+    lines.append(
+        f"- dataset: {m.get('dataset', '?')}, {m['n']} test points; threat model {m['norm']}, "
+        f"ε = {m['eps']:.4g}; seed {m['seed']}"
+    )
     for name, proto in report.protocols.items():
         lines.append(f"- `{name}`: {proto}")
     lo, hi = report.clean_ci
-    lines += ["", f"Clean accuracy: **{_pct(report.clean)} %** (95 % CI {_pct(lo)}–{_pct(hi)})", "",
-              "| attack | suite | robust acc % | 95 % CI | Acc-drop (pt) | mean PSNR (dB) | L∞ max | L2 mean "
-              "| detection AUROC | EOT | s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Clean accuracy: **{_pct(report.clean)} %** (95 % CI {_pct(lo)}–{_pct(hi)})",
+        "",
+        "| attack | suite | robust acc % | 95 % CI | Acc-drop (pt) | mean PSNR (dB) | L∞ max | L2 mean "
+        "| detection AUROC | EOT | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report.rows:
         label = f"**{r.label}**" if r.kind in ("worst case", "group worst case", "best known") else r.label
         psnr = "–" if r.psnr_mean is None else f"{r.psnr_mean:.1f}"
         auroc = "–" if r.auroc is None or r.auroc != r.auroc else f"{r.auroc:.3f}"
         linf = f"{r.norms['linf_max']:.4g}" if r.norms else "–"
         l2 = f"{r.norms['l2_mean']:.4g}" if r.norms else "–"
-        lines.append(f"| {label} | {r.suite} | {_pct(r.robust)} | {_pct(r.ci[0])}–{_pct(r.ci[1])} | "
-                     f"{100 * r.acc_drop:.2f} | {psnr} | {linf} | {l2} | {auroc} | {'yes' if r.eot else 'no'} | "
-                     f"{r.seconds:.1f} |")
-    lines += ["", "Robust accuracy is per point against the true labels; a worst case is the fraction of points "
-                  "that survive every attack. Acc-drop = clean − robust (seed 001, Eq. 21). AUROC separates clean from "
-                  "adversarial inputs by 1 − max softmax probability. Cascade steps (`group: after X`) are "
-                  "cumulative. The best-known row is the per-point worst case over every attack ever run on these "
-                  "weights at this ε (`ledger.json`); `report.json` names the attack that broke each point.", ""]
+        lines.append(
+            f"| {label} | {r.suite} | {_pct(r.robust)} | {_pct(r.ci[0])}–{_pct(r.ci[1])} | "
+            f"{100 * r.acc_drop:.2f} | {psnr} | {linf} | {l2} | {auroc} | {'yes' if r.eot else 'no'} | "
+            f"{r.seconds:.1f} |"
+        )
+    lines += [
+        "",
+        "Robust accuracy is per point against the true labels; a worst case is the fraction of points "
+        "that survive every attack. Acc-drop = clean − robust (seed 001, Eq. 21). AUROC separates clean from "
+        "adversarial inputs by 1 − max softmax probability. Cascade steps (`group: after X`) are "
+        "cumulative. The best-known row is the per-point worst case over every attack ever run on these "
+        "weights at this ε (`ledger.json`); `report.json` names the attack that broke each point.",
+        "",
+    ]
     if report.checks:
-        lines += [f"## Sanity checks (on {m.get('checks_on', '?')} points)", "", "| check | status | finding |",
-                  "|---|---|---|"]
+        lines += [
+            f"## Sanity checks (on {m.get('checks_on', '?')} points)",
+            "",
+            "| check | status | finding |",
+            "|---|---|---|",
+        ]
         for c in report.checks:
             status = "PASS" if c["status"] == "pass" else ("**WARN**" if c["status"] == "warn" else "skip")
             lines.append(f"| {c['name']} | {status} | {c['message']} |")
         lines.append("")
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
-    lines += ["![robust accuracy against eps](robust_vs_eps.png)", "", "![clean and adversarial examples](examples.png)", ""]
+    lines += [
+        "![robust accuracy against eps](robust_vs_eps.png)",
+        "",
+        "![clean and adversarial examples](examples.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -73,11 +97,20 @@ def plot_eps_curve(report: Report, path: Path) -> None:
     ax.axvline(report.meta["eps"], color="grey", ls="--", lw=1, label=f"evaluated ε = {report.meta['eps']:.3g}")
     floor = eps_floor(report)
     if floor is not None:  # accuracy that no ε brings to zero: the attack, not the model, stops there
-        ax.axhline(100 * floor["acc"], color="red", ls=":", lw=1.2,
-                   label=f"does not reach 0: {100 * floor['acc']:.1f} % at ε = {floor['eps']:.3g} (masking?)")
+        ax.axhline(
+            100 * floor["acc"],
+            color="red",
+            ls=":",
+            lw=1.2,
+            label=f"does not reach 0: {100 * floor['acc']:.1f} % at ε = {floor['eps']:.3g} (masking?)",
+        )
         ax.plot([floor["eps"]], [100 * floor["acc"]], marker="X", color="red", ms=10)
-    ax.set(title=f"Robust accuracy against ε (PGD-20, {report.meta.get('checks_on', '?')} points)",
-           xlabel=f"ε ({report.meta['norm']})", ylabel="accuracy (%)", ylim=(0, 100))
+    ax.set(
+        title=f"Robust accuracy against ε (PGD-20, {report.meta.get('checks_on', '?')} points)",
+        xlabel=f"ε ({report.meta['norm']})",
+        ylabel="accuracy (%)",
+        ylim=(0, 100),
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -91,20 +124,19 @@ def plot_examples(report: Report, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from regdefense.metrics import psnr
-
     ex = dict(report.examples)
     clean, labels = ex.pop("clean"), ex.pop("labels")
     rows = [("clean", clean)] + list(ex.items())
     k = len(clean)
     fig, axes = plt.subplots(len(rows), k, figsize=(1.3 * k, 1.45 * len(rows)), squeeze=False)
     for i, (name, imgs) in enumerate(rows):
-        values = psnr(clean, imgs) if i else None
+        values = psnr(clean, imgs) if i else torch.zeros(k)
         for j in range(k):
             ax = axes[i][j]
             img = imgs[j].permute(1, 2, 0).clamp(0, 1).numpy()
-            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
-                      vmin=0, vmax=1)
+            ax.imshow(
+                img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None, vmin=0, vmax=1
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if i:

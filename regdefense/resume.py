@@ -56,11 +56,14 @@ class Slot:
         if not self.done:
             return None
         delta = torch.cat(self.delta).float()
-        return (x[:self.done] + delta).clamp(0, 1), torch.cat(self.ok)
+        return (x[: self.done] + delta).clamp(0, 1), torch.cat(self.ok)
 
     def entry(self) -> dict[str, Any]:
-        return {"done": self.done, "ok": torch.cat(self.ok) if self.ok else torch.zeros(0, dtype=torch.bool),
-                "delta": torch.cat(self.delta) if self.delta else torch.zeros(0, dtype=torch.float16)}
+        return {
+            "done": self.done,
+            "ok": torch.cat(self.ok) if self.ok else torch.zeros(0, dtype=torch.bool),
+            "delta": torch.cat(self.delta) if self.delta else torch.zeros(0, dtype=torch.float16),
+        }
 
 
 class EvalState:
@@ -83,7 +86,10 @@ class EvalState:
                 done = sum(1 for e in self.saved.values() if e["done"])
                 self.note = f"resuming from {self.path}: {done} attack(s) with finished points" if done else ""
             else:
-                self.note = f"{self.path} holds another evaluation's progress (other weights, points or settings); starting over"
+                self.note = (
+                    f"{self.path} holds another evaluation's progress (other weights, points or settings); "
+                    f"starting over"
+                )
 
     def slot(self, name: str) -> Slot:
         if name not in self.slots:

@@ -12,10 +12,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from regdefense import checkpoint, trackers
-from regdefense.config import RunConfig, load_toml, parse_overrides, resolve
-from regdefense.errors import ConfigError, UserError
-from regdefense.plugins import config_classes
+import matplotlib
+import torch
+
+from regdefense import checkpoint, distributed, tracking
+from regdefense.attacks import pgd_spec, resolve_attack
+from regdefense.buffers import human
+from regdefense.config import RunConfig
+from regdefense.data import Split
+from regdefense.defense import declared
+from regdefense.errors import UserError
+from regdefense.measure import accuracy
+from regdefense.parts import load_config
+from regdefense.runtime import versions
+from regdefense.trainer import Trainer
+
+__all__ = ["RunResult", "check", "cost", "final_table", "load_config", "make_run_dir", "peak_host_bytes", "train"]
 
 
 @dataclass
@@ -26,18 +38,6 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     main: bool = True  #: False on the processes other than rank 0 of a torchrun job (they measure nothing)
     cost: dict[str, Any] = field(default_factory=dict)  #: wall time, images/s, peak memory, GPU-hours (see cost())
-
-
-def load_config(config_file: str | None = None, defenses: list[str] | None = None,
-                overrides: list[str] | dict[str, dict[str, Any]] | None = None,
-                raw: dict[str, Any] | None = None) -> RunConfig:
-    """Resolve a run file (or an already parsed table), a stack and overrides into a RunConfig."""
-    raw = dict(raw) if raw is not None else (load_toml(config_file) if config_file else {})
-    ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
-    stack = list(defenses) if defenses is not None else raw.get("defenses", ["pgd_at"])
-    if not isinstance(stack, list) or not all(isinstance(s, str) for s in stack):
-        raise ConfigError(f"defenses must be a list of defense names, got {stack!r}")
-    return resolve(raw, stack, ov, config_classes(stack))
 
 
 def _stack_label(cfg: RunConfig) -> str:
@@ -81,12 +81,15 @@ def locate_resume(target: str | Path) -> tuple[Path, Path]:
 
 
 def write_config(trainer, path: Path) -> None:
-    from regdefense.trainer import versions
-
     data = trainer.config.to_dict()
-    data["resolved"] = {"device": str(trainer.device), "eps": trainer.eps_full, "dataset_classes": trainer.data.num_classes,
-                        "input_shape": list(trainer.data.input_shape), "model": type(trainer.raw_model).__name__,
-                        "extra": trainer.extra.info if trainer.extra is not None else None}
+    data["resolved"] = {
+        "device": str(trainer.device),
+        "eps": trainer.eps_full,
+        "dataset_classes": trainer.data.num_classes,
+        "input_shape": list(trainer.data.input_shape),
+        "model": type(trainer.raw_model).__name__,
+        "extra": trainer.extra.info if trainer.extra is not None else None,
+    }
     data["versions"] = versions()
     tmp = path.with_suffix(".tmp")
     try:
@@ -102,15 +105,9 @@ def final_table(trainer) -> list[dict[str, Any]]:
     The PGD here is torchattacks' (through the adapter), not the loop's own, so the number does not
     rest on the same code that trained the model.
     """
-    import torch
-
-    from regdefense.attacks import resolve_attack
-    from regdefense.evaluate import accuracy
-
     cfg = trainer.config
     steps, eps = cfg.eval.pgd_steps, trainer.eps_full
-    name = "PGD" if trainer.norm == "linf" else "PGDL2"
-    attack = resolve_attack(f"torchattacks:{name}(eps={eps!r}, alpha={2.5 * eps / steps!r}, steps={steps})")
+    attack = resolve_attack(pgd_spec(trainer.norm, eps, steps))
     test = trainer.data.test
     n = min(len(test), cfg.eval.test_samples or len(test))
     idx = trainer.dist.shard(torch.arange(n))  # under torchrun each process attacks its share
@@ -123,8 +120,13 @@ def final_table(trainer) -> list[dict[str, Any]]:
 
     def row(label: str) -> dict[str, Any]:
         model = trainer.hook.regdefense_eval_model(trainer=trainer)
-        return {"model": label, "clean": acc(model), "robust": acc(model, attack),
-                "attack": f"PGD-{steps} ({trainer.norm}, eps={eps:.4g}, torchattacks)", "n": n}
+        return {
+            "model": label,
+            "clean": acc(model),
+            "robust": acc(model, attack),
+            "attack": f"PGD-{steps} ({trainer.norm}, eps={eps:.4g}, torchattacks)",
+            "n": n,
+        }
 
     last_epoch = trainer.state.epoch
     rows = [row(f"last (epoch {last_epoch})")]
@@ -139,8 +141,6 @@ def final_table(trainer) -> list[dict[str, Any]]:
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss terms and held-out accuracies against epoch, as a PNG."""
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -160,54 +160,65 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def check(config: RunConfig | str | None = None, defenses: list[str] | None = None,
-          overrides: list[str] | dict | None = None) -> str:
+def check(
+    config: RunConfig | str | None = None, defenses: list[str] | None = None, overrides: list[str] | dict | None = None
+) -> str:
     """Everything ``train`` does before the first step (config, data checks, model, stack), as a summary."""
-    from regdefense.trainer import Trainer
-
     cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
     trainer = Trainer(cfg)
     t, data = cfg.train, trainer.data
     params = sum(p.numel() for p in trainer.raw_model.parameters())
-    return "\n".join([
-        f"ok: {_stack_label(cfg)} on {data.name} would run",
-        f"  data   train {len(data.train)}, held-out {len(data.val) if data.val is not None else 0}, test {len(data.test)}; "
-        f"images {tuple(data.input_shape)}, {data.num_classes} classes",
-        f"  model  {type(trainer.raw_model).__name__}, {params:,} parameters"
-        + (f"; extra networks: {', '.join(trainer.modules)}" if trainer.modules else ""),
-        *([f"  extra  {len(trainer.extra)} samples from {len(trainer.extra.sources)} source(s) "
-           f"({trainer.extra.info['pseudo_labelled']} pseudo-labelled), {cfg.data.extra_fraction:g} of each batch; "
-           f"{len(trainer.train_loader)} batches an epoch"] if trainer.extra is not None else []),
-        f"  threat {cfg.threat.norm} eps={trainer.eps_full:.4g}",
-        f"  train  {t.epochs} epochs x {len(trainer.train_loader)} batches of {t.batch_size} on {trainer.device}, "
-        f"{t.optimizer} lr={t.lr:g} ({t.schedule})",
-        *memory_lines(trainer)])
+    return "\n".join(
+        [
+            f"ok: {_stack_label(cfg)} on {data.name} would run",
+            f"  data   train {len(data.train)}, held-out {len(data.val) if data.val is not None else 0}, "
+            f"test {len(data.test)}; "
+            f"images {tuple(data.input_shape)}, {data.num_classes} classes",
+            f"  model  {type(trainer.raw_model).__name__}, {params:,} parameters"
+            + (f"; extra networks: {', '.join(trainer.modules)}" if trainer.modules else ""),
+            *(
+                [
+                    f"  extra  {len(trainer.extra)} samples from {len(trainer.extra.sources)} source(s) "
+                    f"({trainer.extra.info['pseudo_labelled']} pseudo-labelled), "
+                    f"{cfg.data.extra_fraction:g} of each batch; "
+                    f"{len(trainer.train_loader)} batches an epoch"
+                ]
+                if trainer.extra is not None
+                else []
+            ),
+            f"  threat {cfg.threat.norm} eps={trainer.eps_full:.4g}",
+            f"  train  {t.epochs} epochs x {len(trainer.train_loader)} batches of {t.batch_size} on {trainer.device}, "
+            f"{t.optimizer} lr={t.lr:g} ({t.schedule})",
+            *memory_lines(trainer),
+        ]
+    )
 
 
 def memory_lines(trainer) -> list[str]:
     """What the run will hold, before it holds it: weights with their gradients and optimizer state, the training
     split when it is in memory, and every defense's declared per-sample buffers (``memory_needs``) with their place.
     Activations are not counted: they scale with the batch and the attack, and PyTorch decides them at run time."""
-    from regdefense.buffers import human
-    from regdefense.data import Split
-
     per_param = {"sgd": 3, "adam": 4, "adamw": 4}.get(trainer.config.train.optimizer, 4)  # weight, grad, state(s)
     nets = [trainer.raw_model, *trainer.modules.values()]
     weights = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
-    items = [(f"networks ({len(nets)}): weights, gradients, {trainer.config.train.optimizer} state",
-              weights * per_param, str(trainer.device))]
+    items = [
+        (
+            f"networks ({len(nets)}): weights, gradients, {trainer.config.train.optimizer} state",
+            weights * per_param,
+            str(trainer.device),
+        )
+    ]
     train = trainer.data.train
     if isinstance(train, Split):
-        items.append(("training split, in memory", train.x.element_size() * train.x.nelement(),
-                      str(train.x.device)))
+        items.append(("training split, in memory", train.x.element_size() * train.x.nelement(), str(train.x.device)))
     else:
         items.append((f"training split, streamed ({len(train)} files; decoded per batch)", 0, "disk"))
     for plugin in trainer.pm.get_plugins():
-        needs = getattr(plugin, "memory_needs", None)
-        if callable(needs):
+        needs = declared(plugin, "memory_needs")
+        if needs is not None:
             names = {"device": str(trainer.device), "host": "host memory" if trainer.device.type == "cuda" else "cpu"}
             items += [(label, n, names.get(where, where)) for label, (n, where) in needs(trainer).items()]
-    total = {}
+    total: dict[str, int] = {}
     for _, n, where in items:
         total[where] = total.get(where, 0) + n
     lines = [f"  memory {label}: {human(n)} ({where})" for label, n, where in items]
@@ -215,9 +226,15 @@ def memory_lines(trainer) -> list[str]:
     return lines
 
 
-def train(config: RunConfig | str | None = None, *, defenses: list[str] | None = None,
-          overrides: list[str] | dict | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-          echo: Callable[[str], None] = print) -> RunResult:
+def train(
+    config: RunConfig | str | None = None,
+    *,
+    defenses: list[str] | None = None,
+    overrides: list[str] | dict | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> RunResult:
     """Train a defense stack and measure it.
 
     :param config: a RunConfig, a TOML run file, or None for the defaults (PGD-AT on the embedded digits).
@@ -227,9 +244,6 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
     :param resume: a run directory or checkpoint to continue; the run's saved config is used.
     :return: the run directory, the final table and the wall time.
     """
-    from regdefense import distributed
-    from regdefense.trainer import Trainer
-
     started = time.perf_counter()
     dist = distributed.init()  # under torchrun: join the group before anything is written
     echo = echo if dist.is_main else (lambda _msg: None)
@@ -246,7 +260,7 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
         echo(f"resuming {run_dir} from {ckpt.name}")
     else:
         cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
-        trackers.check_names(cfg.train.log)
+        tracking.check_names(cfg.train.log)
         run_dir = dist.broadcast_object(make_run_dir(cfg, out) if dist.is_main else None)  # rank 0 names it
         trainer = Trainer(cfg, run_dir=run_dir)
         echo(f"run directory: {run_dir}" + (f" ({dist.world} processes)" if dist.enabled else ""))
@@ -255,7 +269,7 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
         final_table(trainer)
         return RunResult(run_dir, [], time.perf_counter() - started, trainer.history, main=False)
     write_config(trainer, run_dir / "config.json")
-    loggers = trackers.attach(trainer, cfg.train.log)
+    loggers = tracking.attach(trainer, cfg.train.log)
     try:
         trainer.fit()
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -264,14 +278,23 @@ def train(config: RunConfig | str | None = None, *, defenses: list[str] | None =
         table = final_table(trainer)
         wall = time.perf_counter() - started
         spent = cost(trainer, history, wall)
-        summary = {"stack": cfg.defenses, "dataset": cfg.data.name, "table": table, "wall_seconds": wall,
-                   "epochs": trainer.state.epoch, "cost": spent}
+        summary = {
+            "stack": cfg.defenses,
+            "dataset": cfg.data.name,
+            "table": table,
+            "wall_seconds": wall,
+            "epochs": trainer.state.epoch,
+            "cost": spent,
+        }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        files = {k: run_dir / f for k, f in (("curves", "curves.png"), ("summary", "summary.json"),
-                                             ("metrics", "metrics.jsonl")) if (run_dir / f).exists()}
+        files = {
+            k: run_dir / f
+            for k, f in (("curves", "curves.png"), ("summary", "summary.json"), ("metrics", "metrics.jsonl"))
+            if (run_dir / f).exists()
+        }
         trainer.hook.regdefense_log_summary(trainer=trainer, summary=summary, files=files)
     finally:
-        trackers.close_all(loggers)  # a failed or interrupted run: the trackers still finish (as failed)
+        tracking.close_all(loggers)  # a failed or interrupted run: the trackers still finish (as failed)
     return RunResult(run_dir, table, wall, history, cost=spent)
 
 
@@ -291,12 +314,14 @@ def peak_host_bytes() -> int:
 def cost(trainer, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     """What a run cost: wall time, training images per second (global, over the epochs this process ran, from their
     timed loops), peak host memory of this process, peak GPU memory of its device, and GPU-hours (wall × GPUs)."""
-    import torch
-
     seconds = sum(h.get("epoch_seconds", 0.0) for h in history)
     per_epoch = trainer.epoch_samples  # with data.extra: the original samples and the extra ones mixed in
     gpus = trainer.dist.world if trainer.device.type == "cuda" else 0
-    return {"wall_seconds": wall, "train_images_per_second": len(history) * per_epoch / seconds if seconds else None,
-            "peak_host_memory_bytes": peak_host_bytes(),
-            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(trainer.device) if gpus else None,
-            "gpus": gpus, "gpu_hours": wall * gpus / 3600}
+    return {
+        "wall_seconds": wall,
+        "train_images_per_second": len(history) * per_epoch / seconds if seconds else None,
+        "peak_host_memory_bytes": peak_host_bytes(),
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(trainer.device) if gpus else None,
+        "gpus": gpus,
+        "gpu_hours": wall * gpus / 3600,
+    }

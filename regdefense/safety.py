@@ -52,7 +52,7 @@ class NonFiniteGuard:
             self.first[name] = torch.where(bad, torch.full_like(first, global_step), first)
         self.where[global_step] = (epoch, batch)
         if len(self.where) > 4 * self.every:
-            self.where = dict(list(self.where.items())[-2 * self.every:])
+            self.where = dict(list(self.where.items())[-2 * self.every :])
 
     def check(self, last_good: str) -> None:
         if not self.first:
@@ -69,7 +69,8 @@ class NonFiniteGuard:
         raise NonFiniteLoss(
             f"loss term(s) {', '.join(terms)} became NaN or infinite at epoch {epoch + 1}, batch {batch + 1} "
             f"(step {first + 1}); last good checkpoint: {last_good}. Lower train.lr, set train.grad_clip, check "
-            f"the data, or set train.nonfinite=skip to skip such batches")
+            f"the data, or set train.nonfinite=skip to skip such batches"
+        )
 
 
 class Interrupt:
@@ -83,8 +84,10 @@ class Interrupt:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        self.echo(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-                  f"(send it again to stop at once, without one)")
+        self.echo(
+            f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+            f"(send it again to stop at once, without one)"
+        )
 
     @contextmanager
     def installed(self):

@@ -1,7 +1,8 @@
 """Learning-rate schedules: the main schedule of ``[train]`` and an optional warm-up in front of it.
 
 The warm-up multiplies the main schedule's rate by a factor that is ``warmup_factor`` at the start and 1 after
-``warmup_epochs`` (``linear``: rising linearly at each scheduler step, per batch or per epoch; ``constant``: ``warmup_factor`` throughout, as DYNAT's
+``warmup_epochs`` (``linear``: rising linearly at each scheduler step, per batch or per epoch; ``constant``:
+``warmup_factor`` throughout, as DYNAT's
 code runs its first epoch at 0.02 = 0.2 × 0.1). It never changes the main schedule's own values: the main
 scheduler steps on its undamped rates, so the milestones stay in absolute epochs.
 """
@@ -15,20 +16,25 @@ import torch
 from regdefense.config import TrainConfig
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, batches_per_epoch: int,
-                    peak_lr: float | None = None):
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, t: TrainConfig, batches_per_epoch: int, peak_lr: float | None = None
+):
     """The scheduler ``[train]`` asks for, stepped once per epoch or once per optimizer step (``schedule_step``);
     ``peak_lr``: the rate after linear scaling (default ``t.lr``)."""
     per_epoch = batches_per_epoch if t.schedule_step == "iter" else 1
     total = max(1, t.epochs * per_epoch)
     sched = torch.optim.lr_scheduler
+    main: sched.LRScheduler
     if t.schedule == "cosine":
         main = sched.CosineAnnealingLR(optimizer, T_max=total)
     elif t.schedule == "onecycle":
         main = sched.OneCycleLR(optimizer, max_lr=peak_lr or t.lr, total_steps=total, pct_start=t.onecycle_pct)
     else:
-        milestones = [] if t.schedule == "constant" else sorted(
-            int(round((m * t.epochs if m < 1 else m) * per_epoch)) for m in t.milestones)
+        milestones = (
+            []
+            if t.schedule == "constant"
+            else sorted(int(round((m * t.epochs if m < 1 else m) * per_epoch)) for m in t.milestones)
+        )
         if milestones and t.lr_factors is not None:  # a factor per stage, not a power of gamma
             factors = [1.0, *t.lr_factors]
             main = sched.LambdaLR(optimizer, lambda i: factors[sum(i >= m for m in milestones)])
@@ -40,7 +46,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, batches_pe
 
 
 class Warmup:
-    """Scale a scheduler's rates by a warm-up factor; ``step``, ``state_dict`` and ``load_state_dict`` as a scheduler."""
+    """Scale a scheduler's rates by a warm-up factor (``step``, ``state_dict``, ``load_state_dict`` as a scheduler)."""
 
     def __init__(self, main: Any, steps: float, factor: float, shape: str) -> None:
         self.main, self.steps, self.factor, self.shape = main, steps, factor, shape

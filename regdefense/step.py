@@ -49,8 +49,11 @@ class Step:
         """Build a step from a loader batch ``(x, y, index)`` and move it to ``device``."""
         x, y, index = batch
         nb = device.type == "cuda"
-        return cls(inputs=x.to(device, non_blocking=nb), labels=y.to(device, non_blocking=nb),
-                   index=index.to(device, non_blocking=nb))
+        return cls(
+            inputs=x.to(device, non_blocking=nb),
+            labels=y.to(device, non_blocking=nb),
+            index=index.to(device, non_blocking=nb),
+        )
 
     @property
     def batch_size(self) -> int:

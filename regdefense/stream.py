@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from regdefense.augment import augment_batch, draw_augment
 from regdefense.errors import DataError
 
 STREAM_ABOVE = 2 << 30  #: data.stream=auto streams a folder whose decoded images would exceed 2 GiB
@@ -37,7 +38,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def _seed(*parts: int) -> int:
     s = 0
     for p in parts:
-        s = (s * 1_000_003 + int(p)) % (2 ** 63)
+        s = (s * 1_000_003 + int(p)) % (2**63)
     return s
 
 
@@ -101,15 +102,19 @@ class FileSplit:
             with _open(self.files[i]) as img:
                 img = img.convert("L" if self.channels == 1 else "RGB")
         except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
-            raise DataError(f"cannot decode image {_name(self.files[i])}: {type(exc).__name__}: {str(exc)[:120]}; replace or remove "
-                            f"it, or set data.skip_corrupt=true to leave such files out (they are counted)") from None
+            raise DataError(
+                f"cannot decode image {_name(self.files[i])}: {type(exc).__name__}: {str(exc)[:120]}; "
+                f"replace or remove "
+                f"it, or set data.skip_corrupt=true to leave such files out (they are counted)"
+            ) from None
         if augment == "imagenet":
             if seed is not None:
                 torch.manual_seed(seed)
             img = v2.RandomHorizontalFlip()(v2.RandomResizedCrop(self.size, scale=(0.08, 1.0), antialias=True)(img))
         else:
-            img = v2.CenterCrop(self.size)(v2.Resize(round(self.size / 0.875) if min(img.size) != self.size
-                                                     else self.size, antialias=True)(img))
+            img = v2.CenterCrop(self.size)(
+                v2.Resize(round(self.size / 0.875) if min(img.size) != self.size else self.size, antialias=True)(img)
+            )
         arr = np.asarray(img)
         return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
 
@@ -119,7 +124,6 @@ class FileSplit:
         if not len(ids):
             return torch.zeros(0, self.channels, self.size, self.size)
         return torch.stack([self.read(i) for i in ids]).float().div_(255.0)
-
 
     def sample(self, n: int) -> Tensor:
         """Up to ``n`` of the first images as floats, leaving out files that cannot be decoded (for statistics)."""
@@ -177,7 +181,9 @@ def scan_shards(root: Path, size: int | None) -> FileSplit:
                     if "." + ext.lower() in IMAGE_SUFFIXES:
                         images[key] = (str(shard), m.offset_data, m.size, m.name)
                     elif ext in ("cls", "label"):
-                        classes[key] = tf.extractfile(m).read()
+                        member = tf.extractfile(m)
+                        if member is not None:
+                            classes[key] = member.read()
         except (tarfile.TarError, OSError) as exc:
             raise DataError(f"{shard} is not a readable tar shard: {exc}") from None
         for key, src in images.items():
@@ -186,7 +192,9 @@ def scan_shards(root: Path, size: int | None) -> FileSplit:
             try:
                 labels.append(int(classes[key].decode().strip()))
             except ValueError:
-                raise DataError(f"{shard}: the label of sample '{key}' is not an integer: {classes[key][:20]!r}") from None
+                raise DataError(
+                    f"{shard}: the label of sample '{key}' is not an integer: {classes[key][:20]!r}"
+                ) from None
             files.append(src)
     if not files:
         raise DataError(f"{root} holds no samples in *.tar shards")
@@ -216,17 +224,38 @@ def _collate(samples):
     errors = [s[1] for s in samples if s[0] is None]
     if not good:
         return None, None, None, errors
-    return (torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long),
-            torch.tensor([s[2] for s in good], dtype=torch.long), errors)
+    return (
+        torch.stack([s[0] for s in good]),
+        torch.tensor([s[1] for s in good], dtype=torch.long),
+        torch.tensor([s[2] for s in good], dtype=torch.long),
+        errors,
+    )
 
 
 class StreamLoader:
     """Batches ``(x, y, index)`` of a :class:`FileSplit`, decoded by ``workers`` DataLoader processes."""
 
-    def __init__(self, split: FileSplit, batch_size: int, *, seed: int = 0, augment: str = "none", workers: int = 2,
-                 skip_corrupt: bool = False, dist=None, pin: bool = False, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        split: FileSplit,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        augment: str = "none",
+        workers: int = 2,
+        skip_corrupt: bool = False,
+        dist=None,
+        pin: bool = False,
+        drop_last: bool = False,
+    ) -> None:
         self.split, self.batch_size, self.seed, self.augment = split, batch_size, seed, augment
-        self.workers, self.skip_corrupt, self.dist, self.pin, self.drop_last = workers, skip_corrupt, dist, pin, drop_last
+        self.workers, self.skip_corrupt, self.dist, self.pin, self.drop_last = (
+            workers,
+            skip_corrupt,
+            dist,
+            pin,
+            drop_last,
+        )
         self.epoch, self.start = 0, 0
         self.skipped: list[str] = []  #: messages of the files left out so far
 
@@ -241,21 +270,23 @@ class StreamLoader:
         order = torch.randperm(len(self.split), generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch)))
         out = []
         for b in range(self.start, len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             out.append((self.dist.shard(idx) if self.dist is not None and self.dist.enabled else idx).tolist())
         return out
 
     def __iter__(self):
-        from regdefense.data import augment_batch, draw_augment
-
         per_sample = "imagenet" if self.augment == "imagenet" else "none"
         batches = self._batches()
-        loader = torch.utils.data.DataLoader(_Reader(self.split, per_sample, self.seed, self.epoch),
-                                             batch_sampler=batches, num_workers=self.workers,
-                                             collate_fn=_collate, pin_memory=self.pin,
-                                             # its workers' base seed from here, not from the global generator: the
-                                             # attacks' random starts must not depend on where an epoch was resumed
-                                             generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch, 3)))
+        loader = torch.utils.data.DataLoader(
+            _Reader(self.split, per_sample, self.seed, self.epoch),
+            batch_sampler=batches,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=self.pin,
+            # its workers' base seed from here, not from the global generator: the
+            # attacks' random starts must not depend on where an epoch was resumed
+            generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch, 3)),
+        )
         for b, (x, y, idx, errors) in enumerate(loader, self.start):
             if errors:
                 if not self.skip_corrupt:
@@ -266,8 +297,9 @@ class StreamLoader:
             x = x.float().div_(255.0)
             if self.augment in ("crop", "crop_flip"):  # drawn for the global batch, as BatchLoader does
                 n_global = min(self.batch_size, len(self.split) - b * self.batch_size)
-                params = draw_augment(n_global, self.augment,
-                                      torch.Generator().manual_seed(_seed(self.seed, self.epoch, b, 7)))
+                params = draw_augment(
+                    n_global, self.augment, torch.Generator().manual_seed(_seed(self.seed, self.epoch, b, 7))
+                )
                 if self.dist is not None and self.dist.enabled:
                     params = tuple(self.dist.shard(p) for p in params)
                 kept = set(idx.tolist())
@@ -284,8 +316,10 @@ def robustbench_imagenet() -> tuple[list[str], dict[str, int]]:
 
     spec = importlib.util.find_spec("robustbench")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("--subset robustbench reads RobustBench's image list from the robustbench package: pip install "
-                        "robustbench, or pass --subset FILE with one WNID/FILE per line")
+        raise DataError(
+            "--subset robustbench reads RobustBench's image list from the robustbench package: pip install "
+            "robustbench, or pass --subset FILE with one WNID/FILE per line"
+        )
     base = Path(list(spec.submodule_search_locations)[0]) / "helper_files"
     try:
         ids = (base / "imagenet_test_image_ids.txt").read_text().split()
@@ -300,8 +334,10 @@ def subset_of(split, subset: str) -> "FileSplit":
     (paths relative to the test folder), in the list's order. RobustBench's subset takes its labels from
     RobustBench's class index."""
     if not isinstance(split, FileSplit) or not all(isinstance(f, str) for f in split.files[:1]):
-        raise DataError("--subset selects files of a streamed image-folder test split (data.stream=on); this test "
-                        "split is not one — use --n for the first N points")
+        raise DataError(
+            "--subset selects files of a streamed image-folder test split (data.stream=on); this test "
+            "split is not one — use --n for the first N points"
+        )
     classes = None
     if subset == "robustbench":
         ids, classes = robustbench_imagenet()
@@ -314,8 +350,10 @@ def subset_of(split, subset: str) -> "FileSplit":
     missing = [i for i in ids if i not in where]
     if missing:
         root = Path(split.files[0]).parent.parent
-        raise DataError(f"{len(missing)} of the subset's {len(ids)} images are not in {root} (first: {missing[0]}); "
-                        f"the subset lists CLASS/FILE paths relative to the test folder")
+        raise DataError(
+            f"{len(missing)} of the subset's {len(ids)} images are not in {root} (first: {missing[0]}); "
+            f"the subset lists CLASS/FILE paths relative to the test folder"
+        )
     out = split.subset(torch.tensor([where[i] for i in ids], dtype=torch.long))
     if classes is not None:
         out.y = torch.tensor([classes[i.split("/")[0]] for i in ids], dtype=torch.long)

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from regdefense import compare
 from regdefense.errors import UserError
+from regdefense.evaluate import evaluate
+from regdefense.run import train
 
 
 @dataclass
@@ -28,8 +31,16 @@ class Job:
     overrides: list[str] = field(default_factory=list)
 
     def command(self, attacks: list[str] | None = None, eval_n: int | None = None) -> str:
-        parts = ["regdefense", "train", *(["--config", self.recipe] if self.recipe else []), "--seed", str(self.seed),
-                 "--out", str(self.out), "--quiet"]
+        parts = [
+            "regdefense",
+            "train",
+            *(["--config", self.recipe] if self.recipe else []),
+            "--seed",
+            str(self.seed),
+            "--out",
+            str(self.out),
+            "--quiet",
+        ]
         for o in self.overrides:
             parts += ["-o", o]
         line = shlex.join(parts)
@@ -48,7 +59,7 @@ def plan(recipes: list[str], seeds: list[int], out: str | Path, overrides: list[
     """One job per recipe and seed; recipes must exist and their labels must differ."""
     if not seeds:
         raise UserError("give at least one seed (--seeds 0 1 2)")
-    labels = {}
+    labels: dict[str, str] = {}
     for r in recipes:
         if r and not Path(r).is_file():
             raise UserError(f"recipe {r} does not exist (a TOML run file, e.g. recipes/digits/pgd_at.toml)")
@@ -56,17 +67,17 @@ def plan(recipes: list[str], seeds: list[int], out: str | Path, overrides: list[
         if lab in labels:
             raise UserError(f"recipes {labels[lab]} and {r} would share the folder {lab}; rename one")
         labels[lab] = r
-    return [Job(r, lab, s, Path(out) / lab / f"seed{s}", list(overrides or []))
-            for lab, r in labels.items() for s in dict.fromkeys(seeds)]
+    return [
+        Job(r, lab, s, Path(out) / lab / f"seed{s}", list(overrides or []))
+        for lab, r in labels.items()
+        for s in dict.fromkeys(seeds)
+    ]
 
 
-def run(jobs: list[Job], *, attacks: list[str] | None = None, eval_n: int | None = None,
-        echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run(
+    jobs: list[Job], *, attacks: list[str] | None = None, eval_n: int | None = None, echo: Callable[[str], None] = print
+) -> list[dict[str, Any]]:
     """Run the jobs in order; return one compare row per job (``status`` ``ok`` or why not), labelled by recipe."""
-    from regdefense import compare
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
-
     rows = []
     for k, job in enumerate(jobs, 1):
         head = f"[{k}/{len(jobs)}] {job.label} seed {job.seed}"
@@ -79,8 +90,12 @@ def run(jobs: list[Job], *, attacks: list[str] | None = None, eval_n: int | None
             else:
                 echo(f"{head}: training into {job.out}")
                 _fresh(job.out)
-                train(job.recipe or None, overrides=[*job.overrides, f"train.seed={job.seed}",
-                                                     "train.progress=false"], out=job.out, echo=lambda s: None)
+                train(
+                    job.recipe or None,
+                    overrides=[*job.overrides, f"train.seed={job.seed}", "train.progress=false"],
+                    out=job.out,
+                    echo=lambda s: None,
+                )
             if attacks and not (job.out / "eval" / "report.json").exists():
                 echo(f"{head}: evaluating ({', '.join(attacks)})")
                 evaluate(job.out, suites=attacks, n=eval_n, progress=False)
@@ -88,7 +103,9 @@ def run(jobs: list[Job], *, attacks: list[str] | None = None, eval_n: int | None
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             echo(f"{head}: failed: {why}")
             job.out.mkdir(parents=True, exist_ok=True)
-            with open(job.out / "error.log", "a") as fh:  # after any traceback the trainer wrote; the last line says why
+            with open(
+                job.out / "error.log", "a"
+            ) as fh:  # after any traceback the trainer wrote; the last line says why
                 fh.write("".join(traceback.format_exception(exc)) + why + "\n")
         rows.append(_row(job, compare))
     return rows

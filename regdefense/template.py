@@ -11,10 +11,11 @@ import keyword
 import re
 from pathlib import Path
 
-from regdefense import __version__
+from regdefense._version import __version__
 from regdefense.errors import UserError
+from regdefense.plugins import catalogue
 
-PYPROJECT = '''[build-system]
+PYPROJECT = """[build-system]
 requires = ["hatchling>=1.18"]
 build-backend = "hatchling.build"
 
@@ -34,7 +35,7 @@ test = ["pytest>=7.4"]
 
 [tool.hatch.build.targets.wheel]
 packages = ["regdefense_{name}"]
-'''
+"""
 
 MODULE = '''"""{title}: adds w·mean(z²), a penalty on the squared logits of the adversarial batch, to whatever objective
 is active. Replace the term with your defense's; keep the wrapper shape so it stacks on any base (pgd_at, trades...).
@@ -46,9 +47,10 @@ from dataclasses import dataclass
 
 from regdefense import hookimpl, option
 from regdefense.contract import Key
+from regdefense.defense import Defense
 
 
-class {cls}:
+class {cls}(Defense):
     """{title}: a logit penalty on the adversarial batch."""
 
     name = "{name}"  # must equal the entry-point name in pyproject.toml
@@ -58,9 +60,6 @@ class {cls}:
     @dataclass
     class Config:
         weight: float = option(0.01, "w: weight of the logit penalty", ge=0)
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step, model):
@@ -72,10 +71,10 @@ class {cls}:
         return terms
 '''
 
-CONFTEST = '''pytest_plugins = ["regdefense.testing"]
-'''
+CONFTEST = """pytest_plugins = ["regdefense.testing"]
+"""
 
-TEST = '''import torch
+TEST = """import torch
 
 from regdefense.step import Step
 
@@ -95,9 +94,9 @@ def test_it_trains_and_logs_its_term(tiny_trainer):
     trainer = tiny_trainer(["pgd_at", "{name}"], ["pgd_at.steps=2"])
     history = trainer.fit()
     assert history[-1]["loss_{name}"] > 0
-'''
+"""
 
-README = '''# regdefense-{dash}
+README = """# regdefense-{dash}
 
 {title}, a defense plugin for [regdefense](https://pypi.org/project/regdefense/).
 
@@ -109,15 +108,13 @@ regdefense train --defense pgd_at --defense {name} -o {name}.weight=0.01
 
 `regdefense_{name}.py` holds the defense: a `Config` (every field with a default, help and limits), one hook, and
 its declarations (`requires`, `reads`). See regdefense's docs/writing-plugins.md and docs/hooks.md.
-'''
+"""
 
 
 def new_plugin(name: str, where: str | Path = ".") -> Path:
     """Write ``regdefense-NAME/`` under ``where`` and return its path."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
         raise UserError(f"plugin name '{name}' must be a lower-case Python identifier, e.g. logit_penalty")
-    from regdefense.plugins import catalogue
-
     if name in catalogue():
         raise UserError(f"a defense named '{name}' is already installed; choose another name")
     root = Path(where) / f"regdefense-{name.replace('_', '-')}"
@@ -126,8 +123,13 @@ def new_plugin(name: str, where: str | Path = ".") -> Path:
     cls = "".join(part.capitalize() for part in name.split("_"))
     title = name.replace("_", " ").capitalize()
     values = {"name": name, "dash": name.replace("_", "-"), "cls": cls, "title": title, "core": __version__}
-    files = {"pyproject.toml": PYPROJECT, f"regdefense_{name}/__init__.py": MODULE, "tests/conftest.py": CONFTEST,
-             f"tests/test_{name}.py": TEST, "README.md": README}
+    files = {
+        "pyproject.toml": PYPROJECT,
+        f"regdefense_{name}/__init__.py": MODULE,
+        "tests/conftest.py": CONFTEST,
+        f"tests/test_{name}.py": TEST,
+        "README.md": README,
+    }
     for rel, text in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)

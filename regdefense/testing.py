@@ -13,25 +13,32 @@ from typing import Any
 import pytest
 
 from regdefense.config import RunConfig
+from regdefense.parts import load_config
+from regdefense.plugins import activate
+from regdefense.trainer import Trainer
 
-TINY = ["train.epochs=1", "train.batch_size=64", "train.progress=false", "train.device=cpu",
-        "data.limit=192", "eval.pgd_steps=2", "eval.val_samples=64", "eval.test_samples=64"]
+TINY = [
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.progress=false",
+    "train.device=cpu",
+    "data.limit=192",
+    "eval.pgd_steps=2",
+    "eval.val_samples=64",
+    "eval.test_samples=64",
+]
 
 
 def tiny_config(stack: list[Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A RunConfig for ``stack`` (names) on 192 digits, one epoch, CPU; ``overrides`` as for ``-o``."""
-    from regdefense.run import load_config
-
     names = [s for s in (stack if stack is not None else ["pgd_at"]) if isinstance(s, str)]
     return load_config(defenses=names, overrides=TINY + list(overrides or []))
 
 
-def make_trainer(stack: list[Any] | None = None, overrides: list[str] | None = None,
-                 run_dir: str | Path | None = None, **kwargs):
+def make_trainer(
+    stack: list[Any] | None = None, overrides: list[str] | None = None, run_dir: str | Path | None = None, **kwargs
+):
     """A Trainer for ``stack`` (defense names or plugin objects) on the tiny digits config."""
-    from regdefense.plugins import activate
-    from regdefense.trainer import Trainer
-
     stack = stack if stack is not None else ["pgd_at"]
     cfg = tiny_config(stack, overrides)
     pm = activate(stack, cfg.defense)

@@ -13,148 +13,42 @@ Each built-in imports its package only when chosen; the extras are ``regdefense[
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from regdefense import hookimpl
-from regdefense.errors import UserError
+from regdefense.tracking import (
+    EXTRAS,
+    GROUP,
+    Tracker,
+    attach,
+    available,
+    check_names,
+    close_all,
+    final_scalars,
+    flat_config,
+    scalars,
+    table_markdown,
+)
 
-GROUP = "regdefense.trackers"
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
-def available() -> dict[str, md.EntryPoint]:
-    return {ep.name: ep for ep in md.entry_points(group=GROUP)}
-
-
-def check_names(names: list[str]) -> dict[str, md.EntryPoint]:
-    """Refuse an unknown tracker name before a run starts, listing the installed ones."""
-    eps = available()
-    for name in names:
-        if name not in eps:
-            raise UserError(f"unknown tracker '{name}' (train.log / --log); installed: {', '.join(sorted(eps)) or 'none'}"
-                            f"; a third-party tracker registers under the '{GROUP}' entry-point group")
-    return eps
-
-
-def attach(trainer, names: list[str]) -> list[Any]:
-    """Build the trackers named in ``names`` for ``trainer``'s run and register them on its plugin manager."""
-    if not names or not trainer.dist.is_main or trainer.run_dir is None:
-        return []
-    eps = check_names(names)
-    out = []
-    for name in dict.fromkeys(names):
-        try:
-            cls = eps[name].load()
-            tracker = cls(trainer.run_dir, trainer.config)
-        except ImportError as exc:
-            extra = EXTRAS.get(name)
-            raise UserError(f"the '{name}' tracker needs a package that is not installed ({exc.name or exc}); "
-                            + (f"pip install 'regdefense[{extra}]'" if extra else "install its distribution")) from None
-        trainer.pm.register(tracker, name=f"log:{name}")
-        out.append(tracker)
-    return out
-
-
-def close_all(trackers: list[Any]) -> None:
-    """Finish every tracker that has not finished (a failed or interrupted run)."""
-    for tracker in trackers:
-        try:
-            tracker.close()
-        except Exception:  # a tracker's own failure must not hide the run's error
-            pass
-
-
-def scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numeric entries of an epoch's metrics under tracker-friendly names: ``loss/<term>``, ``val/clean``,
-    ``val/robust``, ``train/<other>`` (``train/loss``, ``train/eps``, ``train/lr``, ``train/epoch_seconds``)."""
-    out = {}
-    for key, value in metrics.items():
-        if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if key.startswith("loss_"):
-            key = "loss/" + key[5:]
-        elif key.startswith("val_"):
-            key = "val/" + key[4:]
-        else:  # "loss" (the sum of the terms) too: a file store cannot hold both "loss" and "loss/task"
-            key = "train/" + key
-        out[key] = float(value)
-    return out
-
-
-def final_scalars(summary: dict[str, Any]) -> dict[str, float]:
-    """The final table (last and best rows) and the cost as flat numbers."""
-    out = {}
-    for row in summary.get("table", []):
-        which = row["model"].split()[0]  # "last" or "best"
-        out[f"final/{which}_clean"] = row["clean"]
-        out[f"final/{which}_robust"] = row["robust"]
-    for key, value in (summary.get("cost") or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"cost/{key}"] = float(value)
-    return out
-
-
-def table_markdown(summary: dict[str, Any]) -> str:
-    rows = ["| model | clean | robust | attack | n |", "|---|---|---|---|---|"]
-    rows += [f"| {r['model']} | {100 * r['clean']:.2f}% | {100 * r['robust']:.2f}% | {r['attack']} | {r['n']} |"
-             for r in summary.get("table", [])]
-    return "\n".join(rows)
-
-
-def flat_config(config) -> dict[str, Any]:
-    """``{"train.lr": 0.1, ...}`` from a RunConfig (lists as text), for trackers' parameter tables."""
-    out = {}
-    for section, values in config.to_dict().items():
-        if isinstance(values, dict):
-            out |= {f"{section}.{k}": v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-                    for k, v in values.items()}
-        else:
-            out[section] = json.dumps(values)
-    return out
-
-
-class Tracker:
-    """Base for trackers: ``open``/``log``/``finish``/``close`` wired to the hooks; subclasses fill them in."""
-
-    name = "tracker"
-
-    def __init__(self, run_dir: Path, config) -> None:
-        self.run_dir, self.config = Path(run_dir), config
-        self.opened = self.done = self.summarised = False  # summarised: the run finished (else it failed)
-
-    @hookimpl
-    def regdefense_fit_start(self, trainer) -> None:
-        if not self.opened:
-            self.open(trainer)
-            self.opened = True
-
-    @hookimpl
-    def regdefense_log_metrics(self, epoch: int, metrics: dict[str, Any]) -> None:
-        self.log(epoch, scalars(metrics))
-
-    @hookimpl
-    def regdefense_log_summary(self, summary: dict[str, Any], files: dict[str, Path]) -> None:
-        self.summary(summary, files)
-        self.summarised = True
-        self.close()
-
-    def close(self) -> None:
-        if self.opened and not self.done:
-            self.done = True
-            self.finish()
-
-    def open(self, trainer) -> None: ...
-
-    def log(self, step: int, values: dict[str, float]) -> None: ...
-
-    def summary(self, summary: dict[str, Any], files: dict[str, Path]) -> None: ...
-
-    def finish(self) -> None: ...
+__all__ = [
+    "EXTRAS",
+    "GROUP",
+    "MLflow",
+    "TensorBoard",
+    "Tracker",
+    "WandB",
+    "attach",
+    "available",
+    "check_names",
+    "close_all",
+    "final_scalars",
+    "flat_config",
+    "scalars",
+    "table_markdown",
+]
 
 
 class TensorBoard(Tracker):
@@ -209,19 +103,26 @@ class WandB(Tracker):
         id_file = self.run_dir / "wandb-id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else self.wandb.util.generate_id()
         id_file.write_text(run_id)
-        self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "regdefense"), name=self.run_dir.name,
-                                   id=run_id, resume="allow", dir=str(self.run_dir),
-                                   mode=os.environ.get("WANDB_MODE", "offline"), config=self.config.to_dict(),
-                                   settings=self.wandb.Settings(console="off", quiet=True, silent=True))
+        self.run = self.wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "regdefense"),
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]
+            config=self.config.to_dict(),
+            settings=self.wandb.Settings(console="off", quiet=True, silent=True),
+        )
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values | {"epoch": step}, step=step)
 
     def summary(self, summary: dict[str, Any], files: dict[str, Path]) -> None:
         self.run.summary.update(final_scalars(summary))
-        table = self.wandb.Table(columns=["model", "clean", "robust", "attack", "n"],
-                                 data=[[r["model"], r["clean"], r["robust"], r["attack"], r["n"]]
-                                       for r in summary.get("table", [])])
+        table = self.wandb.Table(
+            columns=["model", "clean", "robust", "attack", "n"],
+            data=[[r["model"], r["clean"], r["robust"], r["attack"], r["n"]] for r in summary.get("table", [])],
+        )
         extra: dict[str, Any] = {"final table": table}
         if "curves" in files:
             extra["curves"] = self.wandb.Image(str(files["curves"]))
@@ -261,7 +162,7 @@ class MLflow(Tracker):
         id_file.write_text(self.run_id)
         params = [Param(k, str(v)[:6000]) for k, v in flat_config(self.config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric

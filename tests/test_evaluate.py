@@ -166,7 +166,7 @@ def test_cascade_attacks_only_still_robust_points(digits_models, monkeypatch):
     model, data = digits_models["pgd_at"], digits_models["data"]
     two = suites.Suite("two", [suites.SuiteAttack("FGSM", "torchattacks:FGSM(eps=0.2)", group="G"),
                                suites.SuiteAttack("PGD", "torchattacks:PGD(eps=0.2, alpha=0.025, steps=10)", group="G")])
-    monkeypatch.setattr(suites, "build_suite", lambda name, **kw: two)
+    monkeypatch.setitem(suites._SUITES, "two", lambda request: two)  # a suite registered like a built-in
     seen, real = [], attacks.LibraryAttack.__call__
 
     def spy(self, m, x, y):
@@ -423,7 +423,7 @@ def test_an_evaluation_in_chunks_equals_the_whole(tmp_path):
 
 
 def test_the_automatic_surrogate_is_not_trained_on_a_cpu_when_it_would_take_hours(monkeypatch, capsys):
-    import regdefense.evaluate as ev
+    import regdefense.surrogate as ev
 
     monkeypatch.setattr(ev, "CPU_SURROGATE_IMAGES", 1000)  # the digits' 10 epochs are ~13 000 images
     assert ev.clean_surrogate({"name": "digits", "limit": 999}, epochs=10, device="cpu") is None

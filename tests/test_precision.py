@@ -63,5 +63,5 @@ def test_the_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path):
     assert saved["scaler"]["scale"] == trainer.scaler.get_scale()
     again, _ = _trainer(["train.amp=fp16", "train.epochs=2"], run_dir=tmp_path / "b")
     again.resume_from(tmp_path / "checkpoints" / "last.pt")
-    again.restore_state(again._resume_payload)
+    again.restore_state(again.checkpoints.pending)
     assert again.scaler.get_scale() == trainer.scaler.get_scale()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regdefense.errors import ConfigError
-from regdefense.models import register_model
+from regdefense.models._registry import register_model
 from regdefense.models.small import _no_pretrained
 
 
@@ -54,6 +54,7 @@ class ResNet(nn.Module):
     def __init__(self, block: type, layers: list[int], in_channels: int, num_classes: int) -> None:
         super().__init__()
         self.cin = 64
+        expansion: int = getattr(block, "expansion")
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         stages = []
@@ -61,10 +62,10 @@ class ResNet(nn.Module):
             blocks = []
             for s in [1 if i == 0 else 2] + [1] * (n - 1):
                 blocks.append(block(self.cin, planes, s))
-                self.cin = planes * block.expansion
+                self.cin = planes * expansion
             stages.append(nn.Sequential(*blocks))
         self.layers = nn.Sequential(*stages)
-        self.linear = nn.Linear(512 * block.expansion, num_classes)
+        self.linear = nn.Linear(512 * expansion, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.layers(F.relu(self.bn1(self.conv1(x))))
@@ -115,8 +116,9 @@ ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
 
 
 class WideBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, drop: float, act: str = "relu",
-                 bn_momentum: float = 0.1) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, drop: float, act: str = "relu", bn_momentum: float = 0.1
+    ) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin, momentum=bn_momentum)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -141,8 +143,16 @@ class WideResNet(nn.Module):
     pad stride-2 convolutions TensorFlow-style ("SAME": one pixel right and bottom) where this pads one on each side,
     and they initialise convolutions N(0, 2/(k²·out)) where this keeps PyTorch's default."""
 
-    def __init__(self, depth: int, widen: int, in_channels: int, num_classes: int, drop: float = 0.0,
-                 act: str = "relu", bn_momentum: float = 0.1) -> None:
+    def __init__(
+        self,
+        depth: int,
+        widen: int,
+        in_channels: int,
+        num_classes: int,
+        drop: float = 0.0,
+        act: str = "relu",
+        bn_momentum: float = 0.1,
+    ) -> None:
         super().__init__()
         if act not in ACTIVATIONS:
             raise ConfigError(f"wideresnet activation must be one of {', '.join(ACTIVATIONS)}, got '{act}'")
@@ -154,8 +164,16 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         stages, cin = [], widths[0]
         for i, w in enumerate(widths[1:]):
-            stages.append(nn.Sequential(*[WideBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1, drop,
-                                                    act, bn_momentum) for j in range(n)]))
+            stages.append(
+                nn.Sequential(
+                    *[
+                        WideBlock(
+                            cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1, drop, act, bn_momentum
+                        )
+                        for j in range(n)
+                    ]
+                )
+            )
             cin = w
         self.layers = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(cin, momentum=bn_momentum)
@@ -195,9 +213,17 @@ def preact_resnet18(in_channels: int, num_classes: int, image_size: int, pretrai
 
 
 @register_model
-def wideresnet(in_channels: int, num_classes: int, image_size: int, pretrained: bool = False,
-               depth: int = 34, widen: int = 10, drop: float = 0.0, activation: str = "relu",
-               bn_momentum: float = 0.1) -> nn.Module:
+def wideresnet(
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    pretrained: bool = False,
+    depth: int = 34,
+    widen: int = 10,
+    drop: float = 0.0,
+    activation: str = "relu",
+    bn_momentum: float = 0.1,
+) -> nn.Module:
     """WideResNet of model.depth and model.widen (default 34-10); model.activation=silu for the Swish variant.
 
     ``model.bn_momentum`` = 0.01 with it, as Gowal et al.'s zoo has it."""

@@ -64,7 +64,9 @@ def import_robustbench():
     """``robustbench.utils`` and the zoo (``all_models``), imported once."""
     if "robustbench.utils" not in sys.modules:
         if importlib.util.find_spec("robustbench") is None:
-            raise ConfigError("robustbench: targets need the robustbench package: pip install 'regdefense[robustbench]'")
+            raise ConfigError(
+                "robustbench: targets need the robustbench package: pip install 'regdefense[robustbench]'"
+            )
         import warnings
 
         with _stand_ins(), warnings.catch_warnings():
@@ -83,19 +85,24 @@ def parse(target: str, dataset: str | None = None) -> tuple[str, str, str]:
     elif len(parts) == 1:
         ds, threat, name = dataset if dataset in DATASETS else "cifar10", "Linf", parts[0]
     else:
-        raise UserError(f"'{target}': write robustbench:NAME or robustbench:DATASET/THREAT/NAME "
-                        f"(e.g. robustbench:cifar10/Linf/Wang2023Better_WRN-28-10)")
+        raise UserError(
+            f"'{target}': write robustbench:NAME or robustbench:DATASET/THREAT/NAME "
+            f"(e.g. robustbench:cifar10/Linf/Wang2023Better_WRN-28-10)"
+        )
     if ds not in DATASETS or threat not in THREATS:
-        raise UserError(f"'{target}': RobustBench's datasets are {', '.join(DATASETS)} and its threat models "
-                        f"{', '.join(THREATS)}")
+        raise UserError(
+            f"'{target}': RobustBench's datasets are {', '.join(DATASETS)} and its threat models {', '.join(THREATS)}"
+        )
     _, zoo = import_robustbench()
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
     models = zoo[BenchmarkDataset(ds)][ThreatModel(threat)]
     if name not in models:
         close = [m for m in models if name.lower()[:6] in m.lower()][:5]
-        raise UserError(f"RobustBench has no {ds}/{threat} model '{name}'" + (f"; did you mean {', '.join(close)}?"
-                                                                                 if close else ""))
+        raise UserError(
+            f"RobustBench has no {ds}/{threat} model '{name}'"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
     return name, ds, threat
 
 
@@ -118,10 +125,18 @@ def load(target: str, dataset: str | None = None) -> nn.Module:
     try:
         return utils.load_model(name, model_dir=str(model_dir()), dataset=ds, threat_model=threat)
     except Exception as exc:  # robustbench's download (Google Drive, requests) or its loading failed
-        where = "" if path.exists() else (f"; offline, put the checkpoint at {path} (or set ROBUSTBENCH_MODELS to "
-                                          f"the folder holding {ds}/{threat}/{name}.pt)")
-        raise UserError(f"RobustBench could not load {ds}/{threat}/{name}: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}{where}") from None
+        where = (
+            ""
+            if path.exists()
+            else (
+                f"; offline, put the checkpoint at {path} (or set ROBUSTBENCH_MODELS to "
+                f"the folder holding {ds}/{threat}/{name}.pt)"
+            )
+        )
+        raise UserError(
+            f"RobustBench could not load {ds}/{threat}/{name}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}{where}"
+        ) from None
 
 
 def architecture(target: str, *, num_classes: int, pretrained: bool = False, dataset: str | None = None) -> nn.Module:

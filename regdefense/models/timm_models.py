@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regdefense.errors import ConfigError
-from regdefense.models import Normalize
-
+from regdefense.models._registry import Normalize
 
 #: inputs smaller than this are resized up inside the model (timm's networks downsample by 32)
 MIN_SIDE = 32
@@ -50,14 +49,25 @@ class TimmNet(nn.Module):
         return self.net(self.normalize(x))
 
 
-def create_timm(arch: str, *, in_channels: int, num_classes: int, image_size: int, pretrained: bool = False,
-                weights: str | None = None, input_size: int | None = None) -> nn.Module:
+def create_timm(
+    arch: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    pretrained: bool = False,
+    weights: str | None = None,
+    input_size: int | None = None,
+) -> nn.Module:
     """``timm.create_model(arch)`` for this data (see the module's docstring)."""
     timm = _timm()
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
-        raise ConfigError(f"timm has no model '{arch}'" + (f"; similar: {', '.join(close)}" if close else "") +
-                          " (`python -c \"import timm; print(timm.list_models('convnext*'))\"` lists them)")
+        raise ConfigError(
+            f"timm has no model '{arch}'"
+            + (f"; similar: {', '.join(close)}" if close else "")
+            + " (`python -c \"import timm; print(timm.list_models('convnext*'))\"` lists them)"
+        )
     expand = in_channels == 1 and pretrained
     kwargs: dict = {"num_classes": num_classes, "in_chans": 3 if expand else in_channels}
     if weights:
@@ -70,13 +80,17 @@ def create_timm(arch: str, *, in_channels: int, num_classes: int, image_size: in
         try:
             return timm.create_model(arch, pretrained=pretrained or bool(weights), **kwargs, **extra)
         except (OSError, RuntimeError) as exc:
-            raise ConfigError(f"could not get timm weights for '{arch}': {str(exc).splitlines()[0][:200]} — offline, "
-                              f"pass model.weights=FILE (a local .safetensors/.pth of that architecture)") from None
+            raise ConfigError(
+                f"could not get timm weights for '{arch}': {str(exc).splitlines()[0][:200]} — offline, "
+                f"pass model.weights=FILE (a local .safetensors/.pth of that architecture)"
+            ) from None
 
     try:  # transformers fix their patch grid at construction: give them the data's size
         net = build(img_size=side)
     except TypeError:  # convolutional networks take any size and no img_size argument
         net = build()
     cfg = getattr(net, "pretrained_cfg", {}) or {}
-    norm = Normalize(list(cfg["mean"]), list(cfg["std"])) if (pretrained or weights) and "mean" in cfg else nn.Identity()
+    norm = (
+        Normalize(list(cfg["mean"]), list(cfg["std"])) if (pretrained or weights) and "mean" in cfg else nn.Identity()
+    )
     return TimmNet(net, expand, input_size, norm)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regdefense.errors import ConfigError
-from regdefense.models import Normalize, register_model
+from regdefense.models._registry import Normalize, register_model
 
 #: smallest input side each architecture accepts (alexnet's pooling, inception's stem)
 _MIN_SIZE = {"alexnet": 63, "inception_v3": 75}
@@ -21,8 +21,9 @@ class TorchvisionNet(nn.Module):
     """A torchvision network behind channel expansion, resizing (up to ``min_size``, or always to ``input_size``)
     and, with ImageNet weights, ImageNet normalisation. Inputs and perturbations stay at the data's resolution."""
 
-    def __init__(self, net: nn.Module, in_channels: int, min_size: int, pretrained: bool,
-                 input_size: int | None = None) -> None:
+    def __init__(
+        self, net: nn.Module, in_channels: int, min_size: int, pretrained: bool, input_size: int | None = None
+    ) -> None:
         super().__init__()
         self.net = net
         self.expand = in_channels == 1
@@ -44,6 +45,8 @@ def _replace_head(net: nn.Module, num_classes: int) -> None:
     for n, m in net.named_modules():
         if isinstance(m, nn.Linear):
             name, last = n, m
+    if name is None or last is None:
+        raise ConfigError(f"{type(net).__name__} has no Linear layer to replace with a {num_classes}-class head")
     parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
     setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
 
@@ -70,8 +73,9 @@ def _build(arch: str, in_channels: int, num_classes: int, pretrained: bool, inpu
 
 
 def _factory(arch: str):
-    def make(in_channels: int, num_classes: int, image_size: int, pretrained: bool = False,
-             input_size: int | None = None) -> nn.Module:
+    def make(
+        in_channels: int, num_classes: int, image_size: int, pretrained: bool = False, input_size: int | None = None
+    ) -> nn.Module:
         return _build(arch, in_channels, num_classes, pretrained, input_size)
 
     make.__name__ = arch
@@ -79,5 +83,14 @@ def _factory(arch: str):
     return make
 
 
-for _arch in ("resnet50", "resnet101", "alexnet", "mobilenet_v2", "densenet121", "inception_v3", "vgg16", "convnext_tiny"):
+for _arch in (
+    "resnet50",
+    "resnet101",
+    "alexnet",
+    "mobilenet_v2",
+    "densenet121",
+    "inception_v3",
+    "vgg16",
+    "convnext_tiny",
+):
     register_model(_factory(_arch))

@@ -1,0 +1,25 @@
+"""Per-image random crops and flips, drawn for a whole global batch (the in-memory and streamed loaders share them)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def draw_augment(b: int, mode: str, gen: torch.Generator, pad: int = 4) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image random crop offsets and flips for ``augment_batch``, drawn for a whole global batch."""
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5 if mode == "crop_flip" else torch.zeros(b, dtype=torch.bool)
+    return dy, dx, flip
+
+
+def augment_batch(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
+    """Crop each image at offset (dy, dx) from a zero-padded copy, then mirror those with ``flip``."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
+    x = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
+    x = x.gather(3, cols)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)

@@ -1,0 +1,119 @@
+"""The base class of defenses: what a defense may declare, in one place, instead of attributes the loop probes for.
+
+Every built-in defense derives from :class:`Defense`; third-party defenses may (``regdefense new-plugin`` does) or
+may not — the loop reads a plain class's declarations through :func:`declared`, with this class's defaults. A
+defense still *acts* only through ``@hookimpl`` methods (:mod:`regdefense.hookspecs`).
+
+Attack budgets are declared once: a defense whose ``Config`` derives from :class:`Budget` gets the ε / step size /
+steps / norm / attack-mode fields with their help and validation, and :meth:`Budget.resolve` turns them into what
+an attack call takes (the defense's ε, ramped, or the run's current ε; ``alpha_factor·ε/steps`` by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from regdefense.attacks import pgd
+from regdefense.config import option
+from regdefense.contract import Key
+
+
+class Defense:
+    """A defense: a name, a ``Config`` dataclass, declared step data, optional state for resume.
+
+    :cvar name: the entry-point name users activate.
+    :cvar publishes: step data it writes (:class:`regdefense.contract.Key`), ordered by the host.
+    :cvar reads: step data it reads.
+    :cvar requires: hooks some *other* active defense must provide (``("make_adversarial",)``).
+    :cvar single_step: its adversary takes one step (the catastrophic-overfitting guard watches such runs).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type("Config", (), {})
+    publishes: ClassVar[tuple[Key, ...]] = ()
+    reads: ClassVar[tuple[Key, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    single_step: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this defense so that a resumed run continues exactly (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (called after ``regdefense_fit_start``)."""
+
+    def memory_needs(self, trainer: Any) -> dict[str, tuple[int, str]]:
+        """Per-sample buffers it will hold, ``{label: (bytes, "device" | "host" | a place)}``, for ``train --check``."""
+        return {}
+
+
+#: the optional members a defense may declare, with what a class that declares none gets
+MEMBERS = ("publishes", "reads", "requires", "single_step", "state_dict", "load_state_dict", "memory_needs")
+
+
+def declared(plugin: Any, member: str) -> Any:
+    """``plugin``'s declaration of ``member`` (one of :data:`MEMBERS`), or :class:`Defense`'s default when a plain
+    class declares nothing. Methods come back bound; a missing method is None (nothing to call)."""
+    if member not in MEMBERS:
+        raise ValueError(f"{member!r} is not a declared defense member ({', '.join(MEMBERS)})")
+    value = getattr(plugin, member, None)
+    if value is not None:
+        return value
+    default = getattr(Defense, member)
+    return None if callable(default) else default
+
+
+@dataclass
+class Budget:
+    """The attack-budget block a defense's ``Config`` derives from (redeclare a field to change its default)."""
+
+    eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
+    alpha: float | None = option(None, "attack step size (none: 2.5·ε/steps)", gt=0)
+    steps: int = option(10, "attack iterations", ge=1)
+    norm: Literal["linf", "l2"] | None = option(None, "perturbation norm (none: the run's)")
+    attack_mode: Literal["eval", "train"] = option("eval", "BN/dropout mode during the attack")
+
+    #: the default step size is ``alpha_factor·ε/steps``
+    alpha_factor: ClassVar[float] = 2.5
+
+    def resolve(self, trainer: Any) -> tuple[float, float]:
+        """(ε, step size) for this batch: the defense's own ε ramped by the warm-up, else the run's current ε."""
+        eps = trainer.ramp(self.eps) if self.eps is not None else trainer.eps
+        steps = getattr(self, "steps", 1)
+        return eps, (self.alpha if self.alpha is not None else self.alpha_factor * eps / steps)
+
+    def attack_norm(self, trainer: Any) -> str:
+        return self.norm or trainer.norm
+
+    @property
+    def train_mode(self) -> bool:
+        return self.attack_mode == "train"
+
+    def pgd(self, trainer: Any, model: Any, step: Any, *, start: Any = "uniform", clip_start: bool = True) -> Any:
+        """The adversary of this budget: PGD on ``step.inputs`` against ``step.targets`` (ε and step size from
+        :meth:`resolve`, this norm and BN mode), under the run's attack precision, reporting per-sample counts in
+        ``step.info``. ``start``: ``"uniform"``, None, or a tensor (TRADES' and MART's 0.001·N(0, I))."""
+        eps, alpha = self.resolve(trainer)
+        with trainer.attack_autocast():
+            return pgd(
+                model,
+                step.inputs,
+                step.targets,
+                eps=eps,
+                alpha=alpha,
+                steps=getattr(self, "steps", 1),
+                norm=self.attack_norm(trainer),
+                start=start,
+                train_mode=self.train_mode,
+                info=step.info,
+                clip_start=clip_start,
+            )
+
+
+def budget_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(Budget)]

@@ -1,0 +1,137 @@
+"""The evaluated model back from what a run left: rebuilt from a checkpoint through the model factory and the
+defenses' own hooks (``regdefense_add_modules``, ``regdefense_fit_start``, ``regdefense_eval_model``) — no optimizer,
+no data loader, no training loop.
+
+    model = load_model("runs/2026...-pgd_at")      # a run directory (its best.pt), a checkpoint file,
+    model = load_model("hf:org/name")               # an export folder, hf:ORG/NAME, robustbench:NAME
+
+The model comes back in eval mode, on ``device``, taking [0, 1] inputs: ready for torchattacks, ART or AutoAttack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from regdefense import checkpoint
+from regdefense.config import RunConfig
+from regdefense.defense import declared
+from regdefense.errors import UserError
+from regdefense.models import robustbench_zoo
+from regdefense.parts import Assembly, load_config
+from regdefense.plugins import catalogue
+from regdefense.weights import is_export, load, resolve
+
+
+def load_networks(host: Any, payload: dict[str, Any], only: set[str] | None = None) -> None:
+    """Load a checkpoint's weights into ``host.raw_model`` and ``host.modules``, and each active defense's saved state
+    (``only`` those named, when given)."""
+    try:
+        host.raw_model.load_state_dict(payload["model"])
+        for name, module in host.modules.items():
+            module.load_state_dict(payload["modules"][name])
+    except (RuntimeError, KeyError) as exc:
+        raise UserError(f"the checkpoint does not match this model: {str(exc).splitlines()[0]}") from None
+    for name, plugin in host.pm.list_name_plugin():
+        load_state = declared(plugin, "load_state_dict")
+        if name in payload["plugins"] and load_state is not None and (only is None or name in only):
+            load_state(payload["plugins"][name])
+
+
+def drop_training_only(raw: dict[str, Any], payload: dict[str, Any]) -> list[str]:
+    """Remove from a checkpoint's config the defenses that are not installed here but only trained (they do not build
+    the evaluated model); refuse, naming the distribution, when one that builds it is missing. Returns the dropped."""
+    cat = catalogue()
+    stack = list(raw.get("defenses", []))
+    missing = [n for n in stack if n not in cat or cat[n].error]
+    if not missing:
+        return []
+    roles = payload.get("roles")
+    for name in missing:
+        role = (roles or {}).get(name)
+        if role is None:  # a checkpoint from before roles were recorded: we cannot tell, so ask for the plugin
+            dists = ", ".join(f"{d} {v}" for d, v in (payload.get("versions") or {}).items() if d not in ("torch",))
+            raise UserError(
+                f"the run was trained with defense '{name}', which is not installed here; install it "
+                f"(the run recorded these distributions: {dists})"
+            )
+        if role["eval_model"]:
+            where = f"{role['dist']} {role['version']}".strip() or "an object passed in Python"
+            pip = f": pip install '{role['dist']}=={role['version']}'" if role["dist"] else ""
+            raise UserError(
+                f"the run was trained with defense '{name}' ({where}), which builds the evaluated model "
+                f"(regdefense_eval_model); it is not installed here{pip}"
+            )
+    raw["defenses"] = [n for n in stack if n not in missing]
+    raw["defense"] = {k: v for k, v in (raw.get("defense") or {}).items() if k not in missing}
+    return missing
+
+
+def rebuild(
+    payload: dict[str, Any], *, dataset: str | None = None, device: str = "auto"
+) -> tuple[Assembly, nn.Module, RunConfig, list[str]]:
+    """The parts of the run a checkpoint payload came from, its weights and the states of the defenses that build the
+    evaluated model loaded: ``(assembly, evaluated model, config, training-only defenses not installed here)``.
+
+    Only the defenses with a plain ``regdefense_eval_model`` (EMA's average, AToP's purifier in front) get
+    ``regdefense_fit_start`` and their saved state; the others only trained the weights, so their set-up (buffers
+    sized by the training split, proxies, optimizers) is never built."""
+    raw = dict(payload["config"])
+    missing = drop_training_only(raw, payload)
+    overrides: dict[str, dict[str, Any]] = {
+        "train": {"device": device, "progress": False, "compile": False},
+        "data": {"extra": [], "teacher": None},
+    }  # evaluation reads the test split only: no extra data
+    if dataset:
+        overrides["data"]["name"] = dataset
+    cfg = load_config(raw=raw, overrides=overrides)
+    host = Assembly(cfg)
+    builders = {
+        i.plugin_name
+        for i in host.hook.regdefense_eval_model.get_hookimpls()
+        if not (i.wrapper or i.hookwrapper) and i.plugin_name != "core"
+    }
+    others = [p for n, p in host.pm.list_name_plugin() if n not in builders]
+    host.pm.subset_hook_caller("regdefense_fit_start", remove_plugins=others)(trainer=host)
+    load_networks(host, payload, only=builders)
+    host.state = _EvalState(payload["epoch"])
+    model = host.hook.regdefense_eval_model(trainer=host)
+    return host, model, cfg, missing
+
+
+class _EvalState:
+    """What a defense's eval model may read of the loop's state: the epoch the checkpoint was written at."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def checkpoint_file(path: Path, which: str = "best") -> Path:
+    """A run directory's ``checkpoints/<which>.pt``, or ``path`` itself."""
+    if not path.is_dir():
+        return path
+    ckpt = path / "checkpoints" / f"{which}.pt"
+    if not ckpt.exists():
+        raise UserError(f"{path} holds no checkpoints/{which}.pt")
+    return ckpt
+
+
+def load_model(
+    target: str | Path, *, which: str = "best", device: str = "cpu", dataset: str | None = None
+) -> nn.Module:
+    """The evaluated model of ``target`` — a run directory (its ``checkpoints/<which>.pt``), a checkpoint, an export
+    folder (safetensors or TorchScript), ``hf:ORG/NAME[@REV]`` or ``robustbench:NAME`` — in eval mode on ``device``."""
+    if isinstance(target, str) and target.startswith("robustbench:"):
+        return robustbench_zoo.load(target, dataset).to(device).eval()
+    path = Path(resolve(target))
+    if not path.exists():
+        raise UserError(
+            f"nothing to load at {path}: give a run directory, a checkpoint, an export folder, "
+            f"hf:ORG/NAME or robustbench:NAME"
+        )
+    if is_export(path):
+        return load(path).to(device).eval()
+    _, model, _, _ = rebuild(checkpoint.load(checkpoint_file(path, which)), dataset=dataset, device=device)
+    return model.eval()

@@ -1,0 +1,192 @@
+"""The loop's own services, as small collaborators the trainer holds (as Lightning's connectors are): held-out
+validation with the catastrophic-overfitting guard, checkpoints, and the metrics log. Each reads the trainer it
+serves; none of them trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from regdefense import checkpoint
+from regdefense.attacks import pgd
+from regdefense.defense import declared
+from regdefense.errors import CheckpointError, UserError
+from regdefense.measure import accuracy
+from regdefense.plugins import providers
+from regdefense.restore import load_networks
+from regdefense.runtime import versions
+
+if TYPE_CHECKING:
+    from regdefense.trainer import Trainer
+
+
+class Validator:
+    """Clean and PGD accuracy on the held-out split after each epoch; with single-step adversaries (or
+    ``eval.co_guard=on``) also FGSM, flagging catastrophic overfitting when FGSM beats PGD by ``eval.co_threshold``."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def robust_attack(self, steps: int | None = None):
+        """The per-epoch check's attack: PGD with random start at the full threat ε."""
+        tr = self.trainer
+        steps = steps or tr.config.eval.pgd_steps
+        eps, norm = tr.eps_full, tr.norm
+        return lambda m, x, y: pgd(m, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm)
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Clean and PGD accuracy of ``model`` on (at most ``eval.val_samples`` of) the held-out split."""
+        tr = self.trainer
+        split = tr.data.val
+        if split is None or len(split) == 0:
+            return {}
+        n = min(len(split), tr.config.eval.val_samples or len(split))
+        idx = tr.dist.shard(torch.arange(n))  # under torchrun each process checks its share
+        x, y = split.floats(idx), split.y[idx]
+        kw = {"batch_size": tr.config.eval.batch_size, "device": tr.device}
+
+        def acc(attack=None) -> float:
+            correct = torch.tensor([accuracy(model, x, y, attack, **kw) * len(idx)], device=tr.device)
+            return float(tr.dist.sum_(correct)) / n
+
+        out = {"val_clean": acc(), "val_robust": acc(self.robust_attack())}
+        if self.co_guard:
+            eps, norm = tr.eps_full, tr.norm
+            out["val_fgsm"] = acc(lambda m, xb, yb: pgd(m, xb, yb, eps=eps, alpha=eps, steps=1, norm=norm, start=None))
+            out["co_gap"] = out["val_fgsm"] - out["val_robust"]
+            if out["co_gap"] > tr.config.eval.co_threshold:
+                out["catastrophic_overfitting"] = True
+                tr.echo(
+                    f"warning: catastrophic overfitting at epoch {tr.state.epoch + 1}: held-out FGSM accuracy "
+                    f"{out['val_fgsm']:.1%} vs PGD {out['val_robust']:.1%}; best.pt keeps the best PGD epoch"
+                )
+                tr.should_stop = tr.should_stop or tr.config.eval.co_stop
+        return out
+
+    @property
+    def co_guard(self) -> bool:
+        mode = self.trainer.config.eval.co_guard
+        if mode == "auto":
+            return any(declared(p, "single_step") for _, p in self.trainer.pm.list_name_plugin())
+        return mode == "on"
+
+
+class Checkpointer:
+    """Checkpoint payloads, ``last.pt`` / ``best.pt`` (best held-out metric) / ``epoch-N.pt``, and resuming."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        #: a checkpoint :meth:`resume_from` loaded, restored by the loop after ``fit_start``
+        self.pending: dict[str, Any] | None = None
+
+    def payload(self, metrics: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resume needs; ``partial`` holds the running loss sums of a checkpoint written mid-epoch."""
+        tr = self.trainer
+        plugins = {}
+        for name, plugin in tr.pm.list_name_plugin():
+            state_dict = declared(plugin, "state_dict")
+            if name != "core" and state_dict is not None:
+                plugins[name] = state_dict()
+        return {
+            "format": checkpoint.FORMAT,
+            "model": tr.raw_model.state_dict(),
+            "modules": {n: m.state_dict() for n, m in tr.modules.items()},
+            "optimizer": tr.optimizer.state_dict(),
+            "scheduler": tr.scheduler.state_dict(),
+            "scaler": tr.scaler.state_dict(),
+            "epoch": tr.state.epoch,
+            "global_step": tr.state.global_step,
+            "batch": tr.state.batch,
+            "partial": partial or {},
+            "skipped": tr.guard.skipped,
+            "best_metric": tr.state.best_metric,
+            "best_epoch": tr.state.best_epoch,
+            "rng": checkpoint.rng_state(),
+            "plugins": plugins,
+            "stack": list(tr.config.defenses),
+            "roles": tr.roles,
+            "metrics": json.loads(json.dumps(metrics or {})),
+            "config": tr.config.to_dict(),
+            "versions": versions(),
+        }
+
+    def save(self, metrics: dict[str, Any]) -> None:
+        """Write ``last.pt``, ``best.pt`` when the held-out metric improved, and ``epoch-N.pt`` if asked."""
+        tr = self.trainer
+        select = tr.config.eval.select
+        if select == "auto":
+            adversary = providers(tr.pm, "regdefense_make_adversarial") or providers(
+                tr.pm, "regdefense_make_adversarial", fallbacks=True
+            )
+            select = "robust" if adversary else "clean"
+        score = metrics.get(f"val_{select}", -metrics.get("loss", math.inf))
+        improved = score > tr.state.best_metric
+        if improved:
+            tr.state.best_metric, tr.state.best_epoch = score, tr.state.epoch - 1
+        if tr.run_dir is None or not tr.dist.is_main:
+            return
+        payload = self.payload(metrics)
+        ckpt = tr.run_dir / "checkpoints"
+        checkpoint.save(payload, ckpt / "last.pt")
+        if improved:
+            checkpoint.save(payload, ckpt / "best.pt")
+        every = tr.config.train.save_every
+        if every and tr.state.epoch % every == 0:
+            checkpoint.save(payload, ckpt / f"epoch-{tr.state.epoch}.pt")
+
+    def save_last(self, partial: dict[str, Any]) -> None:
+        """``last.pt`` where the loop stands (mid-epoch: with the running loss sums)."""
+        tr = self.trainer
+        assert tr.run_dir is not None
+        checkpoint.save(self.payload(partial=partial), tr.run_dir / "checkpoints" / "last.pt")
+
+    def resume_from(self, path: str | Path) -> None:
+        """Load a checkpoint; the loop restores it after ``fit_start`` and continues at its epoch."""
+        payload = checkpoint.load(path)
+        differences = checkpoint.differences(payload, self.trainer.config)
+        if differences:
+            raise CheckpointError(f"checkpoint {path} does not belong to this run: {'; '.join(differences)}")
+        self.pending = payload
+
+    def restore(self, p: dict[str, Any]) -> dict[str, Tensor]:
+        """Load a checkpoint payload: weights, extra modules, defense states, optimizer, schedule, scaler, RNG.
+        Returns the running loss sums of a checkpoint written mid-epoch (empty otherwise)."""
+        tr = self.trainer
+        load_networks(tr, p)
+        tr.state = type(tr.state)(p["epoch"], p["global_step"], p.get("batch", 0), p["best_metric"], p["best_epoch"])
+        tr.optimizer.load_state_dict(p["optimizer"])
+        tr.scheduler.load_state_dict(p["scheduler"])
+        tr.scaler.load_state_dict(p["scaler"])
+        tr.guard.skipped = p.get("skipped", 0)
+        checkpoint.set_rng_state(p["rng"])
+        self.pending = None
+        return {k: v.to(tr.device) if isinstance(v, Tensor) else v for k, v in p.get("partial", {}).items()}
+
+
+class MetricsLog:
+    """One line per epoch in ``metrics.jsonl`` (rank 0) and the ``regdefense_log_metrics`` hook (the trackers)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.history: list[dict[str, Any]] = []
+
+    def append(self, metrics: dict[str, Any]) -> None:
+        tr = self.trainer
+        self.history.append(metrics)
+        if tr.run_dir is not None and tr.dist.is_main:
+            try:
+                with open(tr.run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(metrics) + "\n")
+            except OSError as exc:
+                raise UserError(
+                    f"cannot append to {tr.run_dir / 'metrics.jsonl'}: {exc.strerror or exc}; "
+                    f"free some space and resume with: regdefense train --resume {tr.run_dir}"
+                ) from None
+        if tr.dist.is_main:  # experiment trackers (regdefense.trackers) and any plugin that logs
+            tr.hook.regdefense_log_metrics(trainer=tr, epoch=metrics["epoch"], metrics=metrics)

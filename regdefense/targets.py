@@ -1,0 +1,251 @@
+"""What to evaluate: a run, a checkpoint, an export folder, ``hf:ORG/NAME``, ``robustbench:NAME`` or a model file,
+with the test points it is measured on. Checkpoints are rebuilt by :mod:`regdefense.restore` (the model factory and
+the defenses' hooks), never by the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from regdefense import checkpoint
+from regdefense.config import DataConfig
+from regdefense.data import load_data
+from regdefense.errors import UserError
+from regdefense.models import create_model, robustbench_zoo
+from regdefense.restore import checkpoint_file, rebuild
+from regdefense.runtime import resolve_device
+from regdefense.stream import subset_of
+from regdefense.weights import is_export, load, resolve
+
+
+@dataclass
+class Target:
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    default_eps: float
+    norm: str
+    num_classes: int
+    device: torch.device
+    meta: dict[str, Any]
+    run_dir: Path | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)  #: the run's data section (for a clean surrogate)
+    split: Any = None  #: the evaluated test split (x holds its first points, decoded)
+    count: int = 0  #: how many of its points are evaluated
+
+
+def select_points(test, n: int | None = None, subset: str | None = None):
+    """The evaluated part of a test split: its ``subset`` (see :func:`regdefense.stream.subset_of`), then the first
+    ``n``. Returns the (sub)split and how many points of it are evaluated; nothing is decoded."""
+    if subset is not None:
+        test = subset_of(test, subset)
+    return test, (min(n, len(test)) if n else len(test))
+
+
+def load_target(
+    target: str | Path,
+    *,
+    which: str = "best",
+    arch: str | None = None,
+    dataset: str | None = None,
+    device: str = "auto",
+    n: int | None = None,
+    subset: str | None = None,
+    decode: int | None = None,
+) -> Target:
+    """Load what to evaluate.
+
+    :param target: a run directory (its ``checkpoints/<which>.pt``), a regdefense checkpoint, or, with
+        ``arch``, a user's state_dict file (``arch`` = an architecture name) or TorchScript file
+        (``arch="torchscript"``).
+    :param dataset: the data to evaluate on (default: the run's, else ``digits``); the test split is used.
+    :param n: only the first ``n`` test points (of the subset).
+    :param decode: decode only the first ``decode`` of them into ``Target.x`` (the rest stay in ``Target.split``).
+    :param subset: ``robustbench`` (RobustBench's fixed 5 000 ImageNet validation images) or a file listing the
+        test images to use, one path per line relative to the test folder.
+    """
+    if isinstance(target, str) and target.startswith("robustbench:"):
+        return _zoo_target(target, dataset, device, n, subset, decode)
+    path = Path(resolve(target))  # hf:ORG/NAME → its export folder in the Hugging Face cache
+    if not path.exists():
+        raise UserError(
+            f"nothing to evaluate at {path}: give a run directory, a checkpoint, an export folder, "
+            f"hf:ORG/NAME, robustbench:NAME or a model file"
+        )
+    dev = resolve_device(device)
+    if arch is None and is_export(path):
+        return _export_target(path, str(target), dataset, device, n, subset, decode)
+    if arch is None:
+        ckpt = checkpoint_file(path, which)
+        payload = checkpoint.load(ckpt)
+        return _target_from_payload(payload, ckpt, dataset, device, n, subset, decode)
+    data = _test_data(dataset or "digits", subset)
+    c, h, w = data.input_shape
+    if arch == "torchscript":
+        try:
+            model = torch.jit.load(str(path), map_location=dev)
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{path} is not a TorchScript file: {str(exc).splitlines()[0]}") from None
+    else:
+        model = create_model(arch, in_channels=c, num_classes=data.num_classes, image_size=min(h, w))
+        state: Any = checkpoint.read(path)  # a checksummed regdefense file or a plain state_dict; never unpickles code
+        state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise UserError(f"{path} does not fit architecture '{arch}': {str(exc).splitlines()[0][:300]}") from None
+    return _model_target(
+        model,
+        data,
+        data.default_eps,
+        "linf",
+        device,
+        n,
+        subset,
+        decode,
+        {"target": str(path), "dataset": data.name, "model": arch},
+    )
+
+
+def _test_data(name: str, subset: str | None):
+    return load_data(DataConfig(name=name, val_fraction=0.0, stream="on" if subset else "auto"))
+
+
+def _model_target(
+    model: nn.Module,
+    data,
+    eps: float,
+    norm: str,
+    device: str,
+    n: int | None,
+    subset: str | None,
+    decode: int | None,
+    meta: dict[str, Any],
+) -> Target:
+    dev = resolve_device(device)
+    split, count = select_points(data.test, n, subset)
+    x, y = _decode(split, 0, min(count, decode or count))
+    return Target(
+        model=model.to(dev).eval(),
+        x=x,
+        y=y,
+        split=split,
+        count=count,
+        default_eps=eps,
+        norm=norm,
+        num_classes=data.num_classes,
+        device=dev,
+        data_config={"name": data.name},
+        meta=meta,
+    )
+
+
+def _export_target(
+    folder: Path, target: str, dataset: str | None, device: str, n: int | None, subset: str | None, decode: int | None
+) -> Target:
+    """An export folder (``regdefense export``, or ``hf:ORG/NAME`` fetched): its model on its data's test split."""
+    info = json.loads((folder / "config.json").read_text())
+    data = _test_data(dataset or info.get("dataset") or "digits", subset)
+    if list(data.input_shape) != list(info["input_shape"]):
+        raise UserError(
+            f"{target} takes images of shape {info['input_shape']}; {data.name}'s are "
+            f"{list(data.input_shape)}: pick its data with --dataset"
+        )
+    return _model_target(
+        load(folder),
+        data,
+        info["threat"]["eps"],
+        info["threat"]["norm"],
+        device,
+        n,
+        subset,
+        decode,
+        {
+            "target": target,
+            "dataset": data.name,
+            "model": info["architecture"],
+            "stack": info.get("stack", []),
+            "epoch": info.get("epoch"),
+            "source": info.get("source"),
+        },
+    )
+
+
+#: RobustBench's budgets per leaderboard
+ZOO_EPS = {
+    ("cifar10", "Linf"): 8 / 255,
+    ("cifar100", "Linf"): 8 / 255,
+    ("imagenet", "Linf"): 4 / 255,
+    ("cifar10", "L2"): 0.5,
+    ("cifar100", "L2"): 0.5,
+}
+
+
+def _zoo_target(
+    target: str, dataset: str | None, device: str, n: int | None, subset: str | None, decode: int | None
+) -> Target:
+    """``robustbench:NAME``: the zoo model (robustbench's loader) on its leaderboard's test split and budget."""
+    name, ds, threat = robustbench_zoo.parse(target, dataset)
+    if threat == "corruptions":
+        raise UserError(f"{target} is a common-corruptions model; regdefense evaluates adversarial threat models")
+    model = robustbench_zoo.load(target, dataset)
+    data = _test_data(dataset or ds, subset)
+    return _model_target(
+        model,
+        data,
+        ZOO_EPS[(ds, threat)],
+        threat.lower(),
+        device,
+        n,
+        subset,
+        decode,
+        {"target": target, "dataset": data.name, "model": f"robustbench:{ds}/{threat}/{name}"},
+    )
+
+
+def _decode(split, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    return split.floats(torch.arange(start, stop)), split.y[start:stop]
+
+
+def _target_from_payload(
+    payload: dict[str, Any],
+    ckpt: Path,
+    dataset: str | None,
+    device: str,
+    n: int | None = None,
+    subset: str | None = None,
+    decode: int | None = None,
+) -> Target:
+    host, model, cfg, missing = rebuild(payload, dataset=dataset, device=device)
+    split, count = select_points(host.data.test, n, subset)
+    x, y = _decode(split, 0, min(count, decode or count))
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return Target(
+        model=model,
+        x=x,
+        y=y,
+        split=split,
+        count=count,
+        default_eps=host.eps_full,
+        norm=host.norm,
+        num_classes=host.data.num_classes,
+        device=host.device,
+        run_dir=run_dir,
+        data_config=dict(payload["config"].get("data") or {})
+        | {"extra": [], "teacher": None}
+        | ({"name": dataset} if dataset else {}),
+        meta={
+            "target": str(ckpt),
+            "dataset": cfg.data.name,
+            "stack": cfg.defenses,
+            "epoch": payload["epoch"],
+            "model": type(host.raw_model).__name__,
+            **({"not_installed_training_only": missing} if missing else {}),
+        },
+    )
