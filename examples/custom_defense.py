@@ -12,12 +12,13 @@ import argparse
 from dataclasses import dataclass
 
 from regdefense import hookimpl, option
+from regdefense.defense import Defense
 from regdefense.plugins import activate
 from regdefense.run import load_config
 from regdefense.trainer import Trainer
 
 
-class WeightPenalty:
+class WeightPenalty(Defense):
     """Adds λ·Σ‖W‖² over the model's weight tensors (not biases) as its own logged loss term."""
 
     name = "weight_penalty"
@@ -25,9 +26,6 @@ class WeightPenalty:
     @dataclass
     class Config:
         lam: float = option(1e-3, "penalty weight", ge=0)
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step, model, phase):

@@ -64,6 +64,20 @@ def test_writing_plugins_example_works_as_written(make_dist, tiny_trainer, hook_
     namespace["test_noise_trains"](tiny_trainer, hook_calls)
 
 
+def test_the_budget_example_of_writing_plugins_trains_with_its_declared_defaults(tiny_trainer):
+    text = (DOCS / "writing-plugins.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "class MyAT(Defense)" in b)
+    namespace: dict = {}
+    exec(block, namespace)
+    cls = namespace["MyAT"]
+    config = cls.Config()
+    assert (config.steps, config.eps, config.attack_mode) == (7, None, "eval")  # redeclared default, inherited ones
+    trainer = tiny_trainer([cls], ["train.epochs=1"])
+    eps, alpha = config.resolve(trainer)
+    assert eps == trainer.eps and alpha == 2.5 * trainer.eps / 7
+    assert trainer.fit()[-1]["loss_task"] > 0
+
+
 def test_every_recipe_resolves_and_every_defense_has_a_page():
     from regdefense.run import load_config
 

@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from regdefense import checkpoint, hookimpl, option
 from regdefense.attacks import model_mode, pgd
 from regdefense.contract import APPLIES_WEIGHTS, Key
+from regdefense.defense import Defense
 from regdefense.errors import ConfigError
 from regdefense_atop.networks import Discriminator, build_purifier
 from regdefense_atop.transforms import Defended, Purified, RandomTransform
 
 
-class AToP:
+class AToP(Defense):
     """Fine-tunes a purifier in front of a frozen classifier."""
 
     name = "atop"
@@ -41,8 +42,9 @@ class AToP:
     class Config:
         phase: Literal["pretrain", "finetune"] = option("finetune", "purifier pre-training or AToP fine-tuning")
         transform: Literal["rt1", "rt2", "rt3"] = option("rt2", "random transform (paper's main setting: rt2)")
-        block_size: int | None = option(None, "mask block side in pixels (none: 1/8 of the image side, as 32 of 256)",
-                                        ge=1)
+        block_size: int | None = option(
+            None, "mask block side in pixels (none: 1/8 of the image side, as 32 of 256)", ge=1
+        )
         missing_rate: float = option(0.25, "fraction of blocks masked (code: 0.25)", ge=0, le=1)
         sigma: float = option(0.25, "std of the Gaussian noise of rt2/rt3 on [0,1] images (code: 0.25)", ge=0)
         per_sample: bool = option(False, "a mask per image instead of one per batch (code: per batch)")
@@ -53,7 +55,8 @@ class AToP:
         lam: float = option(0.05, "λ: weight of the classification term (code: 0.05 for CIFAR-10)", ge=0)
         ce_start_epoch: int = option(2, "epochs of reconstruction only before the CE term starts (code: 2)", ge=0)
         attack: Literal["classifier", "defended"] = option(
-            "classifier", "fine-tuning adversary: FGSM on the classifier alone (authors) or through g∘t∘f")
+            "classifier", "fine-tuning adversary: FGSM on the classifier alone (authors) or through g∘t∘f"
+        )
         attack_steps: int = option(1, "attack iterations (1: FGSM)", ge=1)
         recon_target: Literal["adv", "clean"] = option("adv", "reconstruct x' (published equation) or x")
         gan_weight: float = option(0.0, "weight of the hinge GAN term (0: no discriminator)", ge=0)
@@ -61,7 +64,7 @@ class AToP:
         d_lr: float = option(1e-4, "discriminator learning rate (Adam, betas 0.5, 0.999)", gt=0)
 
     def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+        super().__init__(config)
         self.transform: RandomTransform | None = None
 
     # --- set-up -------------------------------------------------------------------------------
@@ -70,14 +73,17 @@ class AToP:
     def regdefense_add_modules(self, trainer):
         c = self.config
         ch, h, w = trainer.data.input_shape
-        self.transform = RandomTransform(c.transform, c.block_size or max(1, min(h, w) // 8), c.missing_rate,
-                                         c.sigma, c.per_sample, c.n_masks)
+        self.transform = RandomTransform(
+            c.transform, c.block_size or max(1, min(h, w) // 8), c.missing_rate, c.sigma, c.per_sample, c.n_masks
+        )
         purifier = build_purifier(c.purifier, ch, min(h, w), c.purifier_width)
         if c.purifier_init:
             path = Path(c.purifier_init)
             payload = checkpoint.load(path / "checkpoints" / "best.pt" if path.is_dir() else path)
             if "atop_purifier" not in payload.get("modules", {}):
-                raise ConfigError(f"atop.purifier_init: {path} holds no atop purifier (train one with atop.phase=pretrain)")
+                raise ConfigError(
+                    f"atop.purifier_init: {path} holds no atop purifier (train one with atop.phase=pretrain)"
+                )
             purifier.load_state_dict(payload["modules"]["atop_purifier"])
         trainer.raw_model.requires_grad_(False)  # the classifier is frozen: only the purifier is optimised
         modules = {"atop_purifier": purifier}
@@ -88,10 +94,12 @@ class AToP:
     @hookimpl
     def regdefense_fit_start(self, trainer):
         if self.config.gan_weight:
-            self.d_opt = torch.optim.Adam(trainer.modules["atop_discriminator"].parameters(), lr=self.config.d_lr,
-                                          betas=(0.5, 0.999))
+            self.d_opt = torch.optim.Adam(
+                trainer.modules["atop_discriminator"].parameters(), lr=self.config.d_lr, betas=(0.5, 0.999)
+            )
 
     def purified(self, trainer) -> Purified:
+        assert self.transform is not None, "regdefense_add_modules builds the transform"
         return Purified(trainer.modules["atop_purifier"], self.transform)
 
     # --- per batch ----------------------------------------------------------------------------
@@ -109,8 +117,16 @@ class AToP:
         eps = trainer.eps
         alpha = eps if c.attack_steps == 1 else 2.5 * eps / c.attack_steps
         with trainer.attack_autocast():
-            return pgd(target, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.attack_steps,
-                       norm=trainer.norm, start=None if c.attack_steps == 1 else "uniform")
+            return pgd(
+                target,
+                step.inputs,
+                step.targets,
+                eps=eps,
+                alpha=alpha,
+                steps=c.attack_steps,
+                norm=trainer.norm,
+                start=None if c.attack_steps == 1 else "uniform",
+            )
 
     @hookimpl
     def regdefense_compute_loss(self, trainer, step, model):
@@ -124,8 +140,7 @@ class AToP:
             with model_mode(model, False):
                 logits = model(out)
             step.outputs["adv"] = logits
-            terms["task"] = c.lam * trainer.adv_mean(trainer.ce(logits, step.targets, reduction="none"), step,
-                                                     logits)
+            terms["task"] = c.lam * trainer.adv_mean(trainer.ce(logits, step.targets, reduction="none"), step, logits)
         if c.gan_weight:
             d = trainer.modules["atop_discriminator"]
             mask = torch.zeros_like(rec[:, :1])

@@ -12,8 +12,14 @@ from regdefense.errors import ConfigError
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU(),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.GroupNorm(min(8, cout), cout),
+        nn.SiLU(),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.GroupNorm(min(8, cout), cout),
+        nn.SiLU(),
+    )
 
 
 class UNetPurifier(nn.Module):
@@ -31,7 +37,7 @@ class UNetPurifier(nn.Module):
                 depth += 1
         self.enc = nn.ModuleList()
         c = channels + 1
-        widths = [width * 2 ** i for i in range(depth + 1)]
+        widths = [width * 2**i for i in range(depth + 1)]
         for w in widths[:-1]:
             self.enc.append(_block(c, w))
             c = w
@@ -62,9 +68,13 @@ class Discriminator(nn.Module):
 
     def __init__(self, channels: int, width: int = 32) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(channels + 1, width, 3, padding=1), nn.LeakyReLU(0.2),
-                                 nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
-                                 nn.Conv2d(2 * width, 1, 3, padding=1))
+        self.net = nn.Sequential(
+            nn.Conv2d(channels + 1, width, 3, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * width, 1, 3, padding=1),
+        )
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
         return self.net(torch.cat([image, mask], dim=1)).flatten(1)
@@ -76,7 +86,7 @@ def build_purifier(spec: str, channels: int, image_size: int, width: int) -> nn.
     if spec == "unet":
         return UNetPurifier(channels, image_size, width)
     if spec.startswith("python:"):
-        module, _, attr = spec[len("python:"):].partition(":")
+        module, _, attr = spec[len("python:") :].partition(":")
         try:
             factory = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:

@@ -3,7 +3,8 @@
 Per batch (after the adversarial inputs are made at the current weights): copy the weights into a
 proxy, take one SGD step (``proxy_lr``) that *increases* the active objective on the proxy
 (``regdefense_compute_loss`` with ``phase="awp"``; only the proxy receives gradients from this probe), and
-for every weight tensor with more than one dimension set v_l = γ·‖w_l‖·(w'_l − w_l)/‖w'_l − w_l‖. The model's loss and gradients are then computed
+for every weight tensor with more than one dimension set v_l = γ·‖w_l‖·(w'_l − w_l)/‖w'_l − w_l‖. The model's loss and
+gradients are then computed
 at w + v, and the weights are restored exactly (copied back) before the optimizer step. AWP never names
 the objective it wraps, so AWP + PGD-AT and AWP + TRADES need no special case.
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from regdefense import hookimpl, option
+from regdefense.defense import Defense
 
 
 def perturbable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -25,20 +27,21 @@ def perturbable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.dim() > 1 and p.requires_grad]
 
 
-class AWP:
+class AWP(Defense):
     """Adversarial weight perturbation on a proxy copy, wrapping forward_backward."""
 
     name = "awp"
 
     @dataclass
     class Config:
-        gamma: float = option(5e-3, "perturbation size relative to each layer's weight norm (TRADES-AWP 5e-3, "
-                                    "AT-AWP 1e-2)", ge=0)
+        gamma: float = option(
+            5e-3, "perturbation size relative to each layer's weight norm (TRADES-AWP 5e-3, AT-AWP 1e-2)", ge=0
+        )
         warmup_epochs: int = option(10, "epochs before the perturbation starts (TRADES-AWP 10, AT-AWP 0)", ge=0)
         proxy_lr: float = option(0.01, "learning rate of the proxy's ascent step", gt=0)
 
     def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+        super().__init__(config)
         self.proxy: torch.nn.Module | None = None
         self._warned = False
 
@@ -49,6 +52,7 @@ class AWP:
 
     def perturbation(self, trainer, step) -> dict[str, torch.Tensor]:
         """v per weight tensor: one ascent step of the active objective on the proxy, rescaled layer-wise."""
+        assert self.proxy is not None, "regdefense_fit_start builds the proxy"
         self.proxy.load_state_dict(trainer.raw_model.state_dict())
         self.proxy.train()
         terms = trainer.loss_terms(step, self.proxy, phase="awp")
@@ -73,11 +77,13 @@ class AWP:
         chance = 1.5 / trainer.data.num_classes
         if acting and not self._warned and metrics.get("val_clean", 1.0) <= chance:
             self._warned = True
-            trainer.echo(f"warning: held-out clean accuracy is {metrics['val_clean']:.1%} (chance level) in epoch "
-                         f"{epoch + 1} with AWP acting since epoch {self.config.warmup_epochs + 1}: a weight perturbation "
-                         f"of γ = {self.config.gamma:g} on a network that has not learned yet can hold it at chance (the "
-                         f"digits CNN stays there from epoch 1). Warm up first (awp.warmup_epochs; TRADES-AWP: 10) or "
-                         f"lower awp.gamma")
+            trainer.echo(
+                f"warning: held-out clean accuracy is {metrics['val_clean']:.1%} (chance level) in epoch "
+                f"{epoch + 1} with AWP acting since epoch {self.config.warmup_epochs + 1}: a weight perturbation "
+                f"of γ = {self.config.gamma:g} on a network that has not learned yet can hold it at chance (the "
+                f"digits CNN stays there from epoch 1). Warm up first (awp.warmup_epochs; TRADES-AWP: 10) or "
+                f"lower awp.gamma"
+            )
 
     @hookimpl(wrapper=True)
     def regdefense_forward_backward(self, trainer, step):

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 
 from regdefense import checkpoint, hookimpl, option
 from regdefense.contract import Key
+from regdefense.defense import Defense
 from regdefense.errors import ConfigError
 from regdefense.losses import soft_ce
 
 
-class Distillation:
+class Distillation(Defense):
     """Train at temperature T on hard labels (teacher) or on a teacher's soft labels (student)."""
 
     name = "distillation"
@@ -38,11 +39,9 @@ class Distillation:
     @dataclass
     class Config:
         temperature: float = option(100.0, "T of the softmax during training (the paper: 100)", gt=0)
-        teacher: str = option("", "the teacher: a run directory (its best.pt) or a checkpoint file; empty: this run "
-                                  "trains the teacher")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+        teacher: str = option(
+            "", "the teacher: a run directory (its best.pt) or a checkpoint file; empty: this run trains the teacher"
+        )
 
     @hookimpl
     def regdefense_add_modules(self, trainer):
@@ -55,8 +54,10 @@ class Distillation:
         try:
             teacher.load_state_dict(payload["model"])
         except RuntimeError as exc:
-            raise ConfigError(f"distillation.teacher: the weights in {ckpt} do not fit this run's model: "
-                              f"{str(exc).splitlines()[0][:200]}") from None
+            raise ConfigError(
+                f"distillation.teacher: the weights in {ckpt} do not fit this run's model: "
+                f"{str(exc).splitlines()[0][:200]}"
+            ) from None
         return {"distillation_teacher": teacher.eval().requires_grad_(False)}
 
     @hookimpl

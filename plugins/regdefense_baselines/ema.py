@@ -16,14 +16,22 @@ import torch
 
 from regdefense import hookimpl, option
 from regdefense.contract import Key
+from regdefense.defense import Defense
 
 
-class EMA:
+class EMA(Defense):
     """Evaluate an exponential moving average of the weights."""
 
     name = "ema"
-    reads = (Key("info.acc_ratio", "batch_end", required=True, when="adaptive_tau",
-                 why="ema.adaptive_tau would be ignored and the fixed decay used; add fgsm_pgk or unset it"),)
+    reads = (
+        Key(
+            "info.acc_ratio",
+            "batch_end",
+            required=True,
+            when="adaptive_tau",
+            why="ema.adaptive_tau would be ignored and the fixed decay used; add fgsm_pgk or unset it",
+        ),
+    )
 
     @dataclass
     class Config:
@@ -32,7 +40,7 @@ class EMA:
         adaptive_tau: float | None = option(None, "FGSM-PGK's adaptive decay threshold τ (none: fixed decay)", gt=0)
 
     def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+        super().__init__(config)
         self.model: torch.nn.Module | None = None
         self.updates = 0
 
@@ -46,8 +54,11 @@ class EMA:
         d: torch.Tensor | float = c.decay
         ratio = step.info.get("acc_ratio")
         if c.adaptive_tau is not None and ratio is not None:
-            d = torch.where(ratio < c.adaptive_tau, torch.full_like(ratio, c.decay),
-                            (0.99999 * ratio / c.adaptive_tau).clamp(max=1.0))
+            d = torch.where(
+                ratio < c.adaptive_tau,
+                torch.full_like(ratio, c.decay),
+                (0.99999 * ratio / c.adaptive_tau).clamp(max=1.0),
+            )
         if c.warmup:
             cap = (self.updates + 1) / (self.updates + 10)
             d = torch.clamp(d, max=cap) if isinstance(d, torch.Tensor) else min(d, cap)

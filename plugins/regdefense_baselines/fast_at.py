@@ -13,10 +13,11 @@ from typing import Literal
 from regdefense import hookimpl, option
 from regdefense.attacks import pgd
 from regdefense.contract import PGD_INFO, adversary
+from regdefense.defense import Defense
 from regdefense_baselines._common import budget
 
 
-class FastAT:
+class FastAT(Defense):
     """FGSM with a random start (α = 1.25ε)."""
 
     name = "fast_at"
@@ -27,16 +28,24 @@ class FastAT:
     class Config:
         eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
         alpha: float | None = option(None, "step size (none: 1.25·ε)", gt=0)
-        attack_mode: Literal["eval", "train"] = option("train", "BN/dropout mode during the attack step "
-                                                                "(train, as the reference code)")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+        attack_mode: Literal["eval", "train"] = option(
+            "train", "BN/dropout mode during the attack step (train, as the reference code)"
+        )
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
         eps, alpha = budget(trainer, c.eps, c.alpha, 1, alpha_factor=1.25)
         with trainer.attack_autocast():
-            return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=1, norm="linf",
-                       start="uniform", train_mode=c.attack_mode == "train", info=step.info)
+            return pgd(
+                model,
+                step.inputs,
+                step.targets,
+                eps=eps,
+                alpha=alpha,
+                steps=1,
+                norm="linf",
+                start="uniform",
+                train_mode=c.attack_mode == "train",
+                info=step.info,
+            )

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from regdefense import hookimpl, option
 from regdefense.attacks import early_stopped_pgd
 from regdefense.contract import PGD_INFO, adversary
+from regdefense.defense import Defense
 from regdefense.errors import ConfigError
 from regdefense_baselines._common import budget
 
 
-class FAT:
+class FAT(Defense):
     """Early-stopped PGD (PGD-K-τ): train on the friendliest adversarial points."""
 
     name = "fat"
@@ -37,18 +38,17 @@ class FAT:
         alpha: float | None = option(None, "step size (none: 2.5·ε/steps; the authors: 0.007 at ε 0.031)", gt=0)
         steps: int = option(10, "K: the most PGD steps", ge=1)
         tau: int = option(0, "τ: steps a point keeps moving after it is misclassified (without a schedule)", ge=0)
-        tau_schedule: list[int] = option(default_factory=lambda: [50, 90],
-                                         help="epochs (counted from 1) after which τ grows by one (authors: "
-                                              "τ 0 up to 50, 1 up to 90, then 2); [] keeps τ fixed")
+        tau_schedule: list[int] = option(
+            default_factory=lambda: [50, 90],
+            help="epochs (counted from 1) after which τ grows by one (authors: "
+            "τ 0 up to 50, 1 up to 90, then 2); [] keeps τ fixed",
+        )
         omega: float = option(0.001, "std of the Gaussian noise added to each step", ge=0)
         random_start: bool = option(True, "start from a uniform draw in the ε-ball")
 
         def __post_init__(self) -> None:
             if sorted(self.tau_schedule) != list(self.tau_schedule):
                 raise ConfigError(f"fat.tau_schedule must be increasing epochs, got {self.tau_schedule}")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
 
     def current_tau(self, epoch: int) -> int:
         """τ of the 0-based ``epoch``: ``tau`` plus the number of schedule epochs already passed."""
@@ -64,6 +64,15 @@ class FAT:
         c = self.config
         eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
         with trainer.attack_autocast():
-            return early_stopped_pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
-                                     tau=self.current_tau(trainer.state.epoch), omega=c.omega,
-                                     random_init=c.random_start, info=step.info)
+            return early_stopped_pgd(
+                model,
+                step.inputs,
+                step.targets,
+                eps=eps,
+                alpha=alpha,
+                steps=c.steps,
+                tau=self.current_tau(trainer.state.epoch),
+                omega=c.omega,
+                random_init=c.random_start,
+                info=step.info,
+            )

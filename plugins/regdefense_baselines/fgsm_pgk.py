@@ -8,7 +8,8 @@ Per-sample buffers indexed by dataset index: a prior perturbation Δ and a momen
 3. L = CE(z₁, ŷ) + λ·MSE(z₁, z₀) — MSE on logits over B×K, z₀ not detached;
 4. after the step: r = acc(z₁)/acc(z₀) on the batch; M[idx] ← g/‖g‖₁·(2 − r) + μ·M[idx];
    Δ[idx] ← δ₀ + α·sign M[idx] clipped to the ε-ball and to [0, 1] − x (the reference clips the stored prior
-   to this batch's image; x + δ₀ itself is not clipped before the first forward, as in the reference). r is published as ``step.info["acc_ratio"]`` for ``ema``'s
+   to this batch's image; x + δ₀ itself is not clipped before the first forward, as in the reference). r is published
+   as ``step.info["acc_ratio"]`` for ``ema``'s
    adaptive decay (``-o ema.adaptive_tau=0.82``). The initial point and its logits are published as
    ``step.info["x_init"]`` and ``step.outputs["init"]`` (RegMix's AMR uses them).
 
@@ -33,15 +34,19 @@ import torch
 from regdefense import buffers, hookimpl, option
 from regdefense.attacks import project
 from regdefense.contract import APPLIES_WEIGHTS, Key, adversary
+from regdefense.defense import Defense
 from regdefense.losses import smooth_one_hot, soft_ce
 
 
-class FGSMPGK:
+class FGSMPGK(Defense):
     """Single-step AT from a per-sample prior perturbation, with a logit-consistency term."""
 
     name = "fgsm_pgk"
-    publishes = (*adversary("info.x_init", "outputs.init"), Key("outputs.adv", "compute_loss"),
-                 Key("info.acc_ratio", "batch_end"))
+    publishes = (
+        *adversary("info.x_init", "outputs.init"),
+        Key("outputs.adv", "compute_loss"),
+        Key("info.acc_ratio", "batch_end"),
+    )
     reads = (APPLIES_WEIGHTS,)
     single_step = True
 
@@ -49,18 +54,21 @@ class FGSMPGK:
     class Config:
         eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
         alpha: float | None = option(None, "FGSM step from the prior (none: ε)", gt=0)
-        smoothing: float = option(0.5, "probability of the true class in the smoothed targets (C10 0.5, C100 0.8)",
-                                  gt=0, le=1)
+        smoothing: float = option(
+            0.5, "probability of the true class in the smoothed targets (C10 0.5, C100 0.8)", gt=0, le=1
+        )
         lam: float = option(5.6, "weight of the MSE consistency term (C10 5.6, C100 1)", ge=0)
         momentum: float = option(0.3, "μ of the prior's momentum buffer (C10 0.3, C100 0.1)", ge=0, le=1)
         reset_every: int = option(10, "reset the buffers every this many epochs (C10 10, C100 40)", ge=1)
         buffers: Literal["auto", "device", "host", "disk"] = option(
-            "auto", "where the per-sample prior and momentum live (auto: the device if they take under a quarter of "
-                    "its memory, else host memory, else memory-mapped files in the run directory)")
+            "auto",
+            "where the per-sample prior and momentum live (auto: the device if they take under a quarter of "
+            "its memory, else host memory, else memory-mapped files in the run directory)",
+        )
         precision: Literal["float32", "float16"] = option("float32", "storage type of the buffers")
 
     def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+        super().__init__(config)
         self.prior: torch.Tensor | None = None
         self.mom: torch.Tensor | None = None
         self.where = "device"  #: where the buffers live, decided at fit_start
@@ -77,8 +85,12 @@ class FGSMPGK:
         """Bytes of the per-sample buffers and where they would go (for ``train --check``)."""
         shape, dtype = self._shape_dtype(trainer)
         n = 2 * buffers.nbytes(shape, dtype)
-        return {f"{self.name} prior + momentum ({self.config.precision})":
-                (n, buffers.place(n, trainer.device, self.config.buffers))}
+        return {
+            f"{self.name} prior + momentum ({self.config.precision})": (
+                n,
+                buffers.place(n, trainer.device, self.config.buffers),
+            )
+        }
 
     @hookimpl
     def regdefense_fit_start(self, trainer):
@@ -86,9 +98,16 @@ class FGSMPGK:
         self.where = buffers.place(2 * buffers.nbytes(shape, dtype), trainer.device, self.config.buffers)
         folder = Path(trainer.run_dir) / "buffers" if trainer.run_dir is not None else None
         rank = f"-rank{trainer.dist.rank}" if trainer.dist.enabled else ""
-        self.prior, self.mom = (buffers.allocate(shape, where=self.where, device=trainer.device, dtype=dtype,
-                                                 path=folder / f"{self.name}-{n}{rank}.bin" if folder else None)
-                                for n in ("prior", "momentum"))
+        self.prior, self.mom = (
+            buffers.allocate(
+                shape,
+                where=self.where,
+                device=trainer.device,
+                dtype=dtype,
+                path=folder / f"{self.name}-{n}{rank}.bin" if folder else None,
+            )
+            for n in ("prior", "momentum")
+        )
 
     @hookimpl
     def regdefense_epoch_start(self, trainer, epoch):
@@ -101,9 +120,9 @@ class FGSMPGK:
                 return
             gen = torch.Generator().manual_seed(trainer.config.train.seed * 100_003 + epoch)  # the same on every rank
             for i in range(0, len(self.prior), 4096):
-                chunk = torch.empty(self.prior[i:i + 4096].shape).uniform_(-eps, eps, generator=gen).sign()
-                self.prior[i:i + 4096] = (alpha * chunk).clamp(-eps, eps).to(self.prior.dtype)
-                self.mom[i:i + 4096] = 0
+                chunk = torch.empty(self.prior[i : i + 4096].shape).uniform_(-eps, eps, generator=gen).sign()
+                self.prior[i : i + 4096] = (alpha * chunk).clamp(-eps, eps).to(self.prior.dtype)
+                self.mom[i : i + 4096] = 0
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):

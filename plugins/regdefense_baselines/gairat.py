@@ -18,6 +18,7 @@ import torch
 
 from regdefense import hookimpl, option
 from regdefense.contract import Key
+from regdefense.defense import Defense
 from regdefense.errors import PluginError
 
 
@@ -33,27 +34,40 @@ def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") 
     return w * len(w) / w.sum()
 
 
-class GAIRAT:
+class GAIRAT(Defense):
     """Reweights the adversarial term by how close each point is to the decision boundary."""
 
     name = "gairat"
-    reads = (Key("info.kappa", "compute_loss", required=True, why="GAIRAT's weights are computed from each point's "
-                 "κ, which only regdefense's own PGD-type adversaries count; a library attack does not"),
-             Key("info.steps", "compute_loss", required=True))
-    publishes = (Key("weighters", "compute_loss", required=True,
-                     why="the active objective does not apply per-sample weights (trainer.adv_mean)"),)
+    reads = (
+        Key(
+            "info.kappa",
+            "compute_loss",
+            required=True,
+            why="GAIRAT's weights are computed from each point's "
+            "κ, which only regdefense's own PGD-type adversaries count; a library attack does not",
+        ),
+        Key("info.steps", "compute_loss", required=True),
+    )
+    publishes = (
+        Key(
+            "weighters",
+            "compute_loss",
+            required=True,
+            why="the active objective does not apply per-sample weights (trainer.adv_mean)",
+        ),
+    )
 
     @dataclass
     class Config:
-        burn_in_epochs: int = option(59, "epochs of plain training before reweighting (reference: begin_epoch 60, "
-                                         "counted from 1, so 59 here)", ge=0)
+        burn_in_epochs: int = option(
+            59,
+            "epochs of plain training before reweighting (reference: begin_epoch 60, counted from 1, so 59 here)",
+            ge=0,
+        )
         lambda_: float = option(-1.0, "λ of the weight function (reference: -1)")
         lambda_max: float | None = option(None, "linear schedule: λ at the end of burn-in (none: no schedule)")
         schedule: Literal["fixed", "linear"] = option("fixed", "λ schedule after burn-in")
         weight_fn: Literal["tanh", "sigmoid", "discrete"] = option("tanh", "weight assignment function")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
 
     def current_lambda(self, trainer) -> float:
         """λ of this epoch; ``linear``: λ_max + (e/E)·(λ − λ_max) with e the 1-based epoch and E the run's epochs,
@@ -66,8 +80,10 @@ class GAIRAT:
 
     def weights(self, step, adv_logits) -> torch.Tensor:
         if "kappa" not in step.info:
-            raise PluginError("gairat needs an adversary that reports per-sample kappa (pgd_at, trades, mart, "
-                              "dynat); a library attack does not")
+            raise PluginError(
+                "gairat needs an adversary that reports per-sample kappa (pgd_at, trades, mart, "
+                "dynat); a library attack does not"
+            )
         return gair_weights(step.info["kappa"], step.info["steps"], self._lam, self.config.weight_fn)
 
     @hookimpl(wrapper=True)

@@ -9,17 +9,15 @@ x' from TRADES' KL maximisation on f_r. The guide's logits are not detached (ref
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 
 from regdefense import hookimpl, option
 from regdefense.attacks import kl_pgd
 from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
+from regdefense.defense import Budget, Defense
 from regdefense.losses import kl
-from regdefense_baselines._common import budget
 
 
-class LBGAT:
+class LBGAT(Defense):
     """Boundary-guided AT: a clean guide network's logits are the robust model's targets."""
 
     name = "lbgat"
@@ -27,17 +25,10 @@ class LBGAT:
     reads = (APPLIES_WEIGHTS,)
 
     @dataclass
-    class Config:
+    class Config(Budget):
         beta: float = option(0.0, "weight of the TRADES KL term (LBGAT0: 0 on CIFAR-10; 6 on CIFAR-100)", ge=0)
         guide: str = option("auto", "architecture of the guide (auto: the run's model architecture)")
         detach_guide: bool = option(False, "stop the MSE term's gradient into the guide")
-        eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
-        alpha: float | None = option(None, "attack step size (none: 2.5·ε/steps)", gt=0)
-        steps: int = option(10, "attack iterations", ge=1)
-        norm: Literal["linf", "l2"] | None = option(None, "perturbation norm (none: the run's)")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
 
     @hookimpl
     def regdefense_add_modules(self, trainer):
@@ -46,10 +37,19 @@ class LBGAT:
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
-        eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
+        eps, alpha = c.resolve(trainer)
         with trainer.attack_autocast():
-            return kl_pgd(model, step.inputs, eps=eps, alpha=alpha, steps=c.steps, norm=c.norm or trainer.norm,
-                          info=step.info, kappa_labels=step.targets)
+            return kl_pgd(
+                model,
+                step.inputs,
+                eps=eps,
+                alpha=alpha,
+                steps=c.steps,
+                norm=c.attack_norm(trainer),
+                train_mode=c.train_mode,
+                info=step.info,
+                kappa_labels=step.targets,
+            )
 
     @hookimpl
     def regdefense_compute_loss(self, trainer, step, model):
@@ -57,8 +57,10 @@ class LBGAT:
         target = guide.detach() if self.config.detach_guide else guide
         adv = model(step.adv_inputs)
         step.outputs.update(adv=adv, guide=guide)
-        terms = {"task": trainer.adv_mean((adv - target).pow(2).mean(dim=1), step, adv),
-                 "guide": trainer.ce(guide, step.labels)}
+        terms = {
+            "task": trainer.adv_mean((adv - target).pow(2).mean(dim=1), step, adv),
+            "guide": trainer.ce(guide, step.labels),
+        }
         if self.config.beta:
             terms["robust"] = self.config.beta * kl(model(step.inputs), adv).mean()
         return terms

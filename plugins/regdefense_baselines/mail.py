@@ -17,10 +17,17 @@ import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.contract import Key
+from regdefense.defense import Defense
 
 
-def mail_weights(adv_logits: torch.Tensor, labels: torch.Tensor, bias: float, slope: float,
-                 normalize: bool = False, scale: float = 3.0) -> torch.Tensor:
+def mail_weights(
+    adv_logits: torch.Tensor,
+    labels: torch.Tensor,
+    bias: float,
+    slope: float,
+    normalize: bool = False,
+    scale: float = 3.0,
+) -> torch.Tensor:
     """ω = scale·sigmoid(slope·(max_{k≠y} p_k − p_y + bias)), or normalised to mean 1 instead of scaled."""
     p = F.softmax(adv_logits.float(), dim=1)
     p_y = p.gather(1, labels[:, None]).squeeze(1)
@@ -33,25 +40,35 @@ def mail_weights(adv_logits: torch.Tensor, labels: torch.Tensor, bias: float, sl
 WEAK_WEIGHTS = 0.1
 
 
-class MAIL:
+class MAIL(Defense):
     """Reweights the adversarial term by the probabilistic margin of each adversarial point."""
 
     name = "mail"
     requires = ("make_adversarial",)  # it reweights an adversarial term: without an adversary there is none
-    publishes = (Key("weighters", "compute_loss", required=True,
-                     why="the active objective does not apply per-sample weights (trainer.adv_mean)"),)
+    publishes = (
+        Key(
+            "weighters",
+            "compute_loss",
+            required=True,
+            why="the active objective does not apply per-sample weights (trainer.adv_mean)",
+        ),
+    )
 
     @dataclass
     class Config:
-        burn_in_epochs: int = option(75, "epochs of the base method before reweighting (reference: MAIL from epoch 75 "
-                                         "of 120, resumed from the base model of epoch 70; see the mail page)", ge=0)
+        burn_in_epochs: int = option(
+            75,
+            "epochs of the base method before reweighting (reference: MAIL from epoch 75 "
+            "of 120, resumed from the base model of epoch 70; see the mail page)",
+            ge=0,
+        )
         bias: float = option(-0.5, "b (MAIL-AT -0.5; MAIL-TRADES 0)")
         slope: float = option(10.0, "s (MAIL-AT 10; MAIL-TRADES 2)", ge=0)
         normalize: bool = option(False, "rescale the weights to mean 1 per batch (replaces scale)")
         scale: float = option(3.0, "factor on the sigmoid (reference code: 3)", gt=0)
 
     def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+        super().__init__(config)
         self._warned = False
 
     def weights(self, step, adv_logits) -> torch.Tensor:
@@ -65,11 +82,13 @@ class MAIL:
         mean = metrics.get("log_mail_weight_mean")
         if mean is not None and mean < WEAK_WEIGHTS and not self._warned:
             self._warned = True
-            trainer.echo(f"warning: mail's weights average {mean:.3f} in epoch {metrics['epoch']}: on a model that "
-                         f"is not yet trained every margin is about 0, so every weight is about "
-                         f"{self.config.scale:g}·sigmoid({self.config.slope:g}·{self.config.bias:g}) and the adversarial "
-                         f"term is scaled down accordingly (the model barely learns). The reference starts MAIL from a "
-                         f"trained base: raise mail.burn_in_epochs, or set mail.normalize=true")
+            trainer.echo(
+                f"warning: mail's weights average {mean:.3f} in epoch {metrics['epoch']}: on a model that "
+                f"is not yet trained every margin is about 0, so every weight is about "
+                f"{self.config.scale:g}·sigmoid({self.config.slope:g}·{self.config.bias:g}) and the adversarial "
+                f"term is scaled down accordingly (the model barely learns). The reference starts MAIL from a "
+                f"trained base: raise mail.burn_in_epochs, or set mail.normalize=true"
+            )
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step):

@@ -8,16 +8,14 @@ x + 0.001·N(0, I), and the clean probabilities are not detached (reference code
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.attacks import pgd
 from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
+from regdefense.defense import Budget, Defense
 from regdefense.losses import kl
-from regdefense_baselines._common import budget
 
 
 def boosted_ce(adv_logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -27,10 +25,11 @@ def boosted_ce(adv_logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0
     top2 = probs.argsort(dim=1)[:, -2:]
     other = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
     return F.cross_entropy(adv_logits, y, reduction="none", label_smoothing=smoothing) - torch.log(
-        1.0001 - probs.gather(1, other[:, None]).squeeze(1) + 1e-12)
+        1.0001 - probs.gather(1, other[:, None]).squeeze(1) + 1e-12
+    )
 
 
-class MART:
+class MART(Defense):
     """MART: boosted CE on adversarial examples plus a KL term weighted by 1 − p_y(x)."""
 
     name = "mart"
@@ -38,25 +37,13 @@ class MART:
     reads = (APPLIES_WEIGHTS,)
 
     @dataclass
-    class Config:
+    class Config(Budget):
         beta: float = option(6.0, "weight of the weighted KL term (Wang et al.: 6 for WRN, 5 for ResNet-18)", ge=0)
-        eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
-        alpha: float | None = option(None, "attack step size (none: 2.5·ε/steps)", gt=0)
-        steps: int = option(10, "attack iterations", ge=1)
-        norm: Literal["linf", "l2"] | None = option(None, "perturbation norm (none: the run's)")
-        attack_mode: Literal["eval", "train"] = option("eval", "BN/dropout mode during the attack")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
-        eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
-        with trainer.attack_autocast():
-            return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
-                       norm=c.norm or trainer.norm, start=0.001 * torch.randn_like(step.inputs),
-                       train_mode=c.attack_mode == "train", info=step.info, clip_start=False)
+        return c.pgd(trainer, model, step, start=0.001 * torch.randn_like(step.inputs), clip_start=False)
 
     @hookimpl
     def regdefense_compute_loss(self, trainer, step, model):
@@ -64,4 +51,7 @@ class MART:
         step.outputs.update(clean=clean, adv=adv)
         true_p = F.softmax(clean, dim=1).gather(1, step.targets[:, None]).squeeze(1)
         robust = (kl(clean, adv) * (1.0000001 - true_p)).mean()
-        return {"task": trainer.adv_mean(boosted_ce(adv, step.targets, trainer.config.train.label_smoothing), step, adv), "robust": self.config.beta * robust}
+        return {
+            "task": trainer.adv_mean(boosted_ce(adv, step.targets, trainer.config.train.label_smoothing), step, adv),
+            "robust": self.config.beta * robust,
+        }

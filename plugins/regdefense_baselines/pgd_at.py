@@ -9,55 +9,52 @@ adversarial batch, or with ``clean_weight = w`` the mixed objective
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 
 from regdefense import hookimpl, option
-from regdefense.attacks import pgd, resolve_attack
+from regdefense.attacks import resolve_attack
 from regdefense.contract import PGD_INFO, adversary
-from regdefense_baselines._common import budget
+from regdefense.defense import Budget, Defense
 
 
-class PGDAT:
+class PGDAT(Defense):
     """PGD-AT: train on projected-gradient adversarial examples."""
 
     name = "pgd_at"
     publishes = adversary(*PGD_INFO, when="not attack")  # a library attack reports nothing per sample
 
     @dataclass
-    class Config:
-        eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
-        alpha: float | None = option(None, "step size (none: 2.5·ε/steps, Madry et al.)", gt=0)
-        steps: int = option(10, "PGD iterations", ge=1)
-        norm: Literal["linf", "l2"] | None = option(None, "perturbation norm (none: the run's threat.norm)")
+    class Config(Budget):
         random_start: bool = option(True, "start from a uniform draw in the ε-ball")
-        attack_mode: Literal["eval", "train"] = option("eval", "BN/dropout mode of the model during the attack")
-        clean_weight: float = option(0.0, "weight of clean CE: 0 trains on adversarial batches only, "
-                                          "0.5 on mixed clean+adversarial batches", ge=0, le=1)
-        attack: str = option("", "use a library attack instead of the built-in PGD, "
-                                 "e.g. torchattacks:PGD(eps=8/255,alpha=2/255,steps=10) (ignores the ε ramp)")
+        clean_weight: float = option(
+            0.0,
+            "weight of clean CE: 0 trains on adversarial batches only, 0.5 on mixed clean+adversarial batches",
+            ge=0,
+            le=1,
+        )
+        attack: str = option(
+            "",
+            "use a library attack instead of the built-in PGD, "
+            "e.g. torchattacks:PGD(eps=8/255,alpha=2/255,steps=10) (ignores the ε ramp)",
+        )
 
         def __post_init__(self) -> None:
             if self.attack:
                 resolve_attack(self.attack)  # fail at configuration time, not at the first batch
 
     def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
-        self._library_attack = resolve_attack(self.config.attack,
-                                              train_mode=self.config.attack_mode == "train") if self.config.attack else None
+        super().__init__(config)
+        self._library_attack = (
+            resolve_attack(self.config.attack, train_mode=self.config.train_mode) if self.config.attack else None
+        )
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
         if self._library_attack is not None:
             return self._library_attack(model, step.inputs, step.targets)
-        eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
-        if eps == 0:
+        if c.resolve(trainer)[0] == 0:
             return step.inputs
-        with trainer.attack_autocast():
-            return pgd(model, step.inputs, step.targets, eps=eps, alpha=alpha, steps=c.steps,
-                       norm=c.norm or trainer.norm, start="uniform" if c.random_start else None,
-                       train_mode=c.attack_mode == "train", info=step.info)
+        return c.pgd(trainer, model, step, start="uniform" if c.random_start else None)
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step, model, phase):

@@ -32,10 +32,11 @@ import torch
 from regdefense import hookimpl, option
 from regdefense.attacks import model_mode, pgd
 from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
+from regdefense.defense import Defense
 from regdefense.models import default_model
 
 
-class DYNAT:
+class DYNAT(Defense):
     """Guide network + dynamic labels for the target's adversarial term."""
 
     name = "dynat"
@@ -44,25 +45,28 @@ class DYNAT:
 
     @dataclass
     class Config:
-        guide: str = option("auto", "guide architecture (auto: resnet18 for CIFAR-sized data, the zoo's default "
-                                    "for the dataset otherwise, e.g. digits_cnn)")
+        guide: str = option(
+            "auto",
+            "guide architecture (auto: resnet18 for CIFAR-sized data, the zoo's default "
+            "for the dataset otherwise, e.g. digits_cnn)",
+        )
         target_weight: float = option(1.0, "w_t: weight of CE(f_t(x'), l) (code: 1; its AWP variant: 0.2)", ge=0)
         guide_weight: float = option(1.0, "w_g: weight of the guide's clean CE", ge=0)
         inner: bool = option(False, "the inner maximisation attacks the dynamic labels too (DYNAT-Inner)")
         guide_mode: Literal["train", "eval"] = option("train", "guide mode when computing the labels (code: train)")
         clean_bn_pass: bool = option(False, "replicate the code's unused clean forward of the target (BN statistics)")
         awp_probe: Literal["base", "dynamic"] = option(
-            "base", "AWP's probe: the base objective with true labels (code) or with DYNAT's terms")
-        awp_probe_robust_factor: float = option(1.0, "multiply the base's robust term in AWP's probe (code: 6 with "
-                                                     "trades.beta=1)", ge=0)
+            "base", "AWP's probe: the base objective with true labels (code) or with DYNAT's terms"
+        )
+        awp_probe_robust_factor: float = option(
+            1.0, "multiply the base's robust term in AWP's probe (code: 6 with trades.beta=1)", ge=0
+        )
         eps: float | None = option(None, "own adversary: budget (none: the run's threat.eps)", ge=0)
         alpha: float = option(0.007, "own adversary: step size (code: 0.007)", gt=0)
         steps: int = option(10, "own adversary: iterations", ge=1)
         attack_labels: Literal["dynamic", "true"] = option(
-            "dynamic", "own adversary: attack the dynamic labels l (authors' code) or the true labels")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+            "dynamic", "own adversary: attack the dynamic labels l (authors' code) or the true labels"
+        )
 
     @hookimpl
     def regdefense_add_modules(self, trainer):
@@ -87,8 +91,18 @@ class DYNAT:
         eps = trainer.ramp(c.eps) if c.eps is not None else trainer.eps
         labels = step.stash[self.name] if c.attack_labels == "dynamic" else step.labels
         with trainer.attack_autocast():
-            return pgd(model, step.inputs, labels, eps=eps, alpha=c.alpha, steps=c.steps, norm=trainer.norm,
-                       start=0.001 * torch.randn_like(step.inputs), info=step.info, clip_start=False)
+            return pgd(
+                model,
+                step.inputs,
+                labels,
+                eps=eps,
+                alpha=c.alpha,
+                steps=c.steps,
+                norm=trainer.norm,
+                start=0.001 * torch.randn_like(step.inputs),
+                info=step.info,
+                clip_start=False,
+            )
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step, model, phase):
@@ -106,8 +120,7 @@ class DYNAT:
         step.targets = labels
         terms = yield
         logits = step.outputs["adv"] if model is trainer.model and "adv" in step.outputs else model(step.adv_inputs)
-        terms["task"] = c.target_weight * trainer.adv_mean(trainer.ce(logits, labels, reduction="none"), step,
-                                                           logits)
+        terms["task"] = c.target_weight * trainer.adv_mean(trainer.ce(logits, labels, reduction="none"), step, logits)
         if phase == "train":
             if c.clean_bn_pass:
                 with torch.no_grad():

@@ -23,17 +23,26 @@ import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.contract import Key
+from regdefense.defense import Defense
 from regdefense.errors import PluginError
 from regdefense.losses import kl, soft_ce
 
 
-class RegMix:
+class RegMix(Defense):
     """AMR + AGR on top of any adversary that reports where its ascent started."""
 
     name = "regmix"
-    reads = (Key("info.x_init", "compute_loss", required=True, when="amr",
-                 why="AMR compares the logits at the start and the end of the adversary's ascent"),
-             Key("outputs.init", "compute_loss", silent=True), Key("outputs.adv", "compute_loss", silent=True))
+    reads = (
+        Key(
+            "info.x_init",
+            "compute_loss",
+            required=True,
+            when="amr",
+            why="AMR compares the logits at the start and the end of the adversary's ascent",
+        ),
+        Key("outputs.init", "compute_loss", silent=True),
+        Key("outputs.adv", "compute_loss", silent=True),
+    )
 
     @dataclass
     class Config:
@@ -41,16 +50,16 @@ class RegMix:
         alpha: float = option(1.0, "α: weight of KL(p_final ‖ p_initial), the main direction", ge=0)
         beta: float = option(0.5, "β: weight of KL(p_initial ‖ p_final), the auxiliary direction", ge=0)
         amr_detach: Literal["none", "target", "initial", "final"] = option(
-            "none", "what AMR treats as constant: nothing; the target (first) side of each KL, as in deep mutual "
-                    "learning; p_initial; or p_final")
+            "none",
+            "what AMR treats as constant: nothing; the target (first) side of each KL, as in deep mutual "
+            "learning; p_initial; or p_final",
+        )
         lam: float = option(1.0, "λ: weight of AGR (0 turns it off)", ge=0)
         agr: Literal["kl", "ce_soft", "mix_target"] = option(
-            "kl", "AGR form: KL(p_clean ‖ p_final), CE against p_clean, or CE against (1 − w)·onehot + w·p_clean")
+            "kl", "AGR form: KL(p_clean ‖ p_final), CE against p_clean, or CE against (1 − w)·onehot + w·p_clean"
+        )
         agr_mix: float = option(0.5, "w of the mix_target form", ge=0, le=1)
         agr_detach_clean: bool = option(True, "treat the clean distribution as a constant target")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
 
     def amr(self, z_final: torch.Tensor, z_init: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -80,8 +89,10 @@ class RegMix:
         z_final = step.outputs["adv"] if own and "adv" in step.outputs else model(step.adv_inputs)
         if c.amr:
             if "x_init" not in step.info:
-                raise PluginError("regmix's AMR needs an adversary that reports its starting point "
-                                  "(fgsm_pgk, pgd_at, trades, ...); a library attack does not")
+                raise PluginError(
+                    "regmix's AMR needs an adversary that reports its starting point "
+                    "(fgsm_pgk, pgd_at, trades, ...); a library attack does not"
+                )
             z_init = step.outputs["init"] if own and "init" in step.outputs else model(step.info["x_init"])
             terms.pop("consistency", None)
             terms["amr"] = self.amr(z_final, z_init)

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-
 from regdefense import hookimpl, option
 from regdefense.contract import Key
+from regdefense.defense import Defense
 from regdefense_regularized.penalties import input_gradient_penalty
 
 
-class ATGR:
+class ATGR(Defense):
     """Adds β2·‖∇_x̃ CE‖² (double backprop) and the clean CE to whatever objective is active."""
 
     name = "atgr"
@@ -32,10 +32,8 @@ class ATGR:
         beta2: float = option(1.0, "β2: weight of the input-gradient penalty", ge=0)
         clean_weight: float = option(1.0, "weight of CE on the clean inputs (0 if the base objective has one)", ge=0)
         reduction: Literal["per_sample_mean", "batch_mean_grad", "per_sample_sum"] = option(
-            "per_sample_mean", "penalty scale: (1/B)Σ‖∇ℓᵢ‖² | ‖∇ mean ℓ‖² (B× smaller) | Σ‖∇ℓᵢ‖² (B× larger)")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+            "per_sample_mean", "penalty scale: (1/B)Σ‖∇ℓᵢ‖² | ‖∇ mean ℓ‖² (B× smaller) | Σ‖∇ℓᵢ‖² (B× larger)"
+        )
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step, model):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from regdefense import hookimpl, option
+from regdefense.defense import Defense
 from regdefense_regularized.penalties import weight_l2
 
 
-class ATWR:
+class ATWR(Defense):
     """Adds λ2·‖W‖² (and the clean CE) to whatever objective is active."""
 
     name = "atwr"
@@ -28,9 +28,6 @@ class ATWR:
         lambda2: float = option(0.005, "λ2: weight of ‖W‖²", ge=0)
         clean_weight: float = option(1.0, "weight of CE on the clean inputs (0 if the base objective has one)", ge=0)
         all_params: bool = option(False, "‖W‖² over every parameter instead of conv/linear weights only")
-
-    def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
 
     @hookimpl(wrapper=True)
     def regdefense_compute_loss(self, trainer, step, model):

@@ -18,12 +18,13 @@ import torch
 from regdefense import hookimpl, option
 from regdefense.attacks import resolve_attack
 from regdefense.contract import APPLIES_WEIGHTS
+from regdefense.defense import Defense
 from regdefense_regularized.penalties import input_gradient_penalty, weight_l2
 
 ATTACKS = ("fgsm", "pgd", "bim", "cw")
 
 
-class EATR:
+class EATR(Defense):
     """Trains on FGSM, PGD, BIM and C&W examples of every batch, plus a regulariser."""
 
     name = "eatr"
@@ -38,22 +39,28 @@ class EATR:
         cw_c: float = option(1.0, "C&W constant c", gt=0)
         cw_steps: int = option(100, "C&W optimisation steps", ge=1)
         cw_lr: float = option(0.001, "C&W learning rate", gt=0)
-        gammas: list[float] = option(default_factory=lambda: [1.0, 1.0, 1.0, 1.0],
-                                     help="γ1..γ4: weights of the FGSM, PGD, BIM and C&W terms")
+        gammas: list[float] = option(
+            default_factory=lambda: [1.0, 1.0, 1.0, 1.0], help="γ1..γ4: weights of the FGSM, PGD, BIM and C&W terms"
+        )
         gamma5: float = option(0.001, "γ5: weight of the regulariser", ge=0)
-        reg: Literal["weight", "gradient"] = option("weight", "L_reg: ‖W‖² or the input-gradient penalty on the PGD example")
+        reg: Literal["weight", "gradient"] = option(
+            "weight", "L_reg: ‖W‖² or the input-gradient penalty on the PGD example"
+        )
         clean_weight: float = option(1.0, "weight of CE on the clean inputs", ge=0)
-        batch: Literal["all", "cycle", "split"] = option("all", "every attack on the whole batch, one attack per batch "
-                                                                "in turn, or a quarter of the batch each")
+        batch: Literal["all", "cycle", "split"] = option(
+            "all", "every attack on the whole batch, one attack per batch in turn, or a quarter of the batch each"
+        )
 
         def __post_init__(self) -> None:
             if len(self.gammas) != 4 or min(self.gammas) < 0:
                 from regdefense.errors import ConfigError
 
-                raise ConfigError(f"eatr.gammas must be four non-negative weights (FGSM, PGD, BIM, C&W), got {self.gammas}")
+                raise ConfigError(
+                    f"eatr.gammas must be four non-negative weights (FGSM, PGD, BIM, C&W), got {self.gammas}"
+                )
 
     def __init__(self, config: Config | None = None) -> None:
-        self.config = config or self.Config()
+        super().__init__(config)
         self._attacks: dict[str, object] = {}
         self._eps: float | None = None
 
@@ -63,8 +70,9 @@ class EATR:
             c = self.config
             self._attacks = {
                 "fgsm": resolve_attack(f"torchattacks:FGSM(eps={eps!r})"),
-                "pgd": resolve_attack(f"torchattacks:PGD(eps={eps!r}, alpha={c.alpha!r}, steps={c.pgd_steps}, "
-                                      f"random_start=True)"),
+                "pgd": resolve_attack(
+                    f"torchattacks:PGD(eps={eps!r}, alpha={c.alpha!r}, steps={c.pgd_steps}, random_start=True)"
+                ),
                 "bim": resolve_attack(f"torchattacks:BIM(eps={eps!r}, alpha={c.alpha!r}, steps={c.bim_steps})"),
                 "cw": resolve_attack(f"torchattacks:CW(c={c.cw_c!r}, kappa=0, steps={c.cw_steps}, lr={c.cw_lr!r})"),
             }

@@ -18,8 +18,13 @@ def weight_l2(model: nn.Module, all_params: bool = False) -> Tensor:
     return torch.stack([p.pow(2).sum() for p in params]).sum()
 
 
-def input_gradient_penalty(model: nn.Module, x_adv: Tensor, targets: Tensor, reduction: Reduction = "per_sample_mean",
-                           logits: Tensor | None = None) -> Tensor:
+def input_gradient_penalty(
+    model: nn.Module,
+    x_adv: Tensor,
+    targets: Tensor,
+    reduction: Reduction = "per_sample_mean",
+    logits: Tensor | None = None,
+) -> Tensor:
     """‖∇_x̃ CE(f(x̃), y)‖² by double backprop (``create_graph=True``), so it is differentiable in the weights.
 
     * ``per_sample_mean`` (default): (1/B)·Σᵢ ‖∇_x̃ᵢ ℓᵢ‖², the exact per-sample gradients (of the summed loss).
