@@ -53,16 +53,43 @@ class ARTInputAdapter(nn.Module):
         return self.model(x)
 
 
-def _labels(y: np.ndarray) -> torch.Tensor:
-    y = np.asarray(y)
-    return torch.as_tensor(y.argmax(axis=1) if y.ndim == 2 else y, dtype=torch.long)
+def _labels(y: Any, nb_classes: int) -> torch.Tensor:
+    """Class indices from any label form ART users pass: indices ``(N,)``, indices ``(N, 1)`` or one-hot
+    ``(N, nb_classes)``. Anything else is refused with what was found: a one-hot width other than the classifier's
+    classes, soft labels (they would be silently reduced to their arg-max), indices that are not whole numbers or lie
+    outside ``0 .. nb_classes - 1``."""
+    a = np.asarray(y)
+    if a.ndim == 2 and a.shape[1] == 1:  # ART's index form (N, 1): not a width-1 one-hot (argmax would be all 0)
+        a = a[:, 0]
+    if a.ndim == 2:
+        if a.shape[1] != nb_classes:
+            raise UserError(
+                f"labels of shape {a.shape} do not fit a {nb_classes}-class classifier: give class "
+                f"indices (N,) or (N, 1), or one-hot (N, {nb_classes})"
+            )
+        if not (np.isin(a, (0, 1)).all() and (a.sum(axis=1) == 1).all()):
+            raise UserError(
+                f"labels of shape {a.shape} are not one-hot (each row one 1, the rest 0): soft labels "
+                f"would be reduced to their arg-max; give class indices or one-hot labels"
+            )
+        return torch.as_tensor(a.argmax(axis=1), dtype=torch.long)
+    if a.ndim != 1:
+        raise UserError(f"labels of shape {a.shape}: give class indices (N,) or (N, 1), or one-hot (N, {nb_classes})")
+    if a.size and (not np.issubdtype(a.dtype, np.number) or (a != np.round(a)).any()):
+        raise UserError(f"labels must be whole class indices, found {a[:5].tolist()}...")
+    if a.size and (a.min() < 0 or a.max() >= nb_classes):
+        raise UserError(
+            f"labels run from {int(a.min())} to {int(a.max())} but the classifier has {nb_classes} "
+            f"classes (0 .. {nb_classes - 1})"
+        )
+    return torch.as_tensor(a.astype(np.int64), dtype=torch.long)
 
 
 class _GeneratorLoader:
     """Batches from an ART DataGenerator, as the loop's loader: ``(x, y, position)``."""
 
-    def __init__(self, generator, to01) -> None:
-        self.generator, self.to01 = generator, to01
+    def __init__(self, generator, to01, nb_classes: int) -> None:
+        self.generator, self.to01, self.nb_classes = generator, to01, nb_classes
         self.size = generator.size  #: samples an epoch covers (the trainer's train_size)
         self.batches = math.ceil(generator.size / generator.batch_size)
 
@@ -77,7 +104,7 @@ class _GeneratorLoader:
         for _ in range(self.batches):
             x, y = self.generator.get_batch()
             x = self.to01(x)
-            yield x, _labels(y), torch.arange(seen, seen + len(x))
+            yield x, _labels(y, self.nb_classes), torch.arange(seen, seen + len(x))
             seen += len(x)
 
 
@@ -141,7 +168,7 @@ class RegDefenseTrainer(ARTTrainer):
         )
         trainer = Trainer(
             cfg,
-            pm=activate(self.defenses, cfg.defense),
+            pm=activate(cfg.defenses, cfg.defense),
             data=data,
             model=self.module,
             optimizer=self.classifier.optimizer,
@@ -173,7 +200,7 @@ class RegDefenseTrainer(ARTTrainer):
         """Train on numpy arrays (``x`` in the classifier's clip range, ``y`` indices or one-hot)."""
         if len(x) != len(y):
             raise UserError(f"x has {len(x)} samples but y has {len(y)}")
-        trainer = self._build(self._to01(x), _labels(y), batch_size, nb_epochs)
+        trainer = self._build(self._to01(x), _labels(y, self.classifier.nb_classes), batch_size, nb_epochs)
         self._fit(trainer, nb_epochs, scheduler)
 
     def fit_generator(self, generator, nb_epochs: int = 20, scheduler=None, **kwargs) -> None:
@@ -183,7 +210,11 @@ class RegDefenseTrainer(ARTTrainer):
         """
         x0, y0 = generator.get_batch()
         trainer = self._build(
-            self._to01(x0), _labels(y0), generator.batch_size, nb_epochs, loader=_GeneratorLoader(generator, self._to01)
+            self._to01(x0),
+            _labels(y0, self.classifier.nb_classes),
+            generator.batch_size,
+            nb_epochs,
+            loader=_GeneratorLoader(generator, self._to01, self.classifier.nb_classes),
         )
         self._fit(trainer, nb_epochs, scheduler)
 

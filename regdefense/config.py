@@ -194,7 +194,7 @@ class DataConfig:
     workers: int = option(2, "streamed data: DataLoader worker processes per training process", ge=0)
     skip_corrupt: bool = option(
         False,
-        "streamed data: leave out (and count) images that cannot be decoded instead of stopping with the file's name",
+        "image folders: leave out (and count) images that cannot be decoded instead of stopping with the file's name",
     )
     limit: int | None = option(None, "use only the first N training samples (quick experiments)", ge=1)
     extra: list[str] = option(
@@ -253,10 +253,22 @@ class ModelConfig:
     )
 
 
+def check_linf_eps(norm: str, eps: float | None, what: str) -> None:
+    """Refuse an L∞ budget of 1 or more: images live in [0, 1], so it allows any image at all (ε = 8 meant 8/255)."""
+    if norm == "linf" and eps is not None and eps >= 1:
+        raise ConfigError(
+            f"{what}={eps:g} for L∞ on images in [0, 1] allows any image at all (ε = 1 is the whole box); budgets are "
+            f"in [0, 1] pixel units: {eps:g}/255 = {eps / 255:.4f}"
+        )
+
+
 @dataclass
 class ThreatConfig:
     norm: Literal["linf", "l2"] = option("linf", "perturbation norm of the threat model")
     eps: float | None = option(None, "perturbation budget in [0,1] pixel units (none: the dataset's default)", ge=0)
+
+    def __post_init__(self) -> None:
+        check_linf_eps(self.norm, self.eps, "threat.eps")
 
 
 @dataclass

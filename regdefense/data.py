@@ -8,6 +8,8 @@ float tensor in [0,1] and ``index`` the sample's position in its split (for per-
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,10 @@ DEFAULT_EPS = {
 }
 TORCHVISION_SETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
 SPLIT_SEED = 0  # fixed: the digits test split and every validation split do not depend on the run seed
+
+
+class DataWarning(UserWarning):
+    """The data loads, but something about it is probably not what the user meant (said out loud, not refused)."""
 
 
 @dataclass
@@ -207,8 +213,11 @@ def _npz(path: Path) -> Split:
             if "x" not in arrays or "y" not in arrays:
                 raise DataError(f"{path} must hold arrays 'x' and 'y', found {sorted(arrays.files)}")
             x, y = arrays["x"], arrays["y"]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable .npz file: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # an empty file is an EOFError
+        size = path.stat().st_size if path.exists() else 0
+        raise DataError(f"{path} is not a readable .npz file ({size} bytes): {exc or type(exc).__name__}") from None
+    if len(y) == 0 or len(x) == 0:
+        raise DataError(f"{path} holds no samples (x of shape {x.shape}, y of shape {y.shape})")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: y must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
     if len(y) != len(x):
@@ -218,13 +227,17 @@ def _npz(path: Path) -> Split:
     return Split(_array_to_nchw(x, str(path)), torch.from_numpy(y.astype(np.int64)))
 
 
-def _image_folder(root: Path, classes: list[str] | None, size: int | None) -> tuple[Split, list[str]]:
+def _image_folder(
+    root: Path, classes: list[str] | None, size: int | None, skip_corrupt: bool = False
+) -> tuple[Split, list[str]]:
+    """Decode a folder of class sub-folders into memory; a file that does not decode is named (or, with
+    ``data.skip_corrupt``, skipped and counted in a warning), as the streamed path does."""
     from PIL import Image
 
     classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
-    images, labels = [], []
+    images, labels, skipped = [], [], []
     for label, cls in enumerate(classes):
         folder = root / cls
         if not folder.is_dir():
@@ -232,15 +245,33 @@ def _image_folder(root: Path, classes: list[str] | None, size: int | None) -> tu
         for f in sorted(folder.iterdir()):
             if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"):
                 continue
-            img: Image.Image = Image.open(f)
-            img = img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB")
-            if size:
-                img = img.resize((size, size))
-            images.append(np.asarray(img))
+            try:
+                with Image.open(f) as opened:
+                    img: Image.Image = (
+                        opened.convert("L") if opened.mode in ("L", "1", "I;16", "I") else opened.convert("RGB")
+                    )
+                    if size:
+                        img = img.resize((size, size))
+                    images.append(np.asarray(img))
+            except (OSError, ValueError, SyntaxError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                if not skip_corrupt:
+                    raise DataError(
+                        f"cannot decode image {f}: {type(exc).__name__}: {str(exc)[:120]}; replace or remove it, "
+                        f"or set data.skip_corrupt=true to skip such files"
+                    ) from None
+                skipped.append(str(f))
+                continue
             labels.append(label)
     extra = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in classes)
     if extra:
         raise DataError(f"{root} has classes {extra} that the training folder does not have")
+    if skipped:
+        warnings.warn(
+            f"{root}: skipped {len(skipped)} image(s) that do not decode (data.skip_corrupt): "
+            f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}",
+            DataWarning,
+            stacklevel=3,
+        )
     if not images:
         raise DataError(f"{root} holds no images")
     shapes = {im.shape for im in images}
@@ -268,8 +299,8 @@ def _folder(path: Path, cfg: DataConfig) -> tuple[Any, Any]:
             if cfg.stream == "on" or len(files) * files.channels * files.size**2 > STREAM_ABOVE:
                 test_files, _ = scan_folder(test_dir, names, files.size)
                 return files, test_files
-        train, classes = _image_folder(train_dir, None, cfg.image_size)
-        test, _ = _image_folder(test_dir, classes, cfg.image_size)
+        train, classes = _image_folder(train_dir, None, cfg.image_size, cfg.skip_corrupt)
+        test, _ = _image_folder(test_dir, classes, cfg.image_size, cfg.skip_corrupt)
         return train, test
     raise DataError(
         f"{path} must hold train.npz and test.npz, train/ and test/ (or val/) image folders, or train/ "
@@ -296,6 +327,17 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Data:
     if train.shape[1:] != test.shape[1:]:
         raise DataError(f"train images are {tuple(train.shape[1:])} but test images are {tuple(test.shape[1:])}")
     num_classes = int(max(train.y.max(), test.y.max())) + 1
+    present = torch.unique(torch.cat([train.y.flatten(), test.y.flatten()]))
+    if len(present) < num_classes:
+        missing = sorted(set(range(num_classes)) - set(present.tolist()))
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        warnings.warn(
+            f"dataset '{name}': labels run from 0 to {num_classes - 1}, so the model gets {num_classes} outputs, but "
+            f"{len(missing)} of those classes have no image ({shown}); relabel the classes to 0..{len(present) - 1} "
+            f"if that is not meant",
+            DataWarning,
+            stacklevel=2,
+        )
     if cfg.limit:
         train = train.subset(torch.arange(min(cfg.limit, len(train))))
     val = None

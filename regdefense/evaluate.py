@@ -21,6 +21,7 @@ from regdefense import ledger
 from regdefense import report as reporting
 from regdefense.attacks import resolve_attack
 from regdefense.checks import run_checks
+from regdefense.config import check_linf_eps
 from regdefense.errors import UserError
 from regdefense.measure import NoInputGradient, accuracy, attack_points, batch_seed, logits_of
 from regdefense.metrics import acc_drop, detection_score, per_point, summarise, wilson_interval
@@ -327,6 +328,7 @@ def evaluate(
     if eps is not None and eps < 0:
         raise UserError(f"--eps must be >= 0, got {eps}")
     t = load_target(target, which=which, arch=arch, dataset=dataset, device=device, n=n, subset=subset, decode=chunk)
+    check_linf_eps(t.norm, eps, "--eps")
     if out is None:
         if t.run_dir is not None:
             out = t.run_dir / "eval"

@@ -45,6 +45,11 @@ def load_config(
     stack = list(defenses) if defenses is not None else raw.get("defenses", ["pgd_at"])
     if not isinstance(stack, list) or not all(isinstance(s, str) for s in stack):
         raise ConfigError(f"defenses must be a list of defense names, got {stack!r}")
+    if "none" in stack:  # the CLI's --defense none, in every door: plain training
+        if stack != ["none"]:
+            others = ", ".join(s for s in stack if s != "none")
+            raise ConfigError(f"'none' means no defense at all; it cannot be stacked with {others}")
+        stack = []
     return resolve(raw, stack, ov, config_classes(stack))
 
 

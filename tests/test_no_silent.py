@@ -1,0 +1,146 @@
+"""No silent wrong answers (issue 26): inputs that used to produce a wrong number without a word are now read
+correctly, refused, or said out loud — each test failed on the code before the fix."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from art.estimators.classification import PyTorchClassifier
+
+from regdefense.art import RegDefenseTrainer
+from regdefense.config import DataConfig
+from regdefense.data import load_data
+from regdefense.errors import ConfigError, UserError
+from regdefense.models import create_model
+
+DATA = load_data(DataConfig(val_fraction=0.0))
+X, Y = DATA.train.floats()[:256].numpy(), DATA.train.y[:256].numpy()
+
+
+def _classifier(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return model, PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=opt, input_shape=(1, 8, 8),
+                                    nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
+
+
+def _fit(labels, stack=("pgd_at",)):
+    model, clf = _classifier()
+    RegDefenseTrainer(clf, list(stack), {"pgd_at": {"steps": 2}} if "pgd_at" in stack else {}, seed=0).fit(
+        X, labels, nb_epochs=1, batch_size=64)
+    return model
+
+
+def test_art_labels_of_shape_n_by_1_are_class_indices_not_a_width_1_one_hot():
+    """(N, 1) used to be arg-maxed over its single column: every label became class 0."""
+    reference = _fit(Y)
+    column = _fit(Y[:, None])
+    one_hot = _fit(np.eye(10, dtype=np.float32)[Y])
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, column.state_dict()[name]), name
+        assert torch.equal(value, one_hot.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("labels, says", [
+    (np.eye(11, dtype=np.float32)[Y], "do not fit a 10-class classifier"),
+    (np.full((len(Y), 10), 0.1, dtype=np.float32), "not one-hot"),
+    (np.where(Y == 3, 10, Y), "classifier has 10 classes"),
+    (Y.astype(np.float32) + 0.5, "whole class indices"),
+    (Y[:, None, None], "labels of shape"),
+])
+def test_art_label_forms_that_cannot_be_meant_are_refused_saying_what_was_found(labels, says):
+    _, clf = _classifier()
+    with pytest.raises(UserError, match=says):
+        RegDefenseTrainer(clf, ["pgd_at"], seed=0).fit(X, labels, nb_epochs=1, batch_size=64)
+
+
+def test_none_is_plain_training_in_every_door(tmp_path):
+    """`--defense none` worked in the CLI only; the Python API and the ART bridge refused it as unknown."""
+    from regdefense.run import train
+    from regdefense.testing import TINY
+
+    res = train(defenses=["none"], overrides=TINY, out=tmp_path / "run", echo=lambda _m: None)
+    assert res.table and (res.run_dir / "checkpoints" / "last.pt").exists()
+    import json
+
+    assert json.loads((res.run_dir / "config.json").read_text())["defenses"] == []
+    model = _fit(Y, stack=("none",))
+    assert any(p.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(ConfigError, match="cannot be stacked with pgd_at"):
+        train(defenses=["none", "pgd_at"], overrides=TINY, out=tmp_path / "bad", echo=lambda _m: None)
+    assert not (tmp_path / "bad").exists()  # refused before a run directory was made
+
+
+def test_an_linf_budget_of_one_or_more_is_refused_with_the_likely_meaning(tmp_path):
+    from regdefense.parts import load_config
+
+    with pytest.raises(ConfigError, match=r"threat.eps=8 .* 8/255 = 0.0314"):
+        load_config(defenses=["pgd_at"], overrides=["threat.eps=8"])
+    assert load_config(defenses=["pgd_at"], overrides=["threat.norm=l2", "threat.eps=8"]).threat.eps == 8  # L2: fine
+    from regdefense.evaluate import evaluate
+    from regdefense.run import train
+    from regdefense.testing import TINY
+
+    run = train(defenses=[], overrides=TINY, out=tmp_path / "run", echo=lambda _m: None).run_dir
+    with pytest.raises(ConfigError, match="--eps=8 for L∞"):
+        evaluate(run, eps=8, n=8, checks=False, progress=False)
+
+
+def test_labels_with_empty_classes_are_said_out_loud(tmp_path):
+    """A label 57 in 10-class data silently made a 58-class model."""
+    from regdefense.data import DataWarning
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 1, 8, 8)).astype(np.float32)
+    y = np.arange(40) % 10
+    y[0] = 57
+    for split in ("train", "test"):
+        np.savez(tmp_path / f"{split}.npz", x=x, y=y)
+    with pytest.warns(DataWarning, match=r"labels run from 0 to 57, so the model gets 58 outputs, but 47 of those "
+                                         r"classes have no image \(10, 11, 12"):
+        data = load_data(DataConfig(name=str(tmp_path), val_fraction=0.0))
+    assert data.num_classes == 58
+
+
+def test_an_empty_npz_file_is_named_not_aborted(tmp_path):
+    """A 0-byte train.npz printed only `Aborted!` (numpy's EOFError reached click)."""
+    from click.testing import CliRunner
+
+    from regdefense.cli import cli
+
+    (tmp_path / "train.npz").write_bytes(b"")
+    np.savez(tmp_path / "test.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.arange(4))
+    res = CliRunner().invoke(cli, ["train", "--dataset", str(tmp_path), "--check"])
+    assert res.exit_code == 2, res.output
+    assert "train.npz is not a readable .npz file (0 bytes)" in res.output
+    assert "Aborted" not in res.output
+
+
+def test_an_npz_with_no_samples_is_refused(tmp_path):
+    from regdefense.errors import DataError
+
+    np.savez(tmp_path / "train.npz", x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros(0, np.int64))
+    np.savez(tmp_path / "test.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.arange(4))
+    with pytest.raises(DataError, match=r"train.npz holds no samples \(x of shape \(0, 1, 8, 8\)"):
+        load_data(DataConfig(name=str(tmp_path)))
+
+
+def test_a_corrupt_image_in_an_in_memory_folder_is_named_or_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    from regdefense.data import DataWarning
+    from regdefense.errors import DataError
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for k in range(3):
+                Image.fromarray(np.full((8, 8), 40 * k, np.uint8)).save(tmp_path / split / cls / f"{k}.png")
+    (tmp_path / "train" / "b" / "9.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"cannot decode image .*train/b/9.png: UnidentifiedImageError.*skip_corrupt"):
+        load_data(DataConfig(name=str(tmp_path), stream="off"))
+    with pytest.warns(DataWarning, match=r"skipped 1 image\(s\) that do not decode .*9.png"):
+        data = load_data(DataConfig(name=str(tmp_path), stream="off", skip_corrupt=True, val_fraction=0.0))
+    assert len(data.train) == 6 and data.train.y.tolist().count(1) == 3
