@@ -44,9 +44,15 @@ def option(
     gt: float | None = None,
     le: float | None = None,
     default_factory: Any = MISSING,
+    epoch: Literal["starts", "ends", "every"] | None = None,
 ) -> Any:
-    """A dataclass field with a help string and optional numeric limits (``ge``, ``gt``, ``le``)."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
+    """A dataclass field with a help string and optional numeric limits (``ge``, ``gt``, ``le``).
+
+    :param epoch: the field is a point in the run, counted in epochs, that a run shorter than it never reaches:
+        ``"starts"`` (something switches on after this many epochs: a burn-in), ``"ends"`` (a ramp or warm-up over
+        this many epochs), ``"every"`` (something happens every this many epochs). :func:`unreached` reports them.
+    """
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "epoch": epoch}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -106,6 +112,7 @@ class TrainConfig:
         "learning-rate warm-up over this many epochs, stepped like the schedule (per "
         "batch or per epoch), then the schedule (DYNAT's code: 1 epoch at 0.2x)",
         ge=0,
+        epoch="ends",
     )
     warmup: Literal["linear", "constant"] = option(
         "linear", "warm-up shape: linear from warmup_factor·lr to lr, or constant warmup_factor·lr"
@@ -120,7 +127,9 @@ class TrainConfig:
         ge=0,
         le=0.99,
     )
-    eps_warmup_epochs: float = option(0.0, "ramp ε linearly from 0 to its full value over this many epochs", ge=0)
+    eps_warmup_epochs: float = option(
+        0.0, "ramp ε linearly from 0 to its full value over this many epochs", ge=0, epoch="ends"
+    )
     grad_clip: float | None = option(None, "clip the gradient norm to this value (none: no clipping)", gt=0)
     log: list[str] = option(
         default_factory=list,
@@ -613,3 +622,38 @@ def resolve(
     cfg = RunConfig(**{name: build(cls, sections[name], name) for name, cls in SECTIONS.items()}, defenses=stack)
     cfg.defense = {name: build(cls, defense_tables.get(name, {}), name) for name, cls in config_classes.items()}
     return cfg
+
+
+def unreached(config: RunConfig) -> list[str]:
+    """The settings of a run that its length never reaches, from the fields declared with ``option(epoch=...)``
+    (the ``train`` section and every active defense's config): a burn-in that ends after the last epoch (the
+    defense never acts), a warm-up that never completes, a period longer than the run. One line each, naming the
+    setting, the run's length and what follows."""
+    epochs = config.train.epochs
+    sections: list[tuple[str, Any]] = [("train", config.train), *config.defense.items()]
+    out = []
+    for prefix, section in sections:
+        if not dataclasses.is_dataclass(section):
+            continue
+        for f in dataclasses.fields(section):
+            kind, value = f.metadata.get("epoch"), getattr(section, f.name)
+            if kind is None or value is None or not value:
+                continue
+            key = f"{prefix}.{f.name}={value:g}"
+            if kind == "starts" and value >= epochs:
+                who = "the run" if prefix == "train" else f"'{prefix}'"
+                out.append(
+                    f"{key}: {who} never acts in this {epochs}-epoch run (it starts after epoch {value:g}); "
+                    f"train longer or lower it"
+                )
+            elif kind == "ends" and value > epochs:
+                out.append(
+                    f"{key}: the ramp never completes in this {epochs}-epoch run (it reaches "
+                    f"{epochs / value:.0%} of its end); train longer or shorten it"
+                )
+            elif kind == "every" and value >= epochs:
+                out.append(
+                    f"{key}: it never happens in this {epochs}-epoch run (every {value:g} epochs, first after "
+                    f"epoch {value:g}); train longer or lower it"
+                )
+    return out

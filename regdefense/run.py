@@ -18,7 +18,7 @@ import torch
 from regdefense import checkpoint, distributed, tracking
 from regdefense.attacks import pgd_spec, resolve_attack
 from regdefense.buffers import human
-from regdefense.config import RunConfig
+from regdefense.config import RunConfig, unreached
 from regdefense.data import Split
 from regdefense.defense import declared
 from regdefense.errors import UserError
@@ -190,6 +190,7 @@ def check(
             f"  train  {t.epochs} epochs x {len(trainer.train_loader)} batches of {t.batch_size} on {trainer.device}, "
             f"{t.optimizer} lr={t.lr:g} ({t.schedule})",
             *memory_lines(trainer),
+            *[f"  never  {line}" for line in unreached(cfg)],
         ]
     )
 

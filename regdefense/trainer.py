@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from regdefense.attacks import keep_modes
-from regdefense.config import RunConfig
+from regdefense.config import RunConfig, unreached
 from regdefense.data import BatchLoader, Data, Split
 from regdefense.errors import DataError, UserError
 from regdefense.extra import MixedLoader, load_extra
@@ -162,6 +162,8 @@ class Trainer(Assembly):
 
     def _fit(self) -> list[dict[str, Any]]:
         hook, t = self.hook, self.config.train
+        for line in unreached(self.config):  # a burn-in, warm-up or period the run never reaches: say so first
+            self.echo(f"warning: {line}")
         hook.regdefense_fit_start(trainer=self)
         sums: dict[str, Any] = {}
         if self.checkpoints.pending is not None:

@@ -144,3 +144,22 @@ def test_a_corrupt_image_in_an_in_memory_folder_is_named_or_skipped_and_counted(
     with pytest.warns(DataWarning, match=r"skipped 1 image\(s\) that do not decode .*9.png"):
         data = load_data(DataConfig(name=str(tmp_path), stream="off", skip_corrupt=True, val_fraction=0.0))
     assert len(data.train) == 6 and data.train.y.tolist().count(1) == 3
+
+
+def test_switch_on_epochs_the_run_never_reaches_are_reported_at_start_and_by_check(capsys):
+    """GAIRAT's burn-in 59 and AWP's warm-up 10 in a 2-epoch run trained exactly PGD-AT, without a word."""
+    from regdefense.run import check
+    from regdefense.testing import make_trainer, tiny_config
+
+    overrides = ["train.epochs=2", "train.eps_warmup_epochs=3"]
+    trainer = make_trainer(["pgd_at", "gairat", "awp"], overrides + ["gairat.burn_in_epochs=1", "pgd_at.steps=1"])
+    trainer.fit()
+    said = capsys.readouterr().err
+    assert "awp.warmup_epochs=10: 'awp' never acts in this 2-epoch run (it starts after epoch 10)" in said
+    assert "train.eps_warmup_epochs=3: the ramp never completes in this 2-epoch run (it reaches 67% of its end)" in said
+    assert "gairat" not in said  # burn-in 1 of 2 epochs: it acts, nothing to say
+    summary = check(tiny_config(["fast_at", "gairat", "awp"], overrides))
+    assert "never  gairat.burn_in_epochs=59: 'gairat' never acts in this 2-epoch run" in summary
+    assert "never  awp.warmup_epochs=10" in summary
+    summary = check(tiny_config(["fgsm_pgk"], overrides))
+    assert "never  fgsm_pgk.reset_every=10: it never happens in this 2-epoch run" in summary

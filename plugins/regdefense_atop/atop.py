@@ -53,7 +53,9 @@ class AToP(Defense):
         purifier_width: int = option(32, "U-Net base width", ge=4)
         purifier_init: str = option("", "start the purifier from a pre-training run directory or checkpoint")
         lam: float = option(0.05, "λ: weight of the classification term (code: 0.05 for CIFAR-10)", ge=0)
-        ce_start_epoch: int = option(2, "epochs of reconstruction only before the CE term starts (code: 2)", ge=0)
+        ce_start_epoch: int = option(
+            2, "epochs of reconstruction only before the CE term starts (code: 2)", ge=0, epoch="starts"
+        )
         attack: Literal["classifier", "defended"] = option(
             "classifier", "fine-tuning adversary: FGSM on the classifier alone (authors) or through g∘t∘f"
         )

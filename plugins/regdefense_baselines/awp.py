@@ -37,7 +37,9 @@ class AWP(Defense):
         gamma: float = option(
             5e-3, "perturbation size relative to each layer's weight norm (TRADES-AWP 5e-3, AT-AWP 1e-2)", ge=0
         )
-        warmup_epochs: int = option(10, "epochs before the perturbation starts (TRADES-AWP 10, AT-AWP 0)", ge=0)
+        warmup_epochs: int = option(
+            10, "epochs before the perturbation starts (TRADES-AWP 10, AT-AWP 0)", ge=0, epoch="starts"
+        )
         proxy_lr: float = option(0.01, "learning rate of the proxy's ascent step", gt=0)
 
     def __init__(self, config: Config | None = None) -> None:

@@ -59,7 +59,7 @@ class FGSMPGK(Defense):
         )
         lam: float = option(5.6, "weight of the MSE consistency term (C10 5.6, C100 1)", ge=0)
         momentum: float = option(0.3, "μ of the prior's momentum buffer (C10 0.3, C100 0.1)", ge=0, le=1)
-        reset_every: int = option(10, "reset the buffers every this many epochs (C10 10, C100 40)", ge=1)
+        reset_every: int = option(10, "reset the buffers every this many epochs (C10 10, C100 40)", ge=1, epoch="every")
         buffers: Literal["auto", "device", "host", "disk"] = option(
             "auto",
             "where the per-sample prior and momentum live (auto: the device if they take under a quarter of "

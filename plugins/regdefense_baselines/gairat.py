@@ -63,6 +63,7 @@ class GAIRAT(Defense):
             59,
             "epochs of plain training before reweighting (reference: begin_epoch 60, counted from 1, so 59 here)",
             ge=0,
+            epoch="starts",
         )
         lambda_: float = option(-1.0, "λ of the weight function (reference: -1)")
         lambda_max: float | None = option(None, "linear schedule: λ at the end of burn-in (none: no schedule)")

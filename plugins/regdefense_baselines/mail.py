@@ -61,6 +61,7 @@ class MAIL(Defense):
             "epochs of the base method before reweighting (reference: MAIL from epoch 75 "
             "of 120, resumed from the base model of epoch 70; see the mail page)",
             ge=0,
+            epoch="starts",
         )
         bias: float = option(-0.5, "b (MAIL-AT -0.5; MAIL-TRADES 0)")
         slope: float = option(10.0, "s (MAIL-AT 10; MAIL-TRADES 2)", ge=0)
