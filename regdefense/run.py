@@ -80,6 +80,74 @@ def locate_resume(target: str | Path) -> tuple[Path, Path]:
     raise UserError(f"nothing to resume at {target}: give a run directory or a checkpoint file")
 
 
+#: settings a resumed run may change: they do not change what the run trains or measures
+RESUME_FREE = (
+    "train.epochs",
+    "train.progress",
+    "train.device",
+    "train.log",
+    "train.out_dir",
+    "train.save_every",
+    "data.workers",
+    "eval.batch_size",
+)
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, values in config.items():
+        if section == "defense":
+            for name, table in (values or {}).items():
+                out |= {f"{name}.{k}": v for k, v in (table or {}).items()}
+        elif isinstance(values, dict):
+            out |= {f"{section}.{k}": v for k, v in values.items()}
+        elif section == "defenses":
+            out[section] = values
+    return out
+
+
+def resume_edits(trained: dict[str, Any], config: RunConfig, done_epochs: int) -> list[str]:
+    """Compare the config a checkpoint was trained with and the one a resume would continue with (the run's
+    config.json, perhaps edited, plus ``-o`` overrides). Edits that change what the run trains or measures (the
+    threat model, a defense's settings, the optimizer, the data...) are refused: the final table would mix epochs
+    trained one way with an evaluation made another. More epochs are allowed where the learning-rate schedule does
+    not depend on the run's length, and said with what follows where it does. Returns the allowed changes, one line
+    each, to be said."""
+    if not trained:
+        return []
+    before, after = _flat(trained), _flat(config.to_dict())
+    changed = {
+        k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+    }
+
+    def show(v: Any) -> str:
+        return "default" if v is None else repr(v)
+
+    refused = [f"{k} {show(a)} -> {show(b)}" for k, (a, b) in changed.items() if k not in RESUME_FREE]
+    said = [f"{k} {show(a)} -> {show(b)}" for k, (a, b) in changed.items() if k in RESUME_FREE]
+    if "train.epochs" in changed:
+        old, new = changed["train.epochs"]
+        t = config.train
+        fixed = t.schedule == "constant" or (t.schedule == "multistep" and all(m >= 1 for m in t.milestones))
+        if int(new or 0) < done_epochs:
+            refused.append(f"train.epochs {old} -> {new}: {done_epochs} epochs are already trained")
+        elif not fixed:
+            said = [line for line in said if not line.startswith("train.epochs ")]
+            said.append(
+                f"train.epochs {old} -> {new}: the {t.schedule} learning-rate schedule keeps the horizon of "
+                f"{old} epochs it was built with, so past it the rate does not follow a {new}-epoch "
+                f"{t.schedule}; for that, start a new run from these weights (-o train.init=RUN_DIR)"
+            )
+    if refused:
+        raise UserError(
+            "cannot resume with these changes, which alter what the run trains or measures: "
+            + "; ".join(refused)
+            + f". Allowed on resume: {', '.join(RESUME_FREE)} (more epochs only with "
+            "a constant or fixed-milestone schedule); put the rest back, or start a new run"
+        )
+    return said
+
+
 def write_config(trainer, path: Path) -> None:
     data = trainer.config.to_dict()
     data["resolved"] = {
@@ -256,6 +324,9 @@ def train(
             raise UserError(f"cannot read {run_dir / 'config.json'} to resume: {exc}") from None
         saved = {k: v for k, v in saved.items() if k not in ("versions", "resolved")}
         cfg = load_config(raw=saved, overrides=overrides)
+        payload = checkpoint.load(ckpt)
+        for line in resume_edits(payload.get("config") or {}, cfg, int(payload.get("epoch", 0))):
+            echo(f"resume: {line}")
         trainer = Trainer(cfg, run_dir=run_dir)
         trainer.resume_from(ckpt)
         echo(f"resuming {run_dir} from {ckpt.name}")

@@ -163,3 +163,34 @@ def test_switch_on_epochs_the_run_never_reaches_are_reported_at_start_and_by_che
     assert "never  awp.warmup_epochs=10" in summary
     summary = check(tiny_config(["fgsm_pgk"], overrides))
     assert "never  fgsm_pgk.reset_every=10: it never happens in this 2-epoch run" in summary
+
+
+def test_resume_refuses_edits_that_change_what_the_run_measures_and_allows_more_epochs(tmp_path):
+    """A hand-edited config.json (eps 0.2 -> 0.5) or -o pgd_at.steps on --resume used to be taken silently: the table
+    then showed an epoch trained at 0.2 evaluated at 0.5."""
+    import json
+
+    from regdefense.errors import UserError
+    from regdefense.run import train
+    from regdefense.testing import TINY
+
+    run = train(defenses=["pgd_at"], overrides=TINY + ["train.schedule=constant", "pgd_at.steps=1"],
+                out=tmp_path / "run", echo=lambda _m: None).run_dir
+    config_file = run / "config.json"
+    original = config_file.read_text()
+    edited = json.loads(original)
+    edited["threat"]["eps"] = 0.5
+    config_file.write_text(json.dumps(edited))
+    with pytest.raises(UserError, match=r"threat.eps default -> 0.5"):
+        train(resume=run, echo=lambda _m: None)
+    config_file.write_text(original)
+    with pytest.raises(UserError, match=r"pgd_at.steps 1 -> 3.*Allowed on resume: train.epochs"):
+        train(resume=run, overrides=["pgd_at.steps=3"], echo=lambda _m: None)
+    said: list[str] = []
+    res = train(resume=run, overrides=["train.epochs=2"], echo=said.append)
+    assert "resume: train.epochs 1 -> 2" in said and len(res.history) == 2
+    cosine = train(defenses=["pgd_at"], overrides=TINY + ["pgd_at.steps=1"], out=tmp_path / "cos",
+                   echo=lambda _m: None).run_dir
+    said.clear()
+    train(resume=cosine, overrides=["train.epochs=2"], echo=said.append)
+    assert any("the cosine learning-rate schedule keeps the horizon of 1 epochs" in line for line in said)
