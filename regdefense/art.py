@@ -37,6 +37,14 @@ class ARTInputAdapter(nn.Module):
 
     def __init__(self, model: nn.Module, clip: tuple[float, float], mean: Any, std: Any, defences: list) -> None:
         super().__init__()
+        numpy_only = [type(d).__name__ for d in defences if d.apply_fit and not isinstance(d, PreprocessorPyTorch)]
+        if numpy_only:
+            raise UserError(
+                f"the classifier's preprocessing defence(s) {', '.join(numpy_only)} with apply_fit=True run in numpy "
+                f"only; regdefense trains in torch and cannot put them in the training graph. Use their PyTorch "
+                f"version where ART has one (e.g. SpatialSmoothingPyTorch) or set apply_fit=False (they still apply "
+                f"at prediction)"
+            )
         self.model, self.defences = model, [d for d in defences if d.apply_fit]
         self.lo, self.hi = float(clip[0]), float(clip[1])
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))

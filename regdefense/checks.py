@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regdefense.attacks import model_mode, pgd_spec, resolve_attack
+from regdefense.errors import first_line
 from regdefense.masking import bpda_view
 from regdefense.measure import NoInputGradient, attack_points, logits_of
 from regdefense.results import Report
@@ -248,7 +249,7 @@ def run_checks(
             out = result(
                 c.name,
                 None,
-                f"not applicable: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                f"not applicable: {type(exc).__name__}: {first_line(exc, 200)}",
             )
         if out is not None:
             results.append(out)

@@ -43,3 +43,10 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> str:
     """A one-line message for an unknown name, listing the valid ones."""
     choices = sorted(choices)
     return f"unknown {kind} '{name}'{did_you_mean(name, choices)}; valid: {', '.join(choices)}"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters; its type's name when the message is
+    empty (``NotImplementedError()`` has none), so that a message built from it never fails itself."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

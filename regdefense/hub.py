@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from regdefense.errors import UserError
+from regdefense.errors import UserError, first_line
 from regdefense.export import export
 from regdefense.weights import download, parse
 
@@ -73,7 +73,7 @@ def push(
             )
         except (HfHubHTTPError, OSError, ValueError) as exc:
             raise UserError(
-                f"pushing to {repo_id} failed: {str(exc).splitlines()[0][:300]} (log in with `hf auth "
+                f"pushing to {repo_id} failed: {first_line(exc, 300)} (log in with `hf auth "
                 f"login` or pass --token; --to-cache writes the files locally instead)"
             ) from None
         where = getattr(info, "commit_url", None) or str(info)

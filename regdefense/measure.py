@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from regdefense.attacks import model_mode
-from regdefense.errors import UserError
+from regdefense.errors import UserError, first_line
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -97,7 +97,7 @@ def attack_points(
                 if any(m in str(exc) for m in _NO_GRAD):
                     raise NoInputGradient(
                         f"no input gradient: the model's output does not depend differentiably on "
-                        f"its input ({str(exc).splitlines()[0][:120]})"
+                        f"its input ({first_line(exc, 120)})"
                     ) from None
                 raise
             with torch.no_grad(), model_mode(measure, False):

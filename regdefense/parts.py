@@ -23,7 +23,7 @@ from regdefense import distributed
 from regdefense.attacks import model_mode
 from regdefense.config import RunConfig, load_toml, parse_overrides, resolve
 from regdefense.data import Data, check_data, load_data
-from regdefense.errors import ConfigError, DataError, UserError
+from regdefense.errors import ConfigError, DataError, UserError, first_line
 from regdefense.models import create_model, default_model
 from regdefense.plugins import activate, catalogue, config_classes
 from regdefense.runtime import resolve_device, seed_everything
@@ -224,7 +224,7 @@ class Assembly:
         except RuntimeError as exc:
             raise UserError(
                 f"train.init: the weights of {source} do not fit this model: "
-                f"{str(exc).splitlines()[0][:300]} (the architecture must match: model.name)"
+                f"{first_line(exc, 300)} (the architecture must match: model.name)"
             ) from None
 
     def _check_model(self) -> None:
@@ -241,7 +241,7 @@ class Assembly:
                 out = self.raw_model(x)
         except RuntimeError as exc:
             raise DataError(
-                f"the model cannot take this dataset's inputs of shape {tuple(x.shape[1:])}: {str(exc).splitlines()[0]}"
+                f"the model cannot take this dataset's inputs of shape {tuple(x.shape[1:])}: {first_line(exc)}"
             ) from None
         if out.ndim != 2 or out.shape[1] != self.data.num_classes:
             raise DataError(

@@ -21,7 +21,7 @@ import pluggy
 from regdefense import contract, hookspecs
 from regdefense.core import CorePlugin
 from regdefense.defense import declared
-from regdefense.errors import PluginError, did_you_mean, unknown
+from regdefense.errors import PluginError, did_you_mean, first_line, unknown
 
 GROUP = "regdefense"
 
@@ -322,7 +322,7 @@ class Culprit:
     def error(self, exc: BaseException, last_good: str, traceback_at: str) -> PluginError:
         info = catalogue().get(self.name)
         origin = f" (from {info.dist} {info.version})" if info is not None and not info.builtin else ""
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        text = first_line(exc) if str(exc).strip() else ""
         return PluginError(
             f"defense '{self.name}'{origin} failed in {self.where}: {type(exc).__name__}"
             f"{': ' + text if text else ''}; last good checkpoint: {last_good}. Fix or "

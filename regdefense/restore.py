@@ -18,7 +18,7 @@ from torch import nn
 from regdefense import checkpoint
 from regdefense.config import RunConfig
 from regdefense.defense import declared
-from regdefense.errors import UserError
+from regdefense.errors import UserError, first_line
 from regdefense.models import robustbench_zoo
 from regdefense.parts import Assembly, load_config
 from regdefense.plugins import catalogue
@@ -33,7 +33,7 @@ def load_networks(host: Any, payload: dict[str, Any], only: set[str] | None = No
         for name, module in host.modules.items():
             module.load_state_dict(payload["modules"][name])
     except (RuntimeError, KeyError) as exc:
-        raise UserError(f"the checkpoint does not match this model: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"the checkpoint does not match this model: {first_line(exc)}") from None
     for name, plugin in host.pm.list_name_plugin():
         load_state = declared(plugin, "load_state_dict")
         if name in payload["plugins"] and load_state is not None and (only is None or name in only):

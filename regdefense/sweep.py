@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from regdefense import compare
-from regdefense.errors import UserError
+from regdefense.errors import UserError, first_line
 from regdefense.evaluate import evaluate
 from regdefense.run import train
 
@@ -100,7 +100,7 @@ def run(
                 echo(f"{head}: evaluating ({', '.join(attacks)})")
                 evaluate(job.out, suites=attacks, n=eval_n, progress=False)
         except Exception as exc:  # one run's failure is a row of the table, not the end of the sweep
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            why = f"{type(exc).__name__}: {first_line(exc)}"
             echo(f"{head}: failed: {why}")
             job.out.mkdir(parents=True, exist_ok=True)
             with open(

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from regdefense import checkpoint
 from regdefense.config import DataConfig
 from regdefense.data import load_data
-from regdefense.errors import UserError
+from regdefense.errors import UserError, first_line
 from regdefense.models import create_model, robustbench_zoo
 from regdefense.restore import checkpoint_file, rebuild
 from regdefense.runtime import resolve_device
@@ -91,7 +91,7 @@ def load_target(
         try:
             model = torch.jit.load(str(path), map_location=dev)
         except (RuntimeError, ValueError) as exc:
-            raise UserError(f"{path} is not a TorchScript file: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"{path} is not a TorchScript file: {first_line(exc)}") from None
     else:
         model = create_model(arch, in_channels=c, num_classes=data.num_classes, image_size=min(h, w))
         state: Any = checkpoint.read(path)  # a checksummed regdefense file or a plain state_dict; never unpickles code
@@ -99,7 +99,7 @@ def load_target(
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            raise UserError(f"{path} does not fit architecture '{arch}': {str(exc).splitlines()[0][:300]}") from None
+            raise UserError(f"{path} does not fit architecture '{arch}': {first_line(exc, 300)}") from None
     return _model_target(
         model,
         data,

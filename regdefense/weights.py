@@ -14,7 +14,7 @@ from safetensors.torch import load_file, load_model
 from torch import nn
 
 from regdefense import checkpoint
-from regdefense.errors import UserError
+from regdefense.errors import UserError, first_line
 from regdefense.models import create_model, default_model, robustbench_zoo
 
 #: what ``regdefense export`` writes; the first two are model folders
@@ -57,7 +57,7 @@ def load(folder: str | Path) -> nn.Module:
     except RuntimeError as exc:
         raise UserError(
             f"the weights in {folder} are not a plain '{info['architecture']}' ({info['evaluated_model']} "
-            f"of stack {info['stack']}: {str(exc).splitlines()[0][:160]}); load the TorchScript export "
+            f"of stack {info['stack']}: {first_line(exc, 160)}); load the TorchScript export "
             f"instead (regdefense export RUN --format torchscript)"
         ) from None
     return model.eval()
@@ -91,7 +91,7 @@ def download(target: str) -> Path:
             f"(HF_HUB_CACHE) from a machine that has it"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise UserError(f"cannot fetch {target} from the Hub: {str(exc).splitlines()[0][:300]}") from None
+        raise UserError(f"cannot fetch {target} from the Hub: {first_line(exc, 300)}") from None
     if not (path / "config.json").exists():
         raise UserError(
             f"{target} is not a regdefense export (no config.json); a plain Hub checkpoint loads with "

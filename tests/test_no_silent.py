@@ -194,3 +194,46 @@ def test_resume_refuses_edits_that_change_what_the_run_measures_and_allows_more_
     said.clear()
     train(resume=cosine, overrides=["train.epochs=2"], echo=said.append)
     assert any("the cosine learning-rate schedule keeps the horizon of 1 epochs" in line for line in said)
+
+
+@pytest.mark.parametrize("make", ["GaussianAugmentation", "FeatureSqueezing"])
+def test_numpy_preprocessors_applied_at_fit_are_refused_by_name_not_an_index_error(make):
+    """ART preprocessors with apply_fit=True crashed fit with an IndexError hiding ART's NotImplementedError."""
+    import art.defences.preprocessor as prep
+
+    defence = {"GaussianAugmentation": lambda: prep.GaussianAugmentation(sigma=0.1, augmentation=False, apply_fit=True),
+               "FeatureSqueezing": lambda: prep.FeatureSqueezing(clip_values=(0.0, 1.0), bit_depth=4, apply_fit=True)}
+    model, _ = _classifier()
+    clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=torch.optim.SGD(model.parameters(), 0.05),
+                            input_shape=(1, 8, 8), nb_classes=10, clip_values=(0.0, 1.0),
+                            preprocessing_defences=[defence[make]()])
+    with pytest.raises(UserError, match=rf"{make} with apply_fit=True run in numpy only"):
+        RegDefenseTrainer(clf, ["pgd_at"], seed=0).fit(X, Y, nb_epochs=1, batch_size=64)
+
+
+def test_a_torch_preprocessor_applied_at_fit_trains_through_it():
+    from art.defences.preprocessor.preprocessor import PreprocessorPyTorch
+
+    class Darken(PreprocessorPyTorch):  # a real ART PyTorch preprocessing defence, differentiable
+        def __init__(self):
+            super().__init__(device_type="cpu", is_fitted=True, apply_fit=True, apply_predict=True)
+
+        def forward(self, x, y=None):
+            return 0.5 * x, y
+
+    trained = []
+    for defences in ([], [Darken()]):
+        model, _ = _classifier()
+        clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=torch.optim.SGD(model.parameters(), 0.05),
+                                input_shape=(1, 8, 8), nb_classes=10, clip_values=(0.0, 1.0),
+                                preprocessing_defences=defences)
+        RegDefenseTrainer(clf, ["none"], seed=0).fit(X, Y, nb_epochs=1, batch_size=64)
+        trained.append(model.state_dict())
+    assert any(not torch.equal(trained[0][k], trained[1][k]) for k in trained[0])  # the defence was in the graph
+
+
+def test_first_line_of_an_exception_without_a_message_is_its_type():
+    from regdefense.errors import first_line
+
+    assert first_line(NotImplementedError()) == "NotImplementedError"
+    assert first_line(RuntimeError("shape mismatch\ndetails")) == "shape mismatch"

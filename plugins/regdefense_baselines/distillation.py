@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from regdefense import checkpoint, hookimpl, option
 from regdefense.contract import Key
 from regdefense.defense import Defense
-from regdefense.errors import ConfigError
+from regdefense.errors import ConfigError, first_line
 from regdefense.losses import soft_ce
 
 
@@ -55,8 +55,7 @@ class Distillation(Defense):
             teacher.load_state_dict(payload["model"])
         except RuntimeError as exc:
             raise ConfigError(
-                f"distillation.teacher: the weights in {ckpt} do not fit this run's model: "
-                f"{str(exc).splitlines()[0][:200]}"
+                f"distillation.teacher: the weights in {ckpt} do not fit this run's model: {first_line(exc, 200)}"
             ) from None
         return {"distillation_teacher": teacher.eval().requires_grad_(False)}
 

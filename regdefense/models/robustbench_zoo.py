@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torch import nn
 
-from regdefense.errors import ConfigError, UserError
+from regdefense.errors import ConfigError, UserError, first_line
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 THREATS = ("Linf", "L2", "corruptions")
@@ -134,8 +134,7 @@ def load(target: str, dataset: str | None = None) -> nn.Module:
             )
         )
         raise UserError(
-            f"RobustBench could not load {ds}/{threat}/{name}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}{where}"
+            f"RobustBench could not load {ds}/{threat}/{name}: {type(exc).__name__}: {first_line(exc, 200)}{where}"
         ) from None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regdefense.errors import ConfigError
+from regdefense.errors import ConfigError, first_line
 from regdefense.models._registry import Normalize
 
 #: inputs smaller than this are resized up inside the model (timm's networks downsample by 32)
@@ -81,7 +81,7 @@ def create_timm(
             return timm.create_model(arch, pretrained=pretrained or bool(weights), **kwargs, **extra)
         except (OSError, RuntimeError) as exc:
             raise ConfigError(
-                f"could not get timm weights for '{arch}': {str(exc).splitlines()[0][:200]} — offline, "
+                f"could not get timm weights for '{arch}': {first_line(exc, 200)} — offline, "
                 f"pass model.weights=FILE (a local .safetensors/.pth of that architecture)"
             ) from None
 
