@@ -32,11 +32,21 @@ from regdefense.trainer import Trainer
 
 
 class ARTInputAdapter(nn.Module):
-    """Maps regdefense's [0, 1] inputs to what the ART classifier's model expects: the clip range, the
-    classifier's preprocessing defences (in ART's order), then its mean/std standardisation."""
+    """Maps regdefense's [0, 1] N×C×H×W inputs to what the ART classifier's model expects: the clip range, its layout
+    (N×H×W×C for ``channels_first=False``), the classifier's preprocessing defences (in ART's order), then its
+    mean/std standardisation."""
 
-    def __init__(self, model: nn.Module, clip: tuple[float, float], mean: Any, std: Any, defences: list) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        clip: tuple[float, float],
+        mean: Any,
+        std: Any,
+        defences: list,
+        channels_first: bool = True,
+    ) -> None:
         super().__init__()
+        self.channels_first = channels_first
         numpy_only = [type(d).__name__ for d in defences if d.apply_fit and not isinstance(d, PreprocessorPyTorch)]
         if numpy_only:
             raise UserError(
@@ -51,10 +61,17 @@ class ARTInputAdapter(nn.Module):
         self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
 
     def _shape(self, t: Any, x: Tensor) -> Tensor:
-        return t.view(1, -1, *[1] * (x.dim() - 2)) if t.dim() == 1 and t.numel() == x.shape[1] else t
+        axis = 1 if self.channels_first else x.dim() - 1
+        if t.dim() == 1 and t.numel() == x.shape[axis] and t.numel() > 1:
+            shape = [1] * x.dim()
+            shape[axis] = -1
+            return t.view(*shape)
+        return t
 
     def forward(self, x: Tensor) -> Tensor:
         x = x * (self.hi - self.lo) + self.lo
+        if not self.channels_first:
+            x = x.permute(0, 2, 3, 1)  # the loop's N×C×H×W back to the classifier's N×H×W×C
         for d in self.defences:
             x, _ = d.forward(x)
         x = (x - self._shape(self.mean, x)) / self._shape(self.std, x)
@@ -141,14 +158,34 @@ class RegDefenseTrainer(ARTTrainer):
         self.lo, self.hi = float(np.min(clip[0])), float(np.max(clip[1]))
         prep = classifier.preprocessing
         mean, std = (prep.mean, prep.std) if prep is not None and hasattr(prep, "mean") else (0.0, 1.0)
+        self.given_clip = classifier.clip_values is not None
+        self.channels_first = bool(getattr(classifier, "channels_first", True))
         self.module = ARTInputAdapter(
-            classifier.model, (self.lo, self.hi), mean, std, list(classifier.preprocessing_defences or [])
+            classifier.model,
+            (self.lo, self.hi),
+            mean,
+            std,
+            list(classifier.preprocessing_defences or []),
+            channels_first=self.channels_first,
         )
         self.trainer = None
 
     def _to01(self, x: np.ndarray) -> torch.Tensor:
+        """The classifier's inputs as the loop's N×C×H×W in [0, 1]; inputs outside the clip range are refused with
+        the numbers (they used to be clamped silently: [0, 255] data without clip_values became black and white)."""
         t = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        return ((t - self.lo) / (self.hi - self.lo)).clamp(0, 1)
+        lo, hi = float(t.min()), float(t.max())
+        if lo < self.lo - 1e-6 or hi > self.hi + 1e-6:
+            where = "its clip_values" if self.given_clip else "[0, 1] (the classifier has no clip_values)"
+            raise UserError(
+                f"inputs span [{lo:g}, {hi:g}], outside {where} = [{self.lo:g}, {self.hi:g}]; give the classifier the "
+                f"clip_values of its data (e.g. (0, 255)): ε and the box of the attacks are in those units"
+            )
+        if not self.channels_first:
+            if t.dim() != 4:
+                raise UserError(f"channels_first=False expects N×H×W×C inputs, got shape {tuple(t.shape)}")
+            t = t.permute(0, 3, 1, 2).contiguous()
+        return ((t - self.lo) / (self.hi - self.lo)).clamp(0, 1)  # float slack within the checked range
 
     def _build(self, x01: torch.Tensor, y: torch.Tensor, batch_size: int, nb_epochs: int, loader: Any = None):
         sections: dict[str, dict[str, Any]] = {

@@ -249,6 +249,39 @@ class AttackSpec:
         return f"{self.library}:{self.name}({args})"
 
 
+#: torchattacks' attacks that use no gradient of the model (score- or decision-based)
+TORCHATTACKS_BLACK_BOX = ("Square", "OnePixel", "Pixle", "SPSA")
+
+
+@dataclass(frozen=True)
+class AttackKind:
+    """What an attack spec is, for the report: gradient-free (``black_box``: score- or decision-based, from ART's
+    declared estimator requirements or torchattacks' known black-box attacks) and the norm its budget is in."""
+
+    black_box: bool
+    norm: str | None  #: "linf", "l2", or None when the spec does not say
+
+
+def attack_kind(spec: AttackSpec) -> AttackKind:
+    norm_arg = spec.kwargs.get("norm")
+    norm = None
+    if norm_arg is not None:
+        text = str(norm_arg).lower()
+        norm = "l2" if text in ("l2", "2") else "linf" if text in ("linf", "inf", "np.inf") else None
+    elif spec.name.endswith("L2") or spec.name in ("CW", "CarliniL2Method", "DeepFool"):
+        norm = "l2"
+    black_box = spec.name in TORCHATTACKS_BLACK_BOX if spec.library == "torchattacks" else spec.name == "square"
+    if spec.library == "art":
+        import art.attacks.evasion as ev
+
+        cls = getattr(ev, spec.name, None)
+        reqs: list[Any] = []
+        for r in getattr(cls, "_estimator_requirements", ()) or ():
+            reqs += list(r) if isinstance(r, tuple) else [r]
+        black_box = not any(getattr(r, "__name__", "") in ("LossGradientsMixin", "ClassGradientsMixin") for r in reqs)
+    return AttackKind(black_box=black_box, norm=norm)
+
+
 def parse_spec(spec: str) -> AttackSpec:
     """``"torchattacks:PGD(eps=8/255, steps=10)"`` → AttackSpec; syntax errors raise ConfigError."""
     library, sep, rest = spec.strip().partition(":")

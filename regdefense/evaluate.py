@@ -23,7 +23,7 @@ from regdefense.attacks import resolve_attack
 from regdefense.checks import run_checks
 from regdefense.config import check_linf_eps
 from regdefense.errors import UserError
-from regdefense.measure import NoInputGradient, accuracy, attack_points, batch_seed, logits_of
+from regdefense.measure import NoInputGradient, ThreatModel, accuracy, attack_points, batch_seed, logits_of
 from regdefense.metrics import acc_drop, detection_score, per_point, summarise, wilson_interval
 from regdefense.results import Report, Row, merge
 from regdefense.resume import EvalState, digest, model_digest
@@ -121,7 +121,7 @@ def evaluate_model(
             print(state.note)
     bar = _bar(sum(len(s.attacks) for s in built) * n, "attacks", progress)
 
-    def make_row(label, suite, kind, ok, a=None, spec="", pp=None, mask=None, seconds=0.0):
+    def make_row(label, suite, kind, ok, a=None, spec="", pp=None, mask=None, seconds=0.0, outside=0):
         acc = float(ok.float().mean())
         m = summarise(pp, clean_scores, mask) if pp is not None else {}
         return Row(
@@ -139,6 +139,7 @@ def evaluate_model(
             norms=m.get("norms", {}),
             auroc=m.get("auroc"),
             seconds=seconds,
+            outside=outside,
             points=ok.clone(),
             per_point=pp,
             mask=mask,
@@ -159,6 +160,7 @@ def evaluate_model(
                         raise UserError(
                             "suite bpda-pgd needs a model with a purifier (it has no bpda_model); evaluate an atop run"
                         )
+                threat = ThreatModel(suite.eps, suite.norm, project=a.bounded)
                 robust, adv = groups.get(a.group, (clean_ok.clone(), x.clone())) if a.group else (clean_ok, x.clone())
                 idx = robust.nonzero().flatten() if a.group else torch.arange(n)
                 assert target is not None
@@ -173,6 +175,7 @@ def evaluate_model(
                         seed=seed,
                         slot=state.slot(f"{suite.name}/{a.label}") if state else None,
                         first_index=first_index,
+                        threat=threat,
                         **kw,
                     )
                 except NoInputGradient as exc:
@@ -185,7 +188,10 @@ def evaluate_model(
                         bar.update(len(idx))
                 adv[idx] = adv_i
                 seconds = time.perf_counter() - started
+                if threat.outside:
+                    warnings.append(f"{suite.name}: {a.label} — {threat.describe(len(idx))}")
                 if a.group is None:
+                    ok_i = ok_i & clean_ok  # a point misclassified before the attack is not made robust by it
                     worst &= ok_i
                     rows.append(
                         make_row(
@@ -197,6 +203,7 @@ def evaluate_model(
                             a.spec,
                             _point_metrics(model, x, adv, **kw),
                             seconds=seconds,
+                            outside=threat.outside,
                         )
                     )
                 else:
@@ -214,6 +221,7 @@ def evaluate_model(
                             a,
                             a.spec,
                             seconds=seconds,
+                            outside=threat.outside,
                         )
                     )
                 example_rows.setdefault(a.label if len(built) == 1 else f"{suite.name}: {a.label}", adv[:8].clone())

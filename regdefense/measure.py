@@ -6,6 +6,7 @@ the loop and import nothing of it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -55,6 +56,56 @@ class NoInputGradient(UserError):
     """A gradient-based attack found no path from the model's output back to its input (a detached forward)."""
 
 
+@dataclass
+class ThreatModel:
+    """The ε-ball (and the [0, 1] box) adversarial examples must lie in. :meth:`enforce` projects a batch onto it
+    and counts what had to move: an attack from any library that returns points outside the threat model would
+    otherwise be counted as a success it is not allowed."""
+
+    eps: float
+    norm: str = "linf"
+    project: bool = True  #: False: count the points outside (an unbounded attack), leave them where they are
+    tol: float = 1e-5  #: float slack (APGD and friends land within ~1e-7 of the boundary)
+    outside: int = 0  #: points found outside the ball or the box
+    worst: float = 0.0  #: the largest distance found, in the threat norm
+
+    def describe(self, n: int) -> str:
+        """What happened, for the report."""
+        where = (
+            f"{self.outside} of {n} adversarial examples lay outside the {self.norm} ball of ε = {self.eps:.4g} "
+            f"or the [0, 1] box (up to {self.worst:.3g})"
+        )
+        if self.project:
+            return where + "; they were projected onto it before being measured"
+        return where + "; the attack is unbounded, so its accuracy is not an ε-ball number"
+
+    def distance(self, adv: Tensor, x: Tensor) -> Tensor:
+        d = (adv - x).flatten(1)
+        return d.abs().amax(1) if self.norm == "linf" else d.norm(dim=1)
+
+    def enforce(self, adv: Tensor, x: Tensor) -> Tensor:
+        dist = self.distance(adv.float(), x.float())
+        bad = (
+            (dist > self.eps + self.tol)
+            | (adv.flatten(1).amin(1) < -self.tol)
+            | (adv.flatten(1).amax(1) > 1 + self.tol)
+        )
+        if not bool(bad.any()):
+            return adv
+        self.outside += int(bad.sum())
+        self.worst = max(self.worst, float(dist.max()))
+        if not self.project:
+            return adv
+        delta = adv - x
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            scale = (self.eps / dist.clamp_min(1e-12)).clamp(max=1.0)
+            delta = delta * scale.view(-1, *[1] * (adv.dim() - 1))
+        projected = (x + delta).clamp(0, 1)
+        return torch.where(bad.view(-1, *[1] * (adv.dim() - 1)), projected, adv)
+
+
 def attack_points(
     model: nn.Module,
     x: Tensor,
@@ -68,6 +119,7 @@ def attack_points(
     slot: Any = None,
     seed: int | None = None,
     first_index: int = 0,
+    threat: ThreatModel | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Adversarial versions of ``x`` and, per point, whether ``measure`` (default: ``model``) still classifies them
     correctly; both on the CPU, computed batch by batch.
@@ -76,6 +128,8 @@ def attack_points(
     :param slot: a :class:`regdefense.resume.Slot`: its finished points are reused, each new batch is added to it.
     :param seed: seed each batch with ``seed`` and its first index (``first_index`` + its position), so a resumed or
         chunked run draws what a whole one draws.
+    :param threat: project every adversarial example onto this threat model before it is measured, counting the
+        ones that had to move (``threat.outside``).
     :raises NoInputGradient: the attack needed an input gradient the model does not have.
     """
     measure = model if measure is None else measure
@@ -100,6 +154,8 @@ def attack_points(
                         f"its input ({first_line(exc, 120)})"
                     ) from None
                 raise
+            if threat is not None:
+                adv = threat.enforce(adv, xb)
             with torch.no_grad(), model_mode(measure, False):
                 ok = (measure(adv).argmax(1) == yb).cpu()
             advs.append(adv.cpu())

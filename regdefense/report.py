@@ -35,6 +35,8 @@ def markdown(report: Report) -> str:
     ]
     for r in report.rows:
         label = f"**{r.label}**" if r.kind in ("worst case", "group worst case", "best known") else r.label
+        label += " (black-box)" if r.black_box else ""
+        label += f" ({r.outside} outside ε, see warnings)" if r.outside else ""
         psnr = "–" if r.psnr_mean is None else f"{r.psnr_mean:.1f}"
         auroc = "–" if r.auroc is None or r.auroc != r.auroc else f"{r.auroc:.3f}"
         linf = f"{r.norms['linf_max']:.4g}" if r.norms else "–"

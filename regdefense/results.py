@@ -30,6 +30,8 @@ class Row:
     norms: dict[str, float] = field(default_factory=dict)
     auroc: float | None = None
     seconds: float = 0.0
+    #: adversarial examples the attack returned outside the threat model (projected onto it when the attack is bounded)
+    outside: int = 0
     points: Tensor | None = field(default=None, repr=False)  #: per-point correctness (not written to JSON)
     #: per-point PSNR, norms and detection scores behind the metrics, and the points they cover (not in JSON)
     per_point: dict[str, Tensor] | None = field(default=None, repr=False)

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from regdefense.attacks import parse_spec, pgd_spec
+from regdefense.attacks import attack_kind, parse_spec, pgd_spec
 from regdefense.errors import ConfigError, unknown
 
 #: settings of the official AutoAttack "standard" version (Croce & Hein 2020, package `autoattack`),
@@ -38,6 +38,9 @@ class SuiteAttack:
     black_box: bool = False
     eot: bool = False
     single_step: bool = False
+    #: its examples are projected onto the ε-ball when they leave it (False: an unbounded attack a protocol reports
+    #: as such, e.g. paper-001's C&W: counted and said, not moved)
+    bounded: bool = True
     group: str | None = None
     surrogate: str | None = None  #: "bpda": run the attack on ``model.bpda_model`` and measure the real model
 
@@ -175,12 +178,13 @@ def build_suite(
     """A named suite, or a single attack given as a spec (``torchattacks:...`` / ``art:...``)."""
     if ":" in name:
         spec = parse_spec(name)
+        kind = attack_kind(spec)
         return Suite(
             name=name,
-            attacks=[SuiteAttack(spec.name, name)],
+            attacks=[SuiteAttack(spec.name, name, black_box=kind.black_box)],
             protocol=f"one attack: {name}",
-            eps=spec.kwargs.get("eps", eps or default_eps),
-            norm=norm,
+            eps=eps if eps is not None else spec.kwargs.get("eps", default_eps),  # an asked-for ε is the threat model
+            norm=kind.norm or norm,
         )
     suites = registry()
     if name not in suites:
@@ -227,7 +231,7 @@ def _suite_paper_001(r: SuiteRequest) -> Suite:
             SuiteAttack("FGSM", f"torchattacks:FGSM(eps={e!r})", single_step=True),
             SuiteAttack("BIM", f"torchattacks:BIM(eps={e!r}, alpha={a!r}, steps=10)"),
             SuiteAttack("PGD-100", f"torchattacks:PGD(eps={e!r}, alpha={a!r}, steps=100, random_start=True)"),
-            SuiteAttack("C&W", "torchattacks:CW(c=1.0, kappa=0, steps=100, lr=0.001)"),
+            SuiteAttack("C&W", "torchattacks:CW(c=1.0, kappa=0, steps=100, lr=0.001)", bounded=False),
         ],
         protocol="seed 001 §5.2: FGSM, BIM (α=2/255, 10 steps), PGD (α=2/255, 100 steps) at ε "
         f"{e:.4g}; C&W-L2 (c=1, 100 steps, lr 0.001, unbounded)",

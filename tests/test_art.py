@@ -127,3 +127,6 @@ def test_art_black_box_attack_in_evaluate(digits_models):
                             progress=False)
     row = report.rows[0]
     assert row.spec.startswith("art:HopSkipJump") and row.robust <= report.clean
+    assert row.black_box  # decision-based: ART declares it needs no gradients
+    assert row.norms["linf_max"] <= report.meta["eps"] + 1e-5  # examples outside the ε-ball were projected onto it
+    assert (row.outside > 0) == any("HopSkipJump" in w and "projected" in w for w in report.warnings)

@@ -237,3 +237,67 @@ def test_first_line_of_an_exception_without_a_message_is_its_type():
 
     assert first_line(NotImplementedError()) == "NotImplementedError"
     assert first_line(RuntimeError("shape mismatch\ndetails")) == "shape mismatch"
+
+
+def test_an_attack_returning_points_outside_the_ball_is_projected_and_said(digits_models):
+    """art:HopSkipJump counted examples far outside the ε-ball as successes (robust 4 % at ε 0.2 with L∞ up to 0.96);
+    any library's output is now checked against the evaluation's threat model."""
+    from regdefense.evaluate import evaluate_model
+
+    model, data = digits_models["pgd_at"], digits_models["data"]
+    x, y = data.test.floats(list(range(48))), data.test.y[:48]
+    rep = evaluate_model(model, x, y, suites=["torchattacks:FGSM(eps=0.6)"], eps=0.2, progress=False, checks=False)
+    row = next(r for r in rep.rows if r.kind == "attack")
+    assert row.outside > 0 and row.norms["linf_max"] <= 0.2 + 1e-5  # projected onto the ball before being measured
+    assert any(f"{row.outside} of 48 adversarial examples lay outside the linf ball of ε = 0.2" in w
+               and "projected" in w for w in rep.warnings)
+    plain = evaluate_model(model, x, y, suites=["torchattacks:FGSM(eps=0.2)"], eps=0.2, progress=False, checks=False)
+    assert next(r for r in plain.rows if r.kind == "attack").outside == 0  # a well-behaved attack is left alone
+    assert row.robust >= next(r for r in plain.rows if r.kind == "attack").robust - 0.25  # not the 0.6 number
+
+
+def test_score_and_decision_based_attacks_are_marked_black_box():
+    from regdefense.attacks import attack_kind, parse_spec
+
+    assert attack_kind(parse_spec("art:HopSkipJump(max_iter=2)")).black_box
+    assert not attack_kind(parse_spec("art:ProjectedGradientDescent(eps=0.1)")).black_box
+    assert attack_kind(parse_spec("torchattacks:Square(eps=0.1)")).black_box
+    assert not attack_kind(parse_spec("torchattacks:PGD(eps=0.1)")).black_box
+    assert attack_kind(parse_spec("torchattacks:PGDL2(eps=0.5)")).norm == "l2"
+
+
+class _NHWC(nn.Module):
+    """A channels-last classifier: the same digits CNN behind a permute."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+def test_a_channels_last_art_classifier_trains_as_its_channels_first_twin():
+    """channels_first=False failed with a misleading '1-channel vs 8' error."""
+    model, clf = _classifier()
+    RegDefenseTrainer(clf, ["pgd_at"], {"pgd_at": {"steps": 2}}, seed=0).fit(X, Y, nb_epochs=1, batch_size=64)
+    twin, _ = _classifier()
+    wrapped = _NHWC(twin)
+    clf_last = PyTorchClassifier(model=wrapped, loss=nn.CrossEntropyLoss(), optimizer=torch.optim.SGD(twin.parameters(), lr=0.05),
+                                 input_shape=(8, 8, 1), nb_classes=10, clip_values=(0.0, 1.0), channels_first=False)
+    RegDefenseTrainer(clf_last, ["pgd_at"], {"pgd_at": {"steps": 2}}, seed=0).fit(
+        X.transpose(0, 2, 3, 1), Y, nb_epochs=1, batch_size=64)
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, twin.state_dict()[name], atol=1e-6), name
+
+
+def test_inputs_outside_the_clip_range_are_refused_with_the_numbers():
+    """[0, 255] data with clip_values=None was clamped to [0, 1] (black and white) without a word."""
+    model = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+    clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=torch.optim.SGD(model.parameters(), 0.05),
+                            input_shape=(1, 8, 8), nb_classes=10)
+    with pytest.raises(UserError, match=r"inputs span \[0, 255\], outside \[0, 1\] \(the classifier has no clip_values\)"):
+        RegDefenseTrainer(clf, ["pgd_at"], seed=0).fit(np.round(X * 255), Y, nb_epochs=1, batch_size=64)
+    clf255 = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=torch.optim.SGD(model.parameters(), 0.05),
+                               input_shape=(1, 8, 8), nb_classes=10, clip_values=(0.0, 255.0))
+    RegDefenseTrainer(clf255, ["none"], seed=0).fit(np.round(X * 255), Y, nb_epochs=1, batch_size=64)
