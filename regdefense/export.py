@@ -46,7 +46,7 @@ def export(
     info: dict[str, Any] = {
         "format": fmt,
         "regdefense": __version__,
-        "architecture": architecture(config),
+        "architecture": architecture(config, min(t.x.shape[-2:])),
         "input_shape": list(t.x.shape[1:]),
         "num_classes": t.num_classes,
         "inputs": "float32 in [0, 1], N×C×H×W",

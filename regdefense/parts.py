@@ -24,7 +24,7 @@ from regdefense.attacks import model_mode
 from regdefense.config import RunConfig, load_toml, parse_overrides, resolve
 from regdefense.data import Data, check_data, load_data
 from regdefense.errors import ConfigError, DataError, UserError, first_line
-from regdefense.models import create_model, default_model
+from regdefense.models import KNOWN_DEFAULTS, create_model, default_model
 from regdefense.plugins import activate, catalogue, config_classes
 from regdefense.runtime import resolve_device, seed_everything
 from regdefense.weights import read_weights
@@ -149,7 +149,7 @@ class Assembly:
         networks (guides, proxies); ``"auto"`` is the run's own architecture."""
         c, h, w = self.data.input_shape
         if arch == "auto":
-            arch = default_model(self.data.name) if self.config.model.name == "auto" else self.config.model.name
+            arch = self._auto_model() if self.config.model.name == "auto" else self.config.model.name
         return create_model(arch, in_channels=c, num_classes=self.data.num_classes, image_size=min(h, w))
 
     def ce(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
@@ -197,7 +197,11 @@ class Assembly:
     def _build_model(self) -> nn.Module:
         m = self.config.model
         c, h, w = self.data.input_shape
-        name = default_model(self.data.name) if m.name == "auto" else m.name
+        name = self._auto_model() if m.name == "auto" else m.name
+        if m.name == "auto" and self.data.name not in KNOWN_DEFAULTS:
+            self.echo(
+                f"model.name=auto: {name} for {c}×{h}×{w} images of '{self.data.name}' (set model.name to choose)"
+            )
         norm = (self.data.mean, self.data.std) if m.normalize else None
         return create_model(
             name,
@@ -214,6 +218,10 @@ class Assembly:
             bn_momentum=m.bn_momentum,
             dataset=self.data.name,
         )
+
+    def _auto_model(self) -> str:
+        _, h, w = self.data.input_shape
+        return default_model(self.data.name, min(h, w))
 
     def _load_init(self, target: str) -> None:
         """Start from other weights: a run's best.pt or a checkpoint file (the paper-001 fine-tuning flow), an export

@@ -21,10 +21,14 @@ from regdefense.models import create_model, default_model, robustbench_zoo
 FORMATS = ("safetensors", "torchscript", "robustbench")
 
 
-def architecture(config: dict[str, Any]) -> str:
+def architecture(config: dict[str, Any], image_size: int | None = None) -> str:
+    """The architecture a run's config built: ``model.name``, or what ``auto`` picked for its data (the image size
+    from ``image_size`` or the config's resolved input shape)."""
     name = (config.get("model") or {}).get("name", "auto")
     if name == "auto":
-        name = default_model((config.get("data") or {}).get("name", "digits"))
+        shape = (config.get("resolved") or {}).get("input_shape")
+        size = image_size if image_size is not None else (min(shape[1:]) if shape else None)
+        name = default_model((config.get("data") or {}).get("name", "digits"), size)
     return name
 
 

@@ -301,3 +301,54 @@ def test_inputs_outside_the_clip_range_are_refused_with_the_numbers():
     clf255 = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=torch.optim.SGD(model.parameters(), 0.05),
                                input_shape=(1, 8, 8), nb_classes=10, clip_values=(0.0, 255.0))
     RegDefenseTrainer(clf255, ["none"], seed=0).fit(np.round(X * 255), Y, nb_epochs=1, batch_size=64)
+
+
+def test_auto_picks_a_model_sized_for_the_images_and_says_which(tmp_path, capsys):
+    """A folder of 8×8 npz images with model=auto built an 11.2M-parameter CIFAR ResNet."""
+    from regdefense.models import default_model
+    from regdefense.testing import make_trainer
+
+    assert default_model("my-folder", 8) == "digits_cnn"
+    assert default_model("my-folder", 28) == "small_cnn"
+    assert default_model("my-folder", 32) == "resnet18"
+    assert default_model("digits", 8) == "digits_cnn" and default_model("mnist", 28) == "small_cnn"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.savez(tmp_path / f"{split}.npz", x=rng.random((40, 1, 8, 8)).astype(np.float32), y=np.arange(40) % 10)
+    trainer = make_trainer(["pgd_at"], [f"data.name={tmp_path}", "data.limit=40", "model.name=auto"])
+    assert sum(p.numel() for p in trainer.raw_model.parameters()) < 500_000
+    assert f"model.name=auto: digits_cnn for 1×8×8 images of '{tmp_path}'" in capsys.readouterr().err
+
+
+def test_dynat_defaults_fit_the_data_and_the_budget(tmp_path):
+    """On data without a known name (the ART bridge's arrays, a folder) of 8×8 images DYNAT's guide was an
+    11.2M-parameter ResNet, and its step 0.007 × 10 reached 0.07 against ε 0.2."""
+    from regdefense.testing import make_trainer
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.savez(tmp_path / f"{split}.npz", x=rng.random((40, 1, 8, 8)).astype(np.float32), y=np.arange(40) % 10)
+    trainer = make_trainer(["dynat"], [f"data.name={tmp_path}", "data.limit=40", "threat.eps=0.2"])
+    guide = trainer.modules["dynat_guide"]
+    assert sum(p.numel() for p in guide.parameters()) < 500_000
+    dynat = dict(trainer.pm.list_name_plugin())["dynat"]
+    assert dynat.config.alpha is None
+    seen = {}
+    import regdefense_dynat.dynat as mod
+
+    real = mod.pgd
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    mod.pgd = spy
+    try:
+        from regdefense.step import Step
+
+        step = Step.from_batch(next(iter(trainer.train_loader)), trainer.device)
+        trainer.hook.regdefense_batch_start(trainer=trainer, step=step)
+        trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=trainer.model)
+    finally:
+        mod.pgd = real
+    assert seen["alpha"] == pytest.approx(0.007 * 0.2 / (8 / 255)) and seen["alpha"] * seen["steps"] >= 0.2

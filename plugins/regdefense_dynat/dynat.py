@@ -62,7 +62,9 @@ class DYNAT(Defense):
             1.0, "multiply the base's robust term in AWP's probe (code: 6 with trades.beta=1)", ge=0
         )
         eps: float | None = option(None, "own adversary: budget (none: the run's threat.eps)", ge=0)
-        alpha: float = option(0.007, "own adversary: step size (code: 0.007)", gt=0)
+        alpha: float | None = option(
+            None, "own adversary: step size (none: the code's 0.007 at ε = 8/255, scaled with the run's ε)", gt=0
+        )
         steps: int = option(10, "own adversary: iterations", ge=1)
         attack_labels: Literal["dynamic", "true"] = option(
             "dynamic", "own adversary: attack the dynamic labels l (authors' code) or the true labels"
@@ -73,7 +75,7 @@ class DYNAT(Defense):
         c, h, w = trainer.data.input_shape
         arch = self.config.guide
         if arch == "auto":  # the paper's ResNet-18 guide on CIFAR-sized data, the dataset's default otherwise
-            arch = "resnet18" if min(h, w) >= 32 and c == 3 else default_model(trainer.data.name)
+            arch = "resnet18" if min(h, w) >= 32 and c == 3 else default_model(trainer.data.name, min(h, w))
         return {"dynat_guide": trainer.build_network(arch)}
 
     @hookimpl
@@ -96,7 +98,7 @@ class DYNAT(Defense):
                 step.inputs,
                 labels,
                 eps=eps,
-                alpha=c.alpha,
+                alpha=c.alpha if c.alpha is not None else 0.007 * (c.eps or trainer.eps_full) / (8 / 255),
                 steps=c.steps,
                 norm=trainer.norm,
                 start=0.001 * torch.randn_like(step.inputs),

@@ -83,6 +83,13 @@ def create_model(
     return net
 
 
-def default_model(dataset: str) -> str:
-    """The architecture ``model.name = "auto"`` picks for a dataset."""
-    return {"digits": "digits_cnn", "mnist": "small_cnn", "fashion_mnist": "small_cnn"}.get(dataset, "resnet18")
+KNOWN_DEFAULTS = {"digits": "digits_cnn", "mnist": "small_cnn", "fashion_mnist": "small_cnn"}
+
+
+def default_model(dataset: str, image_size: int | None = None) -> str:
+    """The architecture ``model.name = "auto"`` picks: the dataset's own (digits, MNIST), else one sized for its
+    images — ``digits_cnn`` below 16 px, ``small_cnn`` below 32 px, ``resnet18`` from 32 px (an 11M-parameter CIFAR
+    ResNet for 8×8 images, as a folder of them used to get, is not a sensible default)."""
+    if dataset in KNOWN_DEFAULTS or image_size is None:
+        return KNOWN_DEFAULTS.get(dataset, "resnet18")
+    return "digits_cnn" if image_size < 16 else "small_cnn" if image_size < 32 else "resnet18"
