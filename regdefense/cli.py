@@ -483,7 +483,12 @@ def models() -> None:
 def main() -> None:
     import warnings
 
+    from regdefense.advisories import warning
     from regdefense.plugins import ContractWarning
+
+    advisory = warning()  # known-vulnerable dependency versions (torchattacks' requests pin): said on every command
+    if advisory and not os.environ.get("REGDEFENSE_NO_ADVISORY_WARNING"):
+        click.echo(advisory, err=True)
 
     plain = warnings.showwarning
 

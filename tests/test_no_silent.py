@@ -1,6 +1,8 @@
 """No silent wrong answers (issue 26): inputs that used to produce a wrong number without a word are now read
 correctly, refused, or said out loud — each test failed on the code before the fix."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -352,3 +354,30 @@ def test_dynat_defaults_fit_the_data_and_the_budget(tmp_path):
     finally:
         mod.pgd = real
     assert seen["alpha"] == pytest.approx(0.007 * 0.2 / (8 / 255)) and seen["alpha"] * seen["steps"] >= 0.2
+
+
+def test_known_vulnerable_dependency_versions_are_found_offline_and_the_cli_says_so(monkeypatch, capsys):
+    """torchattacks pins requests~=2.25.1 (never importing it): a default install lands on versions with advisories."""
+    import importlib.metadata as md
+
+    import regdefense.advisories as adv
+
+    real = md.version
+    installed = {"requests": "2.25.1", "idna": "2.10"}
+    monkeypatch.setattr(adv.md, "version", lambda name: installed.get(name) or real(name))
+    found = adv.findings()
+    assert found[0].startswith("requests 2.25.1: CVE-2023-32681") and "CVE-2024-47081" in found[0]
+    assert found[1].startswith("idna 2.10: CVE-2024-3651")
+    assert adv.main() == 1 and "remedy: pip install --upgrade 'requests>=2.32.4' 'idna>=3.7'" in capsys.readouterr().out
+    installed.update(requests="2.32.4", idna="3.7")
+    assert adv.findings() == [] and adv.warning() is None and adv.main() == 0
+    installed.update(requests="2.32.3")
+    assert adv.findings() == ["requests 2.32.3: CVE-2024-47081 (.netrc credentials leaked to a third-party host) fixed "
+                              "in 2.32.4"]
+    installed.update(requests="2.25.1")
+    from regdefense import cli
+
+    monkeypatch.setattr(sys, "argv", ["regdefense", "--version"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert "warning: installed versions with published advisories" in capsys.readouterr().err
