@@ -13,7 +13,9 @@ epoch), works with ``nn.Sequential`` models, and leaves the model in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,18 @@ class ARTInputAdapter(nn.Module):
             x, _ = d.forward(x)
         x = (x - self._shape(self.mean, x)) / self._shape(self.std, x)
         return self.model(x)
+
+
+#: configs["train"] keys the classifier's own optimizer decides
+OPTIMIZER_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "nesterov", "betas", "lr_scaling")
+
+
+def _refuse_unknown(kwargs: dict[str, Any]) -> None:
+    if kwargs:
+        raise UserError(
+            f"RegDefenseTrainer.fit does not take {', '.join(sorted(kwargs))} (it would be ignored); "
+            f"training settings go in configs, e.g. configs={{'train': {{...}}, 'threat': {{...}}}}"
+        )
 
 
 def _labels(y: Any, nb_classes: int) -> torch.Tensor:
@@ -169,6 +183,10 @@ class RegDefenseTrainer(ARTTrainer):
             channels_first=self.channels_first,
         )
         self.trainer = None
+        self.fits = 0  #: fit calls so far (each draws its randomness from seed + fits, the user's RNGs untouched)
+        opt = classifier.optimizer
+        #: the learning rates the user's optimizer came with: every fit starts its schedule from them
+        self.base_lrs = [g["lr"] for g in opt.param_groups] if opt is not None else []
 
     def _to01(self, x: np.ndarray) -> torch.Tensor:
         """The classifier's inputs as the loop's N×C×H×W in [0, 1]; inputs outside the clip range are refused with
@@ -187,26 +205,67 @@ class RegDefenseTrainer(ARTTrainer):
             t = t.permute(0, 3, 1, 2).contiguous()
         return ((t - self.lo) / (self.hi - self.lo)).clamp(0, 1)  # float slack within the checked range
 
-    def _build(self, x01: torch.Tensor, y: torch.Tensor, batch_size: int, nb_epochs: int, loader: Any = None):
-        sections: dict[str, dict[str, Any]] = {
-            "train": {
-                "epochs": nb_epochs,
-                "batch_size": batch_size,
-                "progress": False,
-                "seed": self.seed,
-                "device": str(self.classifier.device),
-                "schedule": "constant",
-            },
-            "data": {"val_fraction": 0.0},
+    def _train_section(self, nb_epochs: int, batch_size: int) -> dict[str, Any]:
+        """The rule for ``configs["train"]``: ART's ``fit`` arguments and the classifier's optimizer and loss win;
+        configs fill the rest. A configs key they decide is refused (it would never act), never silently dropped."""
+        given = dict(self.configs.get("train", {}))
+        for key, fit_value in (("epochs", nb_epochs), ("batch_size", batch_size)):
+            if key in given and given[key] != fit_value:
+                arg = "nb_epochs" if key == "epochs" else key
+                raise UserError(
+                    f"configs['train']['{key}']={given[key]} conflicts with fit({arg}={fit_value}): ART's "
+                    f"fit arguments decide; drop it from configs"
+                )
+        opt = self.classifier.optimizer
+        owned = [k for k in OPTIMIZER_KEYS if k in given] if opt is not None else []
+        if owned:
+            raise UserError(
+                f"configs['train'] {', '.join(owned)} would never act: the classifier's own optimizer "
+                f"({type(opt).__name__}, lr {opt.param_groups[0]['lr']:g}) is the one that steps; set "
+                f"them on it (or give the classifier no optimizer and regdefense builds one from configs)"
+            )
+        loss = getattr(self.classifier, "_loss", None)
+        smoothing = 0.0
+        if loss is not None:
+            if not isinstance(loss, nn.CrossEntropyLoss) or loss.weight is not None or loss.reduction != "mean":
+                raise UserError(
+                    f"the classifier's loss {loss!r} is not used by regdefense's objectives (each defense "
+                    f"computes its own, on cross-entropy); give the classifier nn.CrossEntropyLoss()"
+                )
+            smoothing = float(loss.label_smoothing)
+        if "label_smoothing" in given and smoothing and given["label_smoothing"] != smoothing:
+            raise UserError(
+                f"configs['train']['label_smoothing']={given['label_smoothing']} conflicts with the "
+                f"classifier's CrossEntropyLoss(label_smoothing={smoothing:g})"
+            )
+        train: dict[str, Any] = {"schedule": "constant", "label_smoothing": smoothing} | given
+        return train | {
+            "epochs": nb_epochs,
+            "batch_size": batch_size,
+            "progress": False,
+            "seed": self.seed + self.fits,
+            "device": str(self.classifier.device),
         }
+
+    def _build(
+        self,
+        x01: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        nb_epochs: int,
+        loader: Any = None,
+        val: Split | None = None,
+    ):
+        sections: dict[str, dict[str, Any]] = {"data": {"val_fraction": 0.0}}
         for key, values in self.configs.items():
             sections.setdefault(key, {}).update(values)
+        sections["train"] = self._train_section(nb_epochs, batch_size)
         cfg = load_config(defenses=self.defenses, overrides=sections)
         split = Split(x01, y)
         data = Data(
             name="art",
             train=split,
-            val=None,
+            val=val,
             test=Split(x01[:2], y[:2]),
             num_classes=self.classifier.nb_classes,
             default_eps=8 / 255,
@@ -237,31 +296,73 @@ class RegDefenseTrainer(ARTTrainer):
             trainer.fit()
         finally:
             self.classifier.model.eval()
+            self.fits += 1
+            for group in trainer.optimizer.param_groups:  # a torch scheduler's bookkeeping, not the user's setting
+                group.pop("initial_lr", None)
         self.trainer = trainer
 
     def fit(
-        self, x: np.ndarray, y: np.ndarray, nb_epochs: int = 20, batch_size: int = 128, scheduler=None, **kwargs
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        nb_epochs: int = 20,
+        batch_size: int = 128,
+        scheduler=None,
+        validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+        **kwargs,
     ) -> None:
-        """Train on numpy arrays (``x`` in the classifier's clip range, ``y`` indices or one-hot)."""
+        """Train on numpy arrays (``x`` in the classifier's clip range, ``y`` indices or one-hot).
+
+        ``validation_data=(x_val, y_val)`` is the held-out split of the per-epoch clean/PGD check (``history``).
+        Every fit starts from the learning rates the classifier's optimizer came with, and draws its randomness from
+        ``seed`` plus the number of earlier fits without touching the caller's global random generators."""
+        _refuse_unknown(kwargs)
         if len(x) != len(y):
             raise UserError(f"x has {len(x)} samples but y has {len(y)}")
-        trainer = self._build(self._to01(x), _labels(y, self.classifier.nb_classes), batch_size, nb_epochs)
-        self._fit(trainer, nb_epochs, scheduler)
+        val = None
+        if validation_data is not None:
+            xv, yv = validation_data
+            val = Split(self._to01(xv), _labels(yv, self.classifier.nb_classes))
+        with self._fresh():
+            trainer = self._build(self._to01(x), _labels(y, self.classifier.nb_classes), batch_size, nb_epochs, val=val)
+            self._fit(trainer, nb_epochs, scheduler)
+
+    @contextlib.contextmanager
+    def _fresh(self):
+        """The user's optimizer at its own learning rates (a finished cosine left it at 0), and the caller's random
+        generators as they were before the fit (the loop seeds its own)."""
+        if self.classifier.optimizer is not None:
+            for group, lr in zip(self.classifier.optimizer.param_groups, self.base_lrs):
+                group["lr"] = lr
+        state = (random.getstate(), np.random.get_state())
+        with torch.random.fork_rng(devices=[]):
+            try:
+                yield
+            finally:
+                random.setstate(state[0])
+                np.random.set_state(state[1])
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The last fit's per-epoch metrics (loss terms; held-out clean/PGD with ``validation_data``)."""
+        return self.trainer.history if self.trainer is not None else []
 
     def fit_generator(self, generator, nb_epochs: int = 20, scheduler=None, **kwargs) -> None:
         """Train from an ART ``DataGenerator`` (``get_batch()`` called ⌈size / batch_size⌉ times per epoch).
 
         Per-sample state (``fgsm_pgk``) is indexed by position in the epoch, not by dataset index.
         """
-        x0, y0 = generator.get_batch()
-        trainer = self._build(
-            self._to01(x0),
-            _labels(y0, self.classifier.nb_classes),
-            generator.batch_size,
-            nb_epochs,
-            loader=_GeneratorLoader(generator, self._to01, self.classifier.nb_classes),
-        )
-        self._fit(trainer, nb_epochs, scheduler)
+        _refuse_unknown(kwargs)
+        with self._fresh():
+            x0, y0 = generator.get_batch()
+            trainer = self._build(
+                self._to01(x0),
+                _labels(y0, self.classifier.nb_classes),
+                generator.batch_size,
+                nb_epochs,
+                loader=_GeneratorLoader(generator, self._to01, self.classifier.nb_classes),
+            )
+            self._fit(trainer, nb_epochs, scheduler)
 
     def predict(self, x: np.ndarray, **kwargs) -> np.ndarray:
         return self.classifier.predict(x, **kwargs)

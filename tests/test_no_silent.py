@@ -18,6 +18,7 @@ from regdefense.models import create_model
 
 DATA = load_data(DataConfig(val_fraction=0.0))
 X, Y = DATA.train.floats()[:256].numpy(), DATA.train.y[:256].numpy()
+XT, YT = DATA.test.floats().numpy(), DATA.test.y.numpy()
 
 
 def _classifier(seed=0):
@@ -381,3 +382,67 @@ def test_known_vulnerable_dependency_versions_are_found_offline_and_the_cli_says
     with pytest.raises(SystemExit):
         cli.main()
     assert "warning: installed versions with published advisories" in capsys.readouterr().err
+
+
+def _clf(model, loss=None, lr=0.05, optimizer=True):
+    opt = torch.optim.SGD(model.parameters(), lr=lr) if optimizer else None
+    return PyTorchClassifier(model=model, loss=loss or nn.CrossEntropyLoss(), optimizer=opt, input_shape=(1, 8, 8),
+                             nb_classes=10, clip_values=(0.0, 1.0))
+
+
+def test_art_configs_train_follow_one_rule_fit_arguments_and_the_optimizer_win():
+    """configs['train'] batch_size overrode fit's, and epochs/lr/optimizer were ignored without a word."""
+    model, clf = _classifier()
+    with pytest.raises(UserError, match=r"configs\['train'\]\['batch_size'\]=256 conflicts with fit\(batch_size=64\)"):
+        RegDefenseTrainer(clf, ["none"], {"train": {"batch_size": 256}}).fit(X, Y, nb_epochs=1, batch_size=64)
+    with pytest.raises(UserError, match=r"configs\['train'\]\['epochs'\]=5 conflicts with fit\(nb_epochs=1\)"):
+        RegDefenseTrainer(clf, ["none"], {"train": {"epochs": 5}}).fit(X, Y, nb_epochs=1, batch_size=64)
+    with pytest.raises(UserError, match=r"optimizer, lr would never act: the classifier's own optimizer \(SGD, lr 0.05\)"):
+        RegDefenseTrainer(clf, ["none"], {"train": {"lr": 0.5, "optimizer": "adam"}}).fit(X, Y, nb_epochs=1)
+    torch.manual_seed(0)
+    bare = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+    own = _clf(bare, optimizer=False)  # no optimizer on the classifier: configs build one, and it acts
+    before = {k: v.clone() for k, v in bare.state_dict().items()}
+    RegDefenseTrainer(own, ["none"], {"train": {"lr": 0.05, "optimizer": "sgd"}}).fit(X, Y, nb_epochs=1, batch_size=64)
+    assert any(not torch.equal(before[k], v) for k, v in bare.state_dict().items())
+    with pytest.raises(UserError, match=r"fit does not take verbose"):
+        RegDefenseTrainer(clf, ["none"]).fit(X, Y, nb_epochs=1, verbose=True)
+
+
+def test_repeated_art_fits_start_from_the_users_rates_leave_no_initial_lr_and_no_reseeded_rngs():
+    """A per-iteration cosine left lr at 0 for a second fit, leaked 'initial_lr' into the user's optimizer, and
+    RegDefenseTrainer(seed=0) reseeded the caller's global RNGs on every fit."""
+    import random
+
+    model, clf = _classifier()
+    trainer = RegDefenseTrainer(clf, ["none"], {"train": {"schedule": "cosine", "schedule_step": "iter"}}, seed=0)
+    torch.manual_seed(123)
+    np.random.seed(5)
+    random.seed(7)
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    trainer.fit(X, Y, nb_epochs=1, batch_size=64)
+    assert torch.equal(torch.get_rng_state(), states[0]) and (np.random.get_state()[1] == states[1]).all()
+    assert random.getstate() == states[2]
+    group = clf.optimizer.param_groups[0]
+    assert "initial_lr" not in group and group["lr"] == pytest.approx(0.0, abs=1e-6)  # the cosine ended its fit at 0
+    after_first = {k: v.clone() for k, v in model.state_dict().items()}
+    first_lr = trainer.history[-1]["lr"]  # the rate of the fit's last batch on the cosine from 0.05
+    trainer.fit(X, Y, nb_epochs=1, batch_size=64)
+    assert any(not torch.equal(after_first[k], v) for k, v in model.state_dict().items())  # it trained again
+    assert trainer.history[-1]["lr"] == pytest.approx(first_lr) and first_lr > 1e-3  # the same cosine, not from 0
+
+
+def test_the_classifiers_loss_is_used_or_refused_and_validation_data_is_the_held_out_split():
+    torch.manual_seed(0)
+    a = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+    b = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+    b.load_state_dict(a.state_dict())
+    RegDefenseTrainer(_clf(a, nn.CrossEntropyLoss(label_smoothing=0.2)), ["none"], seed=0).fit(X, Y, nb_epochs=1)
+    RegDefenseTrainer(_clf(b), ["none"], {"train": {"label_smoothing": 0.2}}, seed=0).fit(X, Y, nb_epochs=1)
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name  # the classifier's smoothing acted, as configs' does
+    with pytest.raises(UserError, match="is not used by regdefense's objectives"):
+        RegDefenseTrainer(_clf(a, nn.NLLLoss()), ["none"]).fit(X, Y, nb_epochs=1)
+    trainer = RegDefenseTrainer(_clf(a), ["pgd_at"], {"pgd_at": {"steps": 1}}, seed=0)
+    trainer.fit(X, Y, nb_epochs=1, batch_size=64, validation_data=(XT[:32], YT[:32]))
+    assert 0.0 <= trainer.history[-1]["val_clean"] <= 1.0 and "val_robust" in trainer.history[-1]
