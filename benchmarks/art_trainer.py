@@ -1,7 +1,11 @@
-"""Wall time of RegDefenseTrainer(pgd_at) against ART's AdversarialTrainerMadryPGD, same data, model, epochs and
-PGD settings (ε 0.2, 7 steps of 2.5·ε/7, random start), interleaved in one process.
+"""RegDefenseTrainer(pgd_at) against ART's AdversarialTrainerMadryPGD on the embedded digits: the same model, start
+weights, optimizer and PGD settings (ε 0.2, 7 steps of 2.5·ε/7, random start), over several seeds; clean, PGD-20
+and official AutoAttack accuracy (mean ± std) and the CPU time of each trainer.
 
-    python benchmarks/art_trainer.py --epochs 5 --rounds 3
+    python benchmarks/art_trainer.py --seeds 5 --epochs 20 --n 200
+
+The same order and start are made equal in tests/test_art.py (full-batch steps, no random start: the weights agree
+to float drift); here each trainer draws its own batch order and random starts, as users run them.
 """
 
 from __future__ import annotations
@@ -11,52 +15,79 @@ import statistics
 import time
 
 import torch
+from art.defences.trainer import AdversarialTrainerMadryPGD
+from art.estimators.classification import PyTorchClassifier
 from torch import nn
+
+from regdefense.art import RegDefenseTrainer
+from regdefense.config import DataConfig
+from regdefense.data import load_data
+from regdefense.evaluate import evaluate_model
+from regdefense.models import create_model
+
+EPS, STEPS = 0.2, 7
 
 
 def main() -> None:
-    from art.defences.trainer import AdversarialTrainerMadryPGD
-    from art.estimators.classification import PyTorchClassifier
-
-    from regdefense.art import RegDefenseTrainer
-    from regdefense.config import DataConfig
-    from regdefense.data import load_data
-    from regdefense.models import create_model
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--n", type=int, default=200, help="test points for PGD-20 and AutoAttack")
     args = ap.parse_args()
     data = load_data(DataConfig(val_fraction=0.0))
     x, y = data.train.floats().numpy(), data.train.y.numpy()
+    xt, yt = data.test.floats()[: args.n], data.test.y[: args.n]
 
-    def classifier():
-        torch.manual_seed(0)
-        model = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+    def classifier(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), optimizer=opt, input_shape=(1, 8, 8),
                                  nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
 
-    def ours():
-        RegDefenseTrainer(classifier(), ["pgd_at"], {"threat": {"eps": 0.2}, "pgd_at": {"steps": 7}}).fit(
-            x, y, nb_epochs=args.epochs, batch_size=128)
+    trainers = {
+        "RegDefenseTrainer(pgd_at)": lambda clf, seed: RegDefenseTrainer(
+            clf, ["pgd_at"], {"threat": {"eps": EPS}, "pgd_at": {"steps": STEPS}}, seed=seed
+        ).fit(x, y, nb_epochs=args.epochs, batch_size=128),
+        "ART AdversarialTrainerMadryPGD": lambda clf, seed: AdversarialTrainerMadryPGD(
+            clf, nb_epochs=args.epochs, batch_size=128, eps=EPS, eps_step=2.5 * EPS / STEPS, max_iter=STEPS
+        ).fit(x, y),
+    }
+    results: dict[str, dict[str, list[float]]] = {k: {"clean": [], "pgd": [], "aa": [], "cpu": []} for k in trainers}
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        start = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8).state_dict()
+        for name, fit in trainers.items():  # interleaved, from the same start weights
+            model = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+            model.load_state_dict(start)
+            torch.manual_seed(seed)
+            import numpy as np
 
-    def art():
-        AdversarialTrainerMadryPGD(classifier(), nb_epochs=args.epochs, batch_size=128, eps=0.2,
-                                   eps_step=2.5 * 0.2 / 7, max_iter=7).fit(x, y)
+            np.random.seed(seed)
+            cpu = time.process_time()
+            fit(classifier(model), seed)
+            results[name]["cpu"].append(time.process_time() - cpu)
+            rep = evaluate_model(model.eval(), xt, yt, suites=["torchattacks:PGD(eps=0.2, alpha=0.025, steps=20)",
+                                                              "autoattack"], eps=EPS, num_classes=10, seed=seed,
+                                 checks=False, progress=False)
+            rows = {r.suite: r for r in rep.rows if r.kind in ("attack", "group worst case")}
+            results[name]["clean"].append(rep.clean)
+            results[name]["pgd"].append(next(r.robust for s, r in rows.items() if s.startswith("torchattacks")))
+            results[name]["aa"].append(rows["autoattack"].robust)
+            print(f"seed {seed} {name}: clean {rep.clean:.3f} PGD-20 {results[name]['pgd'][-1]:.3f} "
+                  f"AutoAttack {results[name]['aa'][-1]:.3f} cpu {results[name]['cpu'][-1]:.1f} s", flush=True)
 
-    times = {"RegDefenseTrainer(pgd_at)": [], "ART AdversarialTrainerMadryPGD": []}
-    for _ in range(args.rounds):
-        for name, fn in zip(times, (ours, art)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"PGD-7 AT, {len(x)} digits, {args.epochs} epochs, {args.rounds} interleaved rounds, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name, t in med.items():
-        print(f"{name:32s} {t:7.2f} s")
-    print(f"speed-up of RegDefenseTrainer: {med['ART AdversarialTrainerMadryPGD'] / med['RegDefenseTrainer(pgd_at)']:.2f}x")
+    def ms(v: list[float], pct: bool = True) -> str:
+        k = 100 if pct else 1
+        sd = statistics.stdev(v) * k if len(v) > 1 else float("nan")
+        return f"{statistics.mean(v) * k:.2f} ± {sd:.2f}"
+
+    print(f"\nPGD-7 AT on {len(x)} digits, {args.epochs} epochs, seeds 0..{args.seeds - 1}; {args.n} test points, "
+          f"ε {EPS}; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| trainer | clean % | PGD-20 % | AutoAttack % | CPU s |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {ms(r['clean'])} | {ms(r['pgd'])} | {ms(r['aa'])} | {ms(r['cpu'], False)} |")
+    ours, art = (statistics.mean(results[k]["cpu"]) for k in trainers)
+    print(f"\nCPU time, ART / RegDefenseTrainer: {art / ours:.2f}x")
 
 
 if __name__ == "__main__":

@@ -130,3 +130,25 @@ def test_art_black_box_attack_in_evaluate(digits_models):
     assert row.black_box  # decision-based: ART declares it needs no gradients
     assert row.norms["linf_max"] <= report.meta["eps"] + 1e-5  # examples outside the ε-ball were projected onto it
     assert (row.outside > 0) == any("HopSkipJump" in w and "projected" in w for w in report.warnings)
+
+
+def test_the_bridge_and_arts_madry_trainer_take_the_same_steps_from_the_same_start():
+    """Equivalence, order and start made equal: full-batch steps (the order within a batch does not change its mean
+    gradient), PGD without a random start, the same initial weights and optimizer; the weights after three steps
+    agree to float drift."""
+    from art.defences.trainer import AdversarialTrainerMadryPGD
+
+    x, y = X[:512], Y[:512]
+    torch.manual_seed(0)
+    ours = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+    theirs = create_model("digits_cnn", in_channels=1, num_classes=10, image_size=8)
+    theirs.load_state_dict(ours.state_dict())
+    eps, steps = 0.2, 7
+    RegDefenseTrainer(_classifier(ours), ["pgd_at"], {"threat": {"eps": eps},
+                                                      "pgd_at": {"steps": steps, "random_start": False}},
+                      seed=0).fit(x, y, nb_epochs=3, batch_size=len(x))
+    AdversarialTrainerMadryPGD(_classifier(theirs), nb_epochs=3, batch_size=len(x), eps=eps,
+                               eps_step=2.5 * eps / steps, max_iter=steps, num_random_init=0).fit(x, y)
+    for name, value in ours.state_dict().items():
+        assert torch.allclose(value, theirs.state_dict()[name], atol=3e-5, rtol=1e-4), (
+            name, float((value - theirs.state_dict()[name]).abs().max()))
