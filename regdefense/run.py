@@ -347,6 +347,7 @@ def train(
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         if history:
             plot_curves(history, run_dir / "curves.png")
+        trained = trainer.state.epoch  # final_table may load best.pt, whose state is an earlier epoch's
         table = final_table(trainer)
         wall = time.perf_counter() - started
         spent = cost(trainer, history, wall)
@@ -355,7 +356,7 @@ def train(
             "dataset": cfg.data.name,
             "table": table,
             "wall_seconds": wall,
-            "epochs": trainer.state.epoch,
+            "epochs": trained,
             "cost": spent,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -11,8 +11,11 @@ defaults every stack falls back on are the ``core`` plugin (:mod:`regdefense.cor
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass
@@ -38,6 +41,16 @@ from regdefense.step import Step
 from regdefense.stream import StreamLoader
 
 __all__ = ["TrainState", "Trainer", "resolve_device", "seed_everything", "versions"]
+
+
+def _returns_value(fn: Any) -> bool:
+    """Whether a function's source has a ``return <value>`` (a wrapper without one hands back None); True when the
+    source cannot be read (then it is not suspected)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    return any(isinstance(n, ast.Return) and n.value is not None for n in ast.walk(tree))
 
 
 def _extra(config: RunConfig, data: Data, echo) -> Any:
@@ -341,7 +354,17 @@ class Trainer(Assembly):
         with self.autocast():
             terms = self.hook.regdefense_compute_loss(trainer=self, step=step, model=model, phase=phase)
         if not terms:
-            raise UserError("the active defenses returned no loss terms from regdefense_compute_loss")
+            impls = self.hook.regdefense_compute_loss.get_hookimpls()
+            wrappers = [i.plugin_name for i in impls if (i.wrapper or i.hookwrapper) and not _returns_value(i.function)]
+            answer = next((i.plugin_name for i in reversed(impls) if not (i.wrapper or i.hookwrapper)), "core")
+            suspects = (
+                f"a wrapper that does not return the terms it received: {', '.join(wrappers)}; " if wrappers else ""
+            )
+            raise UserError(
+                f"the active defenses returned no loss terms from regdefense_compute_loss ({suspects}the "
+                f"objective comes from '{answer}'); a compute_loss implementation must return its "
+                f"dict of named terms (`return terms` at the end of a wrapper)"
+            )
         return terms
 
     # --- the collaborators, under the names plugins and tests know ---------------------------------
