@@ -13,6 +13,7 @@ the checkpoint it came from. :func:`load` rebuilds a safetensors export; a Torch
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ def export(
         save_model(
             model, str(files["weights"]), metadata={"regdefense": __version__, "architecture": info["architecture"]}
         )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(files["weights"], 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
     else:
         files["weights"] = folder / "model.ts"
         with torch.no_grad(), model_mode(model, False):

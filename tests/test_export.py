@@ -29,6 +29,11 @@ def test_an_export_reloads_to_the_same_logits(run, tmp_path, fmt):
     info = json.loads(files["config"].read_text())
     assert info["architecture"] == "digits_cnn" and info["input_shape"] == [1, 8, 8] and info["num_classes"] == 10
     assert info["stack"] == ["pgd_at", "ema"] and len(info["source_sha256"]) == 64
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert files["weights"].stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes (was 0600)
     t = load_target(run, n=64, device="cpu")  # what evaluate measures: here the EMA copy, normalisation inside
     with torch.no_grad():
         assert torch.equal(load(tmp_path / fmt)(t.x), t.model(t.x))
