@@ -185,8 +185,10 @@ class RegDefenseTrainer(ARTTrainer):
         self.trainer = None
         self.fits = 0  #: fit calls so far (each draws its randomness from seed + fits, the user's RNGs untouched)
         opt = classifier.optimizer
-        #: the learning rates the user's optimizer came with: every fit starts its schedule from them
+        #: the learning rates each fit starts its schedule from: the optimizer's own (a rate the user sets between
+        #: fits is taken as the new one; the rate a finished schedule left behind is not)
         self.base_lrs = [g["lr"] for g in opt.param_groups] if opt is not None else []
+        self.left_lrs: list[float] = []  #: the rates the last fit's schedule left in the optimizer
 
     def _to01(self, x: np.ndarray) -> torch.Tensor:
         """The classifier's inputs as the loop's N×C×H×W in [0, 1]; inputs outside the clip range are refused with
@@ -299,6 +301,8 @@ class RegDefenseTrainer(ARTTrainer):
             self.fits += 1
             for group in trainer.optimizer.param_groups:  # a torch scheduler's bookkeeping, not the user's setting
                 group.pop("initial_lr", None)
+            if self.classifier.optimizer is not None:
+                self.left_lrs = [g["lr"] for g in self.classifier.optimizer.param_groups]
         self.trainer = trainer
 
     def fit(
@@ -331,8 +335,12 @@ class RegDefenseTrainer(ARTTrainer):
     def _fresh(self):
         """The user's optimizer at its own learning rates (a finished cosine left it at 0), and the caller's random
         generators as they were before the fit (the loop seeds its own)."""
-        if self.classifier.optimizer is not None:
-            for group, lr in zip(self.classifier.optimizer.param_groups, self.base_lrs):
+        opt = self.classifier.optimizer
+        if opt is not None:
+            now = [g["lr"] for g in opt.param_groups]
+            if now != self.left_lrs:  # first fit, or the user set new rates since: those are the rates to start from
+                self.base_lrs = now
+            for group, lr in zip(opt.param_groups, self.base_lrs):
                 group["lr"] = lr
         state = (random.getstate(), np.random.get_state())
         with torch.random.fork_rng(devices=[]):

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from regdefense.attacks import pgd
+from regdefense.attacks import kl_pgd, pgd
 from regdefense.config import option
 from regdefense.contract import Key
 
@@ -84,7 +84,7 @@ class Budget:
     def resolve(self, trainer: Any) -> tuple[float, float]:
         """(ε, step size) for this batch: the defense's own ε ramped by the warm-up, else the run's current ε."""
         eps = trainer.ramp(self.eps) if self.eps is not None else trainer.eps
-        steps = getattr(self, "steps", 1)
+        steps = self.steps
         return eps, (self.alpha if self.alpha is not None else self.alpha_factor * eps / steps)
 
     def attack_norm(self, trainer: Any) -> str:
@@ -106,12 +106,29 @@ class Budget:
                 step.targets,
                 eps=eps,
                 alpha=alpha,
-                steps=getattr(self, "steps", 1),
+                steps=self.steps,
                 norm=self.attack_norm(trainer),
                 start=start,
                 train_mode=self.train_mode,
                 info=step.info,
                 clip_start=clip_start,
+            )
+
+    def kl_pgd(self, trainer: Any, model: Any, step: Any) -> Any:
+        """TRADES' label-free KL inner maximisation within this budget (start x + 0.001·N(0, I)), under the run's
+        attack precision; ``step.targets`` only label the per-sample counts in ``step.info``."""
+        eps, alpha = self.resolve(trainer)
+        with trainer.attack_autocast():
+            return kl_pgd(
+                model,
+                step.inputs,
+                eps=eps,
+                alpha=alpha,
+                steps=self.steps,
+                norm=self.attack_norm(trainer),
+                train_mode=self.train_mode,
+                info=step.info,
+                kappa_labels=step.targets,
             )
 
 

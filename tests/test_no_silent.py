@@ -430,6 +430,9 @@ def test_repeated_art_fits_start_from_the_users_rates_leave_no_initial_lr_and_no
     trainer.fit(X, Y, nb_epochs=1, batch_size=64)
     assert any(not torch.equal(after_first[k], v) for k, v in model.state_dict().items())  # it trained again
     assert trainer.history[-1]["lr"] == pytest.approx(first_lr) and first_lr > 1e-3  # the same cosine, not from 0
+    clf.optimizer.param_groups[0]["lr"] = 0.02  # a rate the user sets between fits is theirs, not overridden
+    trainer.fit(X, Y, nb_epochs=1, batch_size=64)
+    assert trainer.history[-1]["lr"] == pytest.approx(first_lr * 0.02 / 0.05)
 
 
 def test_the_classifiers_loss_is_used_or_refused_and_validation_data_is_the_held_out_split():

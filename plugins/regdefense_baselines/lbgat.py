@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from regdefense import hookimpl, option
-from regdefense.attacks import kl_pgd
 from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
 from regdefense.defense import Budget, Defense
 from regdefense.losses import kl
@@ -37,19 +36,7 @@ class LBGAT(Defense):
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
-        eps, alpha = c.resolve(trainer)
-        with trainer.attack_autocast():
-            return kl_pgd(
-                model,
-                step.inputs,
-                eps=eps,
-                alpha=alpha,
-                steps=c.steps,
-                norm=c.attack_norm(trainer),
-                train_mode=c.train_mode,
-                info=step.info,
-                kappa_labels=step.targets,
-            )
+        return c.kl_pgd(trainer, model, step)
 
     @hookimpl
     def regdefense_compute_loss(self, trainer, step, model):

@@ -13,7 +13,6 @@ from typing import Literal
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.attacks import kl_pgd
 from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
 from regdefense.defense import Budget, Defense
 from regdefense.losses import kl
@@ -40,19 +39,7 @@ class TRADES(Defense):
         c = self.config
         if c.attack == "ce":
             return c.pgd(trainer, model, step, start=0.001 * torch.randn_like(step.inputs), clip_start=False)
-        eps, alpha = c.resolve(trainer)
-        with trainer.attack_autocast():
-            return kl_pgd(
-                model,
-                step.inputs,
-                eps=eps,
-                alpha=alpha,
-                steps=c.steps,
-                norm=c.attack_norm(trainer),
-                train_mode=c.train_mode,
-                info=step.info,
-                kappa_labels=step.targets,
-            )
+        return c.kl_pgd(trainer, model, step)
 
     @hookimpl
     def regdefense_compute_loss(self, trainer, step, model):
