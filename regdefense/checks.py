@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from regdefense.attacks import model_mode, pgd_spec, resolve_attack
 from regdefense.errors import first_line
@@ -54,20 +55,23 @@ def result(name: str, ok: bool | None, message: str, **numbers: Any) -> dict[str
     return {"name": name, "status": status, "message": message, "numbers": numbers}
 
 
-def _ok(model, x, y, spec: str | None, seed: int, kw, measure: nn.Module | None = None) -> Tensor:
+def _ok(model, x, y, spec: str | None, seed: int, kw, measure: nn.Module | None = None, bar: Any = None) -> Tensor:
     """Per point: still classified correctly by ``measure`` (default ``model``) after ``spec`` ran on ``model``. An
     attack that finds no input gradient leaves the points where they are (the gradient check reports it)."""
     if spec is None:
         return logits_of(model, x, **kw).argmax(1) == y
     torch.manual_seed(seed)
     try:
-        return attack_points(model, x, y, resolve_attack(spec), measure=measure, **kw)[1]
+        return attack_points(model, x, y, resolve_attack(spec), measure=measure, progress=bar, **kw)[1]
     except NoInputGradient:
         return logits_of(measure or model, x, **kw).argmax(1) == y
+    finally:
+        if bar is not None:
+            bar.close()
 
 
-def _acc(model, x, y, spec: str | None, seed: int, kw) -> float:
-    return float(_ok(model, x, y, spec, seed, kw).float().mean())
+def _acc(model, x, y, spec: str | None, seed: int, kw, bar: Any = None) -> float:
+    return float(_ok(model, x, y, spec, seed, kw, bar=bar).float().mean())
 
 
 def is_randomized(model: nn.Module, x: Tensor, device) -> bool:
@@ -109,20 +113,37 @@ class CheckContext:
     suites: list
     report: Report
     kw: dict[str, Any]
-    surrogate: nn.Module | None = None
+    surrogate: nn.Module | Callable[[], nn.Module] | None = None  #: a function: called when the transfer check runs
     found: dict[str, Tensor] = field(default_factory=dict)  #: check attack -> per-point correctness on ``x``
+    progress: bool = False  #: a bar with ETA for every attack a check runs
+    stage: str = ""  #: "check k/n: name", the bars' prefix
     _cache: dict[str, float] = field(default_factory=dict)
+
+    def bar(self, label: str, total: int | None = None) -> Any:
+        """A progress bar for one attack of the current check (None when progress is off)."""
+        if not self.progress:
+            return None
+        n = len(self.y) if total is None else total
+        return tqdm(total=n, desc=f"{self.stage}: {label}", unit="img", leave=False, dynamic_ncols=True)
 
     def ok(self, label: str, spec: str, on: nn.Module | None = None) -> float:
         """Accuracy of the model under ``spec`` run on ``on`` (default: the model), kept per point under ``label``."""
         self.found[label] = _ok(
-            on if on is not None else self.model, self.x, self.y, spec, self.seed, self.kw, measure=self.model
+            on if on is not None else self.model,
+            self.x,
+            self.y,
+            spec,
+            self.seed,
+            self.kw,
+            measure=self.model,
+            bar=self.bar(label),
         )
         return float(self.found[label].float().mean())
 
-    def acc(self, spec: str | None) -> float:
+    def acc(self, spec: str | None, label: str = "") -> float:
         """Accuracy under ``spec`` (None: clean), not kept for the headline."""
-        return _acc(self.model, self.x, self.y, spec, self.seed, self.kw)
+        bar = self.bar(label or str(spec).split("(")[0]) if spec is not None else None
+        return _acc(self.model, self.x, self.y, spec, self.seed, self.kw, bar=bar)
 
     def pgd(self, steps: int, eps: float | None = None) -> str:
         return pgd_spec(self.norm, self.eps if eps is None else eps, steps)
@@ -146,11 +167,15 @@ class CheckContext:
             torch.manual_seed(self.seed)
             strong_ok = torch.ones(len(self.y), dtype=torch.bool)
             attack = resolve_attack(self.pgd(100))
-            for _ in range(3):
+            for k in range(3):
+                bar = self.bar(f"PGD-100 restart {k + 1}/3")
                 try:
-                    strong_ok &= attack_points(self.model, self.x, self.y, attack, **self.kw)[1]
+                    strong_ok &= attack_points(self.model, self.x, self.y, attack, progress=bar, **self.kw)[1]
                 except NoInputGradient:
                     strong_ok &= logits_of(self.model, self.x, **self.kw).argmax(1) == self.y
+                finally:
+                    if bar is not None:
+                        bar.close()
             self.found["PGD-100 × 3 restarts"] = strong_ok
             self._cache["strong"] = float(strong_ok.float().mean())
         return self._cache["strong"]
@@ -217,7 +242,8 @@ def run_checks(
     suites: list,
     batch_size: int,
     device,
-    surrogate: nn.Module | None = None,
+    surrogate: nn.Module | Callable[[], nn.Module] | None = None,
+    progress: bool = False,
 ) -> None:
     """Run every registered check on the first ``n_check`` points; append results, warnings and the ε curve to
     ``report``.
@@ -239,10 +265,13 @@ def run_checks(
         report=report,
         kw={"batch_size": batch_size, "device": device},
         surrogate=surrogate,
+        progress=progress,
     )
     ctx.clean  # noqa: B018  (the clean accuracy first, as the checks have always measured it)
     results = []
-    for c in registry():
+    checks = registry()
+    for k, c in enumerate(checks, 1):
+        ctx.stage = f"check {k}/{len(checks)} ({c.name})"
         try:
             out = c.fn(ctx)
         except Exception as exc:  # a check must never lose the evaluation
@@ -318,16 +347,24 @@ def black_box(ctx: CheckContext) -> dict[str, Any]:
 
 @check("very large ε", order=40)
 def large_eps(ctx: CheckContext) -> dict[str, Any]:
-    """Accuracy against ε, up to a budget that should break any classifier (also the report's ε curve)."""
+    """Accuracy against ε, up to a budget that should break any classifier (also the report's ε curve, which ends
+    there: 0, ¼, ½, 1, 1.5, 2 and 3 × ε below it, then the very large ε itself)."""
     eps, norm, xs = ctx.eps, ctx.norm, ctx.x
     large = 0.5 if norm == "linf" else 0.5 * float(xs[0].numel()) ** 0.5
     curve = []
     for factor in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0):
         e = eps * factor
+        if e >= large and factor != 1.0:  # the curve ends at the very large ε (0.5 under L∞), as documented
+            continue
         curve.append(
-            {"eps": e, "acc": ctx.clean if e == 0 else (ctx.pgd20 if factor == 1.0 else ctx.acc(ctx.pgd(20, e)))}
+            {
+                "eps": e,
+                "acc": ctx.clean
+                if e == 0
+                else (ctx.pgd20 if factor == 1.0 else ctx.acc(ctx.pgd(20, e), f"PGD-20 at ε = {e:.3g}")),
+            }
         )
-    big = ctx.acc(ctx.pgd(20, large))
+    big = ctx.acc(ctx.pgd(20, large), f"PGD-20 at ε = {large:.3g}")
     curve.append({"eps": large, "acc": big})
     ctx.report.eps_curve = sorted(curve, key=lambda p: p["eps"])
     limit = max(MAX_LARGE_EPS_ACC, 1.0 / ctx.num_classes)
@@ -394,7 +431,7 @@ def randomized_without_eot(ctx: CheckContext) -> dict[str, Any]:
         return result(name, True, "deterministic forward pass", randomized=False, eot=eot)
     if eot:
         return result(name, True, "two forward passes differ: EOT attacks were run", randomized=True, eot=True)
-    rand = _rand_autoattack(ctx.model, ctx.x, ctx.y, ctx.eps, ctx.norm, ctx.num_classes, ctx.seed, ctx.kw)
+    rand = _rand_autoattack(ctx)
     ctx.found["AutoAttack-rand (EOT-20)"] = rand
     acc = float(rand.float().mean())
     for row in ctx.report.rows:
@@ -438,6 +475,11 @@ def transfer(ctx: CheckContext) -> dict[str, Any]:
     name = "transfer from a clean surrogate"
     if ctx.surrogate is None:
         return result(name, None, "no surrogate given")
+    if not isinstance(ctx.surrogate, nn.Module):  # trained (or found in the cache) only now, after the attacks
+        try:
+            ctx.surrogate = ctx.surrogate()
+        except Exception as exc:
+            return result(name, None, f"not applicable: {first_line(exc, 300)}")
     white = ctx.white
     acc = ctx.ok("transfer PGD-20 (clean surrogate)", ctx.pgd(20), on=ctx.surrogate)
     return result(
@@ -503,11 +545,12 @@ def headline(ctx: CheckContext) -> dict[str, Any] | None:
     )
 
 
-def _rand_autoattack(model, x, y, eps, norm, num_classes, seed, kw) -> Tensor:
+def _rand_autoattack(ctx: CheckContext) -> Tensor:
     """Per point: correct after the official AutoAttack-rand cascade (APGD-CE then APGD-DLR, EOT-20)."""
+    model, x, y, seed, kw = ctx.model, ctx.x, ctx.y, ctx.seed, ctx.kw
     robust = _ok(model, x, y, None, seed, kw)
-    for a in official_autoattack(eps, norm, num_classes, seed, "rand"):
+    for a in official_autoattack(ctx.eps, ctx.norm, ctx.num_classes, seed, "rand"):
         idx = robust.nonzero().flatten()
         if len(idx):
-            robust[idx] = _ok(model, x[idx], y[idx], a.spec, seed, kw)
+            robust[idx] = _ok(model, x[idx], y[idx], a.spec, seed, kw, bar=ctx.bar(a.label, len(idx)))
     return robust

@@ -69,6 +69,12 @@ def _table(rows: list[dict], columns: list[tuple[str, str]], pct: tuple[str, ...
     return "\n".join(lines)
 
 
+def _clip(text: str, width: int) -> str:
+    """The first line of ``text``, cut to ``width`` characters (tables stay readable; the details are elsewhere)."""
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
 def _fmt(v, pct: bool = False) -> str:
     if isinstance(v, float):
         return f"{100 * v:.2f}%" if pct else f"{v:.4g}"
@@ -245,18 +251,31 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         {
             "name": i["name"],
             "dist": f"{i['distribution']} {i['version']}",
-            "status": "ok" if i["status"] == "ok" else f"BROKEN: {i['error']}",
-            "hooks": ", ".join(
-                h.removeprefix("regdefense_") + (" (wrapper)" if h in i["wrappers"] else "") for h in i["hooks"]
+            "status": "ok"
+            if i["status"] == "ok"
+            else _clip(f"BROKEN: {i['error']}", 56) + f" (plugins show {i['name']})",
+            "hooks": _clip(
+                ", ".join(
+                    h.removeprefix("regdefense_") + (" (wrapper)" if h in i["wrappers"] else "") for h in i["hooks"]
+                ),
+                64,
             ),
         }
         for i in infos
     ]
     click.echo(_table(rows, [("name", "defense"), ("dist", "distribution"), ("status", "status"), ("hooks", "hooks")]))
-    from regdefense.trackers import available
+    from regdefense.tracking import available, missing
 
-    trackers = sorted(f"{n} ({ep.dist.metadata['Name'] if ep.dist else '?'})" for n, ep in available().items())
-    click.echo("\nexperiment trackers (--log NAME): " + (", ".join(trackers) or "none"))
+    usable, unusable = [], []
+    for n, ep in sorted(available().items()):
+        why = missing(ep)
+        if why is None:
+            usable.append(f"{n} ({ep.dist.metadata['Name'] if ep.dist else '?'})")
+        else:
+            unusable.append(f"  {n}: {_clip(why, 100)}")
+    click.echo("\nexperiment trackers (--log NAME): " + (", ".join(usable) or "none"))
+    if unusable:
+        click.echo("not usable here:\n" + "\n".join(unusable))
 
 
 @plugins.command("show")
@@ -306,11 +325,12 @@ def plugins_show(name: str, as_json: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["safetensors", "torchscript", "robustbench"]),
+    type=click.Choice(["safetensors", "torch-export", "torchscript", "robustbench"]),
     default="safetensors",
     show_default=True,
-    help="safetensors weights (+ config.json), a TorchScript program (+ config.json), or RobustBench's "
-    "model-info JSON from the run's AutoAttack evaluation.",
+    help="safetensors weights (+ config.json), a torch.export program model.pt2 (+ config.json), a TorchScript "
+    "program (deprecated by torch; + config.json), or RobustBench's model-info JSON from the run's AutoAttack "
+    "evaluation.",
 )
 @click.option(
     "--checkpoint",
@@ -363,10 +383,11 @@ def push(run, repo, which, private, revision, token, to_cache) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a bar chart (mean ± std per recipe) here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
 def compare(runs, plot, as_json) -> None:
-    """Mean ± std of clean, PGD and AutoAttack accuracy and cost per recipe over existing run directories."""
+    """Mean ± std of clean, PGD and AutoAttack accuracy and cost per recipe over existing run directories (a folder
+    that is no run, such as a sweep's, is searched for runs)."""
     from regdefense import compare as cmp
 
-    rows = [cmp.read_run(r) for r in runs]
+    rows = [cmp.read_run(r) for r in cmp.find_runs(list(runs))]
     cmp.split_recipes(rows)
     groups = cmp.group(rows)
     if as_json:
@@ -424,7 +445,8 @@ def compare(runs, plot, as_json) -> None:
 )
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write the comparison bar chart here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
-def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_json) -> None:
+@click.option("--quiet", is_flag=True, help="Only a line as each run starts and ends: no bars, no epoch lines.")
+def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_json, quiet) -> None:
     """Run every RECIPE (a TOML run file) with every seed, then print mean ± std per recipe (`compare`)."""
     from regdefense import compare as cmp
     from regdefense import sweep as sw
@@ -439,7 +461,9 @@ def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_
         for job in jobs:
             click.echo(job.command(list(attacks), eval_n))
         return
-    rows = sw.run(jobs, attacks=list(attacks), eval_n=eval_n, echo=lambda m: click.echo(m, err=as_json))
+    rows = sw.run(
+        jobs, attacks=list(attacks), eval_n=eval_n, echo=lambda m: click.echo(m, err=as_json), progress=not quiet
+    )
     groups = cmp.group(rows)
     lean = [{k: v for k, v in r.items() if k != "settings"} for r in rows]
     click.echo(json.dumps({"groups": groups, "runs": lean}, indent=2) if as_json else "\n" + cmp.table(groups, rows))
@@ -537,7 +561,11 @@ def main() -> None:
     show_default=True,
     help="Which checkpoint of a run directory.",
 )
-@click.option("--arch", help="For a user's own model file: an architecture name (state_dict) or 'torchscript'.")
+@click.option(
+    "--arch",
+    help="For a user's own model file: an architecture name (a state_dict or RobustBench-format checkpoint), "
+    "'torch-export' (a .pt2 program; the default for .pt2 files) or 'torchscript'.",
+)
 @click.option("--dataset", help="Evaluate on this dataset's test split (default: the run's; digits for model files).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option(
@@ -552,9 +580,18 @@ def main() -> None:
     "--surrogate",
     default="auto",
     show_default=True,
-    metavar="auto|none|RUN",
-    help="The transfer check's clean surrogate: auto (trained once per dataset and cached), none, or a run "
-    "directory or checkpoint of a model trained without defenses on the same data.",
+    metavar="auto|train|none|RUN",
+    help="The transfer check's clean surrogate: auto (the evaluated architecture trained without defenses, once, "
+    "in the cache, when its estimated cost is within --surrogate-budget), train (the same whatever it costs), none, "
+    "or a run directory or checkpoint of a model trained without defenses on the same data.",
+)
+@click.option(
+    "--surrogate-budget",
+    type=click.FloatRange(min=0),
+    default=300,
+    show_default=True,
+    metavar="SECONDS",
+    help="--surrogate auto trains no surrogate estimated to take longer than this.",
 )
 @click.option(
     "--surrogate-epochs",
@@ -582,6 +619,7 @@ def evaluate(
     batch_size,
     no_checks,
     surrogate,
+    surrogate_budget,
     surrogate_epochs,
     no_resume,
     out,
@@ -611,9 +649,12 @@ def evaluate(
         resume=not no_resume,
         surrogate=None if surrogate == "none" else surrogate,
         surrogate_epochs=surrogate_epochs,
+        surrogate_budget=surrogate_budget,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return
     click.echo(markdown(report).split("![")[0].rstrip())
-    click.echo("\nwrote " + ", ".join(str(p) for p in files.values()))
+    latest = [str(p) for k, p in files.items() if k in ("json", "md", "eps_plot", "examples")]
+    click.echo("\nwrote " + ", ".join(latest))
+    click.echo(f"this evaluation is kept in {files['evaluation']}; every evaluation here: {files['evaluations_md']}")

@@ -9,9 +9,10 @@ taken per point (mean over points of the minimum over attacks), never as the min
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -22,13 +23,13 @@ from regdefense import report as reporting
 from regdefense.attacks import resolve_attack
 from regdefense.checks import run_checks
 from regdefense.config import check_linf_eps
-from regdefense.errors import UserError
+from regdefense.errors import UserError, first_line
 from regdefense.measure import NoInputGradient, ThreatModel, accuracy, attack_points, batch_seed, logits_of
 from regdefense.metrics import acc_drop, detection_score, per_point, summarise, wilson_interval
 from regdefense.results import Report, Row, merge
 from regdefense.resume import EvalState, digest, model_digest
 from regdefense.suites import build_suite
-from regdefense.surrogate import clean_surrogate
+from regdefense.surrogate import BUDGET_SECONDS, clean_surrogate
 from regdefense.targets import Target, _decode, load_target, select_points
 
 __all__ = [
@@ -74,7 +75,7 @@ def evaluate_model(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     state_path: str | Path | None = None,
-    surrogate: nn.Module | None = None,
+    surrogate: nn.Module | Callable[[], nn.Module] | None = None,
     first_index: int = 0,
     keep_progress: bool = False,
 ) -> Report:
@@ -82,7 +83,8 @@ def evaluate_model(
 
     :param state_path: save the attacks' progress there as they go and resume from it (see :mod:`regdefense.resume`);
         the file is removed when the evaluation completes.
-    :param surrogate: a model trained without any defense on the same data, for the transfer check.
+    :param surrogate: a model trained without any defense on the same data, for the transfer check, or a function
+        that returns one (called after the attacks, so that the numbers asked for come first).
     :param first_index: the position of ``x[0]`` in a larger evaluation (a chunk's offset; seeds batches).
     :param keep_progress: leave the progress file in place at the end (the chunks of one evaluation).
     """
@@ -178,10 +180,13 @@ def evaluate_model(
                         threat=threat,
                         **kw,
                     )
-                except NoInputGradient as exc:
+                except Exception as exc:  # no input gradient, or an attack that crashes on this model
+                    if isinstance(exc, UserError) and not isinstance(exc, NoInputGradient):
+                        raise  # the user's input (a bad spec, a missing purifier): said as it is
                     adv_i, ok_i = x[idx].clone(), clean_ok[idx].clone()
+                    why = str(exc) if isinstance(exc, NoInputGradient) else f"{type(exc).__name__}: {first_line(exc)}"
                     warnings.append(
-                        f"{suite.name}: {a.label} did not run — {exc}; its row is the clean accuracy and "
+                        f"{suite.name}: {a.label} did not run — {why}; its row is the clean accuracy and "
                         f"means nothing: see the transfer, black-box and BPDA checks"
                     )
                     if bar is not None:
@@ -282,6 +287,7 @@ def evaluate_model(
             n_check=check_samples,
             suites=built,
             surrogate=surrogate,
+            progress=progress,
             **kw,
         )
     if state is not None and not keep_progress:
@@ -314,6 +320,7 @@ def evaluate(
     resume: bool = True,
     surrogate: str | Path | nn.Module | None = "auto",
     surrogate_epochs: int = 10,
+    surrogate_budget: float = BUDGET_SECONDS,
     subset: str | None = None,
     chunk: int | None = None,
 ) -> tuple[Report, dict[str, Path]]:
@@ -328,9 +335,10 @@ def evaluate(
         validation images) or a file of paths (see :func:`load_target`); ``n`` then counts within it.
     :param out: where to write the reports (default: ``RUN_DIR/eval`` or next to the file).
     :param resume: save progress to ``OUT/progress.pt`` as attacks finish batches, and continue from it.
-    :param surrogate: for the transfer check: ``"auto"`` (a model trained ``surrogate_epochs`` epochs without any
-        defense on the same data, trained once and cached, see :func:`clean_surrogate`), a run directory or
-        checkpoint of such a model, a module, or None to skip the check.
+    :param surrogate: for the transfer check: ``"auto"`` (the evaluated architecture trained ``surrogate_epochs``
+        epochs without any defense on the same data, once, in the cache, see :func:`clean_surrogate`; not trained
+        when its estimated cost is over ``surrogate_budget`` seconds), ``"train"`` (the same whatever it costs), a run
+        directory or checkpoint of such a model, a module, or None to skip the check. It is trained after the attacks.
     :return: the report and the paths written.
     """
     if eps is not None and eps < 0:
@@ -344,19 +352,25 @@ def evaluate(
             out = Path("eval") / str(target).replace(":", "-").replace("/", "--")
         else:
             out = Path(target) / "eval" if Path(target).is_dir() else Path(target).with_suffix("").parent / "eval"
-    sur = None
+    sur: Any = None
     if checks and surrogate is not None:
-        sur = (
-            surrogate
-            if isinstance(surrogate, nn.Module)
-            else (
-                clean_surrogate(t.data_config, epochs=surrogate_epochs, device=device, echo=print if progress else None)
-                if surrogate == "auto"
-                else load_target(
-                    surrogate, which="last" if Path(surrogate).is_dir() else which, dataset=dataset, device=device, n=1
-                ).model
+        if isinstance(surrogate, nn.Module):
+            sur = surrogate
+        elif surrogate in ("auto", "train"):  # trained after the attacks asked for, when the checks need it
+            sur = functools.partial(
+                clean_surrogate,
+                t.data_config,
+                model=t.model_config,
+                epochs=surrogate_epochs,
+                device=device,
+                echo=print if progress else None,
+                budget=surrogate_budget if surrogate == "auto" else None,
+                progress=progress,
             )
-        )
+        else:
+            sur = load_target(
+                surrogate, which="last" if Path(surrogate).is_dir() else which, dataset=dataset, device=device, n=1
+            ).model
     size = chunk or t.count
     reports, files = [], []
     for k, start in enumerate(range(0, t.count, size)):
@@ -391,11 +405,12 @@ def evaluate(
     for f in files:  # the evaluation is complete: its progress is no longer needed
         f.unlink(missing_ok=True)
     _add_best_known(rep, t, Path(out))
-    return rep, reporting.write(rep, Path(out))
+    return rep, reporting.record(rep, Path(out))
 
 
 def _add_best_known(rep: Report, t: Target, out: Path) -> None:
-    """Add this evaluation to the checkpoint's ledger (``out/ledger.json``) and its best-known row to the report."""
+    """Add this evaluation to the weights' ledger (in the cache, and ``out/ledger.json`` beside the report) and its
+    best-known row to the report: the row sees every evaluation of these weights, whatever folder it was written to."""
     weights = Path(str(t.meta.get("target", "")))
     if not weights.is_file():
         return
@@ -407,7 +422,8 @@ def _add_best_known(rep: Report, t: Target, out: Path) -> None:
         if r.kind in ("attack", "cascade step") and r.points is not None
     } | rep.check_points
     assert rep.clean_points is not None
-    entry = ledger.record(out / "ledger.json", rep.meta, rep.clean_points, broken)
+    sha = rep.meta["weights_sha256"]
+    entry = ledger.record([ledger.weights_ledger(sha), out / "ledger.json"], rep.meta, rep.clean_points, broken)
     value, count = ledger.headline(entry, rep.meta["n"])
     ok = torch.tensor([entry["points"][str(i)]["broken_by"] is None for i in range(count)])
     rep.rows.append(

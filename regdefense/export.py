@@ -1,19 +1,22 @@
-"""Export a run's evaluated model to files other tools load: safetensors weights or a TorchScript program.
+"""Export a run's evaluated model to files other tools load: safetensors weights, a ``torch.export`` program, or
+(for existing pipelines; torch 2.14 deprecates it) a TorchScript program.
 
     regdefense export RUN --format safetensors     # RUN/export/model.safetensors + config.json
-    regdefense export RUN --format torchscript     # RUN/export/model.ts + config.json
+    regdefense export RUN --format torch-export    # RUN/export/model.pt2 + config.json (torch.export.load)
+    regdefense export RUN --format torchscript     # RUN/export/model.ts + config.json (deprecated by torch)
 
 What is exported is what ``regdefense evaluate`` measures (``regdefense_eval_model``: an EMA copy, a purifier in
 front of the classifier, ...), in eval mode, taking N×C×H×W float inputs in [0, 1] (any normalisation is inside).
 ``config.json`` records the architecture, the input shape, the classes, the run's resolved config and the SHA-256 of
-the checkpoint it came from. :func:`load` rebuilds a safetensors export; a TorchScript export needs only
-``torch.jit.load``.
+the checkpoint it came from. :func:`load` rebuilds any of them (``regdefense.load_model`` too); a ``.pt2`` needs only
+``torch.export.load(path).module()`` (the batch dimension is dynamic), a TorchScript export ``torch.jit.load``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from safetensors.torch import save_model
 from regdefense import checkpoint, ledger
 from regdefense._version import __version__
 from regdefense.attacks import model_mode
-from regdefense.errors import UserError
+from regdefense.errors import UserError, first_line
 from regdefense.targets import load_target
 from regdefense.weights import FORMATS, architecture, is_export, load, read_weights, resolve
 
@@ -69,11 +72,31 @@ def export(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(files["weights"], 0o666 & ~umask)  # safetensors writes 0600; an export is meant to be shared
+    elif fmt == "torch-export":
+        files["weights"] = folder / "model.pt2"
+        batch = torch.export.Dim("batch", max=1 << 20)  # any batch size (min=1 would break the 0/1 rule)
+        example = t.x[:1].float().repeat(2, 1, 1, 1)  # two images: a batch of one would fix the batch size
+        try:
+            with model_mode(model, False):
+                program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        except Exception as exc:  # a model torch.export cannot trace (data-dependent control flow, ...)
+            raise UserError(
+                f"torch.export cannot export this model ({type(model).__name__}): {first_line(exc, 300)}; export "
+                f"--format safetensors instead"
+            ) from None
+        torch.export.save(program, str(files["weights"]))
     else:
         files["weights"] = folder / "model.ts"
-        with torch.no_grad(), model_mode(model, False):
+        with torch.no_grad(), model_mode(model, False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # said once, below, in our words
             traced = torch.jit.trace(model, t.x[:1], check_trace=False)
-        traced.save(str(files["weights"]))
+            traced.save(str(files["weights"]))
+        warnings.warn(
+            "TorchScript is deprecated by torch 2.14; --format torch-export writes the same model as a "
+            "torch.export program (model.pt2) that evaluation, ART and torch itself load",
+            FutureWarning,
+            stacklevel=2,
+        )
     files["config"].write_text(json.dumps(info, indent=2, default=str))
     return files
 

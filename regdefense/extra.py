@@ -38,7 +38,7 @@ from regdefense.paths import cache_dir
 from regdefense.restore import load_model
 from regdefense.runtime import resolve_device
 from regdefense.stream import scan_folder, scan_shards
-from regdefense.weights import is_export, resolve
+from regdefense.weights import MODEL_FILES, is_export, resolve
 
 
 def _npz_member(path: Path, name: str) -> np.ndarray:
@@ -279,7 +279,7 @@ def _weights_file(teacher: str) -> Path | None:
         return None
     path = Path(resolve(teacher))
     if is_export(path):
-        return next((f for f in (path / "model.safetensors", path / "model.ts") if f.exists()), None)
+        return next((f for f in (path / name for name in MODEL_FILES.values()) if f.exists()), None)
     path = path / "checkpoints" / "best.pt" if path.is_dir() else path
     return path if path.is_file() else None
 

@@ -1,8 +1,11 @@
 """The best-known ledger: every attack ever run on one checkpoint, per test point, so a headline can only go down.
 
 Each evaluation of the same weights (identified by the SHA-256 of the checkpoint file) at the same ε, norm and
-dataset adds its per-point results to ``ledger.json`` next to the report. A point counts as robust only while it is
-classified correctly clean and no attack in the ledger has broken it; the first attack that broke it is named.
+dataset adds its per-point results to the weights' own ledger in the cache (``cache_dir()/ledgers/SHA.json``, or
+``$REGDEFENSE_LEDGER``), whatever ``--out`` folder the report goes to, and to ``ledger.json`` next to the report (a
+copy that travels with it; its entries are merged back when the report folder is evaluated again on another machine).
+A point counts as robust only while it is classified correctly clean and no attack in the ledger has broken it; the
+first attack that broke it is named.
 The report's ``best known`` row is that per-point worst case over everything ever run — as RobustBench reports
 external attacks — so a later, stronger attack lowers it and a weaker one leaves it where it was.
 """
@@ -18,8 +21,19 @@ from typing import Any
 from torch import Tensor
 
 from regdefense.errors import UserError
+from regdefense.paths import cache_dir
 
 FORMAT = 1
+
+
+def home() -> Path:
+    """Where the per-weights ledgers live: ``$REGDEFENSE_LEDGER``, else ``cache_dir()/ledgers``."""
+    return Path(os.environ["REGDEFENSE_LEDGER"]) if os.environ.get("REGDEFENSE_LEDGER") else cache_dir() / "ledgers"
+
+
+def weights_ledger(sha256: str) -> Path:
+    """The ledger of one set of weights, wherever its reports are written."""
+    return home() / f"{sha256}.json"
 
 
 def fingerprint(path: str | Path) -> str:
@@ -35,20 +49,40 @@ def _key(meta: dict[str, Any]) -> str:
     return f"{meta['weights_sha256']}|{meta['dataset']}|{meta['norm']}|eps={float(meta['eps']):.6g}"
 
 
-def record(ledger_path: Path, meta: dict[str, Any], clean_ok: Tensor, broken_by: dict[str, Tensor]) -> dict[str, Any]:
+def _read(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"format": FORMAT, "entries": {}}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not a readable ledger ({exc}); move it away to start a new one") from None
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add ``other``'s attacks and broken points to ``into`` (a point broken in either is broken)."""
+    for key, entry in other.get("entries", {}).items():
+        mine = into["entries"].setdefault(key, {"attacks": [], "points": {}})
+        mine["attacks"] += [a for a in entry["attacks"] if a not in mine["attacks"]]
+        for i, p in entry["points"].items():
+            q = mine["points"].setdefault(i, {"broken_by": None})
+            if q["broken_by"] is None:
+                q["broken_by"] = p["broken_by"]
+
+
+def record(
+    ledger_path: Path | list[Path], meta: dict[str, Any], clean_ok: Tensor, broken_by: dict[str, Tensor]
+) -> dict[str, Any]:
     """Add one evaluation to the ledger and return the entry for these weights, ε and norm.
 
+    :param ledger_path: the ledger file, or several copies of it (the weights' own and the report folder's): their
+        entries are merged, the evaluation added, and every copy written.
     :param clean_ok: per-point clean correctness of the evaluated points (the first ``len(clean_ok)`` test points).
     :param broken_by: ``{attack label: per-point "still correct" under that attack}``, in the order the attacks ran.
     """
+    paths = [ledger_path] if isinstance(ledger_path, Path) else list(ledger_path)
     data: dict[str, Any] = {"format": FORMAT, "entries": {}}
-    if ledger_path.exists():
-        try:
-            data = json.loads(ledger_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(
-                f"{ledger_path} is not a readable ledger ({exc}); move it away to start a new one"
-            ) from None
+    for path in paths:
+        _merge(data, _read(path))
     entry = data["entries"].setdefault(_key(meta), {"attacks": [], "points": {}})
     points = entry["points"]
     for i, ok in enumerate(clean_ok.tolist()):
@@ -62,10 +96,11 @@ def record(ledger_path: Path, meta: dict[str, Any], clean_ok: Tensor, broken_by:
             p = points[str(i)]
             if not ok and p["broken_by"] is None:
                 p["broken_by"] = label
-    tmp = ledger_path.with_suffix(".json.tmp")
-    ledger_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, ledger_path)  # atomic: an interrupted write never leaves half a ledger
+    for path in paths:
+        tmp = path.with_suffix(".json.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)  # atomic: an interrupted write never leaves half a ledger
     return entry
 
 

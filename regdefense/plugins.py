@@ -90,8 +90,15 @@ def hook_problems(cls: type) -> list[str]:
         if name not in specs:
             problems.append(f"{name} is not a hook{did_you_mean(name, specs)}")
             continue
-        if getattr(fn, "regdefense_impl", None) is None:
+        marker = getattr(fn, "regdefense_impl", None)
+        if marker is None:
             problems.append(f"{name} lacks the @hookimpl marker, so it would never be called")
+            continue
+        if (marker.get("wrapper") or marker.get("hookwrapper")) and not inspect.isgeneratorfunction(fn):
+            problems.append(
+                f"{name} is marked wrapper=True but never yields, so pluggy refuses it when a run starts (a wrapper "
+                f"is `result = yield` then `return result`)"
+            )
             continue
         passed = set(inspect.signature(specs[name]).parameters)
         try:
@@ -300,6 +307,45 @@ def providers(pm: pluggy.PluginManager, hook: str, fallbacks: bool = False) -> l
         for i in impls
         if i.plugin_name != "core" and not (i.wrapper or i.hookwrapper) and bool(i.trylast) == fallbacks
     ]
+
+
+def answer_error(pm: pluggy.PluginManager, hook: str, problem: str) -> PluginError:
+    """A hook's result is unusable: name the defenses that implement it (the one that answered is among them)."""
+    impls = reversed(getattr(pm.hook, hook).get_hookimpls())  # wrappers too: one may have replaced the answer
+    names = list(dict.fromkeys(i.plugin_name for i in impls if i.plugin_name != "core")) or ["core"]
+    who = f"defense '{names[0]}'" if len(names) == 1 else "one of the defenses " + ", ".join(f"'{n}'" for n in names)
+    return PluginError(f"{who} returned an unusable result from {hook}: {problem}")
+
+
+def adversarial_problem(adv: Any, inputs: Any) -> str | None:
+    """What is wrong with a ``regdefense_make_adversarial`` result for a batch of ``inputs``, or None: it must be a
+    floating tensor of the inputs' image shape (or a dict of them, for defenses that train on several batches)."""
+    import torch
+
+    items = adv.items() if isinstance(adv, dict) else [("", adv)]
+    for key, value in items:
+        where = f"[{key!r}] " if key else ""
+        if not isinstance(value, torch.Tensor):
+            return f"{where}is a {type(value).__name__}, not a tensor of adversarial images"
+        if value.shape[1:] != inputs.shape[1:] or value.dim() != inputs.dim():
+            return f"{where}has shape {tuple(value.shape)}; the batch's images are {tuple(inputs.shape)}"
+        if not value.is_floating_point():
+            return f"{where}has dtype {value.dtype}; images are floating point in [0, 1]"
+    return None
+
+
+def loss_terms_problem(terms: Any) -> str | None:
+    """What is wrong with a ``regdefense_compute_loss`` result, or None: a dict of named scalar tensors."""
+    import torch
+
+    if not isinstance(terms, dict):
+        return f"a {type(terms).__name__}, not a dict of named loss terms"
+    for name, value in terms.items():
+        if not isinstance(value, torch.Tensor):
+            return f"term '{name}' is a {type(value).__name__}, not a tensor"
+        if value.numel() != 1:
+            return f"term '{name}' has shape {tuple(value.shape)}; each term must be a scalar (reduce it, e.g. .mean())"
+    return None
 
 
 def check_conflicts(pm: pluggy.PluginManager) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,7 +55,8 @@ def markdown(report: Report) -> str:
         "that survive every attack. Acc-drop = clean − robust (seed 001, Eq. 21). AUROC separates clean from "
         "adversarial inputs by 1 − max softmax probability. Cascade steps (`group: after X`) are "
         "cumulative. The best-known row is the per-point worst case over every attack ever run on these "
-        "weights at this ε (`ledger.json`); `report.json` names the attack that broke each point.",
+        "weights at this ε, wherever its report was written (the weights' ledger in the cache; a copy in "
+        "`ledger.json`); `report.json` names the attack that broke each point.",
         "",
     ]
     if report.checks:
@@ -152,6 +156,82 @@ def plot_examples(report: Report, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def record(report: Report, out: Path) -> dict[str, Path]:
+    """Write an evaluation so that none before it is lost: its own folder ``out/evaluations/NNN-SUITES/`` (report.json,
+    report.md, plots), the latest evaluation's files at ``out/`` itself (where scripts look), and the summary across
+    every evaluation kept there (``evaluations.md``, ``evaluations.json``), grouped by the weights evaluated."""
+    report.meta.setdefault("evaluated_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    history = out / "evaluations"
+    history.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.split("-")[0]) for p in history.iterdir() if p.name.split("-")[0].isdigit()]
+    slug = re.sub(r"[^A-Za-z0-9_.+-]+", "-", "+".join(map(str, report.meta.get("suites") or ["eval"])))[:48].strip("-")
+    own = history / f"{max(taken, default=0) + 1:03d}-{slug or 'eval'}"
+    write(report, own)
+    files = write(report, out)
+    files["evaluation"] = own
+    files.update(summarize(out))
+    return files
+
+
+def summary_row(rep: dict[str, Any], folder: str) -> dict[str, Any]:
+    """One evaluation in the summary: what was evaluated, with what, and the numbers."""
+    m = rep.get("meta", {})
+    best = next((r["robust"] for r in rep.get("rows", []) if r.get("kind") == "best known"), None)
+    return {
+        "evaluation": folder,
+        "at": m.get("evaluated_at", ""),
+        "target": str(m.get("target", "")),
+        "epoch": m.get("epoch"),
+        "weights_sha256": m.get("weights_sha256", ""),
+        "suites": list(m.get("suites") or []),
+        "eps": m.get("eps"),
+        "norm": m.get("norm"),
+        "n": m.get("n"),
+        "clean": rep.get("clean"),
+        "worst_case": rep.get("worst_case"),
+        "best_known": best,
+        "warned_checks": [c["name"] for c in rep.get("checks", []) if c.get("status") == "warn"],
+    }
+
+
+def summarize(out: Path) -> dict[str, Path]:
+    """``evaluations.json`` and ``evaluations.md``: every evaluation kept in ``out/evaluations``, oldest first,
+    grouped by the weights evaluated (a run's best.pt and last.pt are separate groups)."""
+    rows = []
+    for folder in sorted((out / "evaluations").glob("*/report.json")):
+        try:
+            rows.append(summary_row(json.loads(folder.read_text()), folder.parent.name))
+        except (OSError, ValueError):
+            continue  # a folder being written, or damaged: the summary lists what it can read
+    files = {"evaluations_json": out / "evaluations.json", "evaluations_md": out / "evaluations.md"}
+    files["evaluations_json"].write_text(json.dumps(rows, indent=2, default=str))
+    lines = ["# Evaluations", ""]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["weights_sha256"] or r["target"], []).append(r)
+    for key, members in groups.items():
+        first = members[0]
+        epoch = f", epoch {first['epoch']}" if first["epoch"] is not None else ""
+        lines += [
+            f"## {first['target'] or 'model'}{epoch}" + (f" (weights {key[:12]})" if first["weights_sha256"] else ""),
+            "",
+            "| evaluation | when (UTC) | attacks | ε | points | clean % | worst case % | best known % "
+            "| checks warned |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in members:
+            eps = "–" if r["eps"] is None else f"{r['eps']:.4g} ({r['norm']})"
+            warned = ", ".join(r["warned_checks"]) or "none"
+            lines.append(
+                f"| [{r['evaluation']}](evaluations/{r['evaluation']}/report.md) | {r['at']} | "
+                f"{', '.join(r['suites'])} | {eps} | {r['n']} | {_pct(r['clean'])} | {_pct(r['worst_case'])} | "
+                f"{_pct(r['best_known'])} | {warned} |"
+            )
+        lines.append("")
+    files["evaluations_md"].write_text("\n".join(lines))
+    return files
 
 
 def write(report: Report, out: Path) -> dict[str, Path]:

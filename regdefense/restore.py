@@ -16,13 +16,14 @@ from typing import Any
 from torch import nn
 
 from regdefense import checkpoint
-from regdefense.config import RunConfig
+from regdefense.config import DataConfig, RunConfig
+from regdefense.data import load_data
 from regdefense.defense import declared
 from regdefense.errors import UserError, first_line
-from regdefense.models import robustbench_zoo
+from regdefense.models import create_model, robustbench_zoo
 from regdefense.parts import Assembly, load_config
 from regdefense.plugins import catalogue
-from regdefense.weights import is_export, load, resolve
+from regdefense.weights import is_export, load, load_program, load_torchscript, resolve, state_dict_of
 
 
 def load_networks(host: Any, payload: dict[str, Any], only: set[str] | None = None) -> None:
@@ -38,6 +39,32 @@ def load_networks(host: Any, payload: dict[str, Any], only: set[str] | None = No
         load_state = declared(plugin, "load_state_dict")
         if name in payload["plugins"] and load_state is not None and (only is None or name in only):
             load_state(payload["plugins"][name])
+
+
+def require_for_resume(stack: list[str], payload: dict[str, Any], run_dir: Any) -> None:
+    """Refuse to resume a run whose defenses are not all installed, naming each one's distribution and version as the
+    checkpoint recorded them (resuming trains: every defense of the stack is needed, not only the evaluated model's)."""
+    cat = catalogue()
+    missing = [n for n in stack if n not in cat or cat[n].error]
+    if not missing:
+        return
+    roles = payload.get("roles") or {}
+    wants = []
+    for name in missing:
+        role = roles.get(name) or {}
+        if role.get("dist"):
+            wants.append(
+                f"'{name}' from {role['dist']} {role['version']}: pip install '{role['dist']}=={role['version']}'"
+            )
+        elif name in cat:
+            wants.append(f"'{name}' is installed but broken: {cat[name].error}")
+        else:
+            recorded = ", ".join(f"{d} {v}" for d, v in (payload.get("versions") or {}).items() if d != "torch")
+            wants.append(f"'{name}' (not recorded; the run's distributions were: {recorded})")
+    raise UserError(
+        f"cannot resume {run_dir}: its stack needs defenses that are not installed here — {'; '.join(wants)}; then "
+        f"resume again"
+    )
 
 
 def drop_training_only(raw: dict[str, Any], payload: dict[str, Any]) -> list[str]:
@@ -119,19 +146,51 @@ def checkpoint_file(path: Path, which: str = "best") -> Path:
 
 
 def load_model(
-    target: str | Path, *, which: str = "best", device: str = "cpu", dataset: str | None = None
+    target: str | Path,
+    *,
+    which: str = "best",
+    device: str = "cpu",
+    dataset: str | None = None,
+    arch: str | None = None,
 ) -> nn.Module:
-    """The evaluated model of ``target`` — a run directory (its ``checkpoints/<which>.pt``), a checkpoint, an export
-    folder (safetensors or TorchScript), ``hf:ORG/NAME[@REV]`` or ``robustbench:NAME`` — in eval mode on ``device``."""
+    """The evaluated model of ``target``, in eval mode on ``device``, ready for torchattacks, ART or AutoAttack (inputs
+    N×C×H×W in [0, 1]; any normalisation is inside). ``target`` is any of:
+
+    - a run directory (its ``checkpoints/<which>.pt``) or a regdefense checkpoint;
+    - an export folder (``regdefense export``: safetensors, torch-export or TorchScript);
+    - ``hf:ORG/NAME[@REV]`` (a pushed run, through the Hugging Face cache) or ``robustbench:NAME`` (the zoo);
+    - a ``.pt2`` file (``torch.export``);
+    - with ``arch``, a model file: an architecture name for a state_dict or RobustBench-format checkpoint
+      (``{"state_dict": ...}``, ``module.`` prefixes removed) sized for ``dataset`` (default digits), or
+      ``"torchscript"``.
+    """
     if isinstance(target, str) and target.startswith("robustbench:"):
         return robustbench_zoo.load(target, dataset).to(device).eval()
     path = Path(resolve(target))
     if not path.exists():
         raise UserError(
             f"nothing to load at {path}: give a run directory, a checkpoint, an export folder, "
-            f"hf:ORG/NAME or robustbench:NAME"
+            f"hf:ORG/NAME, robustbench:NAME, a .pt2 file, or a model file with arch="
         )
+    if arch == "torchscript":
+        return load_torchscript(path, map_location=device)
+    if arch == "torch-export" or (arch is None and path.suffix == ".pt2" and path.is_file()):
+        return load_program(path).to(device)
+    if arch is not None:
+        return _model_file(path, arch, dataset or "digits").to(device).eval()
     if is_export(path):
         return load(path).to(device).eval()
     _, model, _, _ = rebuild(checkpoint.load(checkpoint_file(path, which)), dataset=dataset, device=device)
     return model.eval()
+
+
+def _model_file(path: Path, arch: str, dataset: str) -> nn.Module:
+    """Architecture ``arch`` sized for ``dataset``'s images, with the weights of a state_dict-like file."""
+    data = load_data(DataConfig(name=dataset, val_fraction=0.0))
+    c, h, w = data.input_shape
+    model = create_model(arch, in_channels=c, num_classes=data.num_classes, image_size=min(h, w), dataset=dataset)
+    try:
+        model.load_state_dict(state_dict_of(checkpoint.read(path)))
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} does not fit architecture '{arch}': {first_line(exc, 300)}") from None
+    return model

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +25,9 @@ from regdefense.defense import declared
 from regdefense.errors import UserError
 from regdefense.measure import accuracy
 from regdefense.parts import load_config
+from regdefense.restore import require_for_resume
 from regdefense.runtime import versions
+from regdefense.safety import TrainingInterrupted
 from regdefense.trainer import Trainer
 
 __all__ = ["RunResult", "check", "cost", "final_table", "load_config", "make_run_dir", "peak_host_bytes", "train"]
@@ -187,7 +190,7 @@ def final_table(trainer) -> list[dict[str, Any]]:
         return float(trainer.dist.sum_(correct)) / n
 
     def row(label: str) -> dict[str, Any]:
-        model = trainer.hook.regdefense_eval_model(trainer=trainer)
+        model = trainer.eval_model()
         return {
             "model": label,
             "clean": acc(model),
@@ -233,6 +236,7 @@ def check(
 ) -> str:
     """Everything ``train`` does before the first step (config, data checks, model, stack), as a summary."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
+    tracking.check_names(cfg.train.log)  # the trackers the run would refuse, refused here too
     trainer = Trainer(cfg)
     t, data = cfg.train, trainer.data
     params = sum(p.numel() for p in trainer.raw_model.parameters())
@@ -323,8 +327,9 @@ def train(
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read {run_dir / 'config.json'} to resume: {exc}") from None
         saved = {k: v for k, v in saved.items() if k not in ("versions", "resolved")}
-        cfg = load_config(raw=saved, overrides=overrides)
         payload = checkpoint.load(ckpt)
+        require_for_resume(list(saved.get("defenses") or []), payload, run_dir)
+        cfg = load_config(raw=saved, overrides=overrides)
         for line in resume_edits(payload.get("config") or {}, cfg, int(payload.get("epoch", 0))):
             echo(f"resume: {line}")
         trainer = Trainer(cfg, run_dir=run_dir)
@@ -334,8 +339,14 @@ def train(
         cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
         tracking.check_names(cfg.train.log)
         run_dir = dist.broadcast_object(make_run_dir(cfg, out) if dist.is_main else None)  # rank 0 names it
-        trainer = Trainer(cfg, run_dir=run_dir)
+        try:
+            trainer = Trainer(cfg, run_dir=run_dir)
+        except Exception as exc:  # refused at start-up: the folder says why (compare lists it with the reason)
+            if dist.is_main:
+                write_error_log(run_dir, exc)
+            raise
         echo(f"run directory: {run_dir}" + (f" ({dist.world} processes)" if dist.enabled else ""))
+    trainer.progress.say = echo  # the epoch lines go where the caller's messages go
     if not dist.is_main:  # the other processes train and measure their shares; rank 0 writes
         trainer.fit()
         final_table(trainer)
@@ -366,9 +377,24 @@ def train(
             if (run_dir / f).exists()
         }
         trainer.hook.regdefense_log_summary(trainer=trainer, summary=summary, files=files)
+    except TrainingInterrupted:
+        raise  # not a failure: last.pt is written and the message says how to resume
+    except Exception as exc:  # every failed run keeps why in RUN_DIR/error.log (the message names the defense)
+        write_error_log(run_dir, exc)
+        raise
     finally:
         tracking.close_all(loggers)  # a failed or interrupted run: the trackers still finish (as failed)
     return RunResult(run_dir, table, wall, history, cost=spent)
+
+
+def write_error_log(run_dir: Path, exc: BaseException) -> None:
+    """``RUN_DIR/error.log``: the failure's message first, then its whole traceback (with the defense's own)."""
+    try:
+        (run_dir / "error.log").write_text(
+            f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(exc))
+        )
+    except OSError:
+        pass  # an unwritable run directory: the error itself still reaches the user
 
 
 def peak_host_bytes() -> int:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from regdefense import checkpoint
 from regdefense.attacks import pgd
@@ -190,3 +192,71 @@ class MetricsLog:
                 ) from None
         if tr.dist.is_main:  # experiment trackers (regdefense.trackers) and any plugin that logs
             tr.hook.regdefense_log_metrics(trainer=tr, epoch=metrics["epoch"], metrics=metrics)
+
+
+class Progress:
+    """What a person watching sees: the epoch's bar with the running mean of each loss term (read at most once a
+    second, since reading a loss waits for the GPU) and, after each epoch, one summary line. ``train.progress=false``
+    (``--quiet``) shows neither."""
+
+    #: seconds between two refreshes of the bar's loss terms
+    interval = 1.0
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.bar: Any = None
+        self._shown = 0.0
+        #: where the epoch lines go (the trainer's stderr echo; :func:`regdefense.run.train` gives its caller's)
+        self.say: Any = trainer.echo
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.trainer.config.train.progress) and self.trainer.dist.is_main
+
+    def wrap(self, loader, epoch: int, start: int = 0):
+        """The epoch's batches, behind a bar when progress is on."""
+        if not self.enabled:
+            self.bar = None
+            return loader
+        total = self.trainer.config.train.epochs
+        self.bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{total}", leave=False, dynamic_ncols=True, initial=start, total=len(loader)
+        )
+        self._shown = time.monotonic()
+        return self.bar
+
+    def batch(self, sums: dict[str, Any]) -> None:
+        """Show the running mean of the loss terms summed so far this epoch (at most once a second)."""
+        if self.bar is None or not sums.get("_n") or time.monotonic() - self._shown < self.interval:
+            return
+        self._shown = time.monotonic()
+        n = sums["_n"]
+        terms = {k[5:]: float(v) / n for k, v in sums.items() if k.startswith("loss_")}
+        if terms:
+            shown = {"loss": f"{sum(terms.values()):.4g}"}
+            if len(terms) > 1:
+                shown.update({k: f"{v:.3g}" for k, v in terms.items()})
+            self.bar.set_postfix(shown)
+
+    def epoch_end(self, metrics: dict[str, Any]) -> None:
+        """One line per epoch: loss and terms, held-out clean/PGD, learning rate, ε and seconds."""
+        self.bar = None
+        if self.enabled:
+            self.say(epoch_line(metrics, self.trainer.config.train.epochs))
+
+
+def epoch_line(m: dict[str, Any], epochs: int) -> str:
+    """``epoch 3/10  loss 0.512 (task 0.41, trades_kl 0.1)  held-out clean 91.2% PGD 45.0%  lr 0.1  ε 0.3  4.2 s``"""
+    terms = {k[5:]: v for k, v in m.items() if k.startswith("loss_")}
+    parts = [f"epoch {m['epoch']}/{epochs}", f"loss {m.get('loss', float('nan')):.4g}"]
+    if len(terms) > 1:
+        parts[-1] += " (" + ", ".join(f"{k} {v:.3g}" for k, v in terms.items()) + ")"
+    if "val_clean" in m:
+        parts.append(f"held-out clean {m['val_clean']:.1%} PGD {m.get('val_robust', float('nan')):.1%}")
+    if "val_fgsm" in m:
+        parts[-1] += f" FGSM {m['val_fgsm']:.1%}"
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.3g}")
+    parts.append(f"ε {m.get('eps', 0):.4g}")
+    parts.append(f"{m.get('epoch_seconds', 0):.1f} s")
+    return "  ".join(parts)

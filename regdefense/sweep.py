@@ -75,10 +75,18 @@ def plan(recipes: list[str], seeds: list[int], out: str | Path, overrides: list[
 
 
 def run(
-    jobs: list[Job], *, attacks: list[str] | None = None, eval_n: int | None = None, echo: Callable[[str], None] = print
+    jobs: list[Job],
+    *,
+    attacks: list[str] | None = None,
+    eval_n: int | None = None,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the jobs in order; return one compare row per job (``status`` ``ok`` or why not), labelled by recipe."""
+    """Run the jobs in order; return one compare row per job (``status`` ``ok`` or why not), labelled by recipe.
+    Each line says which run of how many it is about (``[k/n] LABEL seed S: ...``), its epoch lines included;
+    ``progress=False`` keeps only the lines that start and end a run (no bars, no epoch lines)."""
     rows = []
+    quiet = [] if progress else ["train.progress=false"]
     for k, job in enumerate(jobs, 1):
         head = f"[{k}/{len(jobs)}] {job.label} seed {job.seed}"
         try:
@@ -86,19 +94,19 @@ def run(
                 echo(f"{head}: finished before, kept")
             elif (job.out / "checkpoints" / "last.pt").exists():
                 echo(f"{head}: resuming {job.out}")
-                train(resume=job.out, overrides=["train.progress=false"], echo=lambda s: None)
+                train(resume=job.out, overrides=quiet, echo=_prefixed(echo, head))
             else:
                 echo(f"{head}: training into {job.out}")
                 _fresh(job.out)
                 train(
                     job.recipe or None,
-                    overrides=[*job.overrides, f"train.seed={job.seed}", "train.progress=false"],
+                    overrides=[*job.overrides, f"train.seed={job.seed}", *quiet],
                     out=job.out,
-                    echo=lambda s: None,
+                    echo=_prefixed(echo, head),
                 )
             if attacks and not (job.out / "eval" / "report.json").exists():
                 echo(f"{head}: evaluating ({', '.join(attacks)})")
-                evaluate(job.out, suites=attacks, n=eval_n, progress=False)
+                evaluate(job.out, suites=attacks, n=eval_n, progress=progress)
         except Exception as exc:  # one run's failure is a row of the table, not the end of the sweep
             why = f"{type(exc).__name__}: {first_line(exc)}"
             echo(f"{head}: failed: {why}")
@@ -111,6 +119,10 @@ def run(
     return rows
 
 
+def _prefixed(echo: Callable[[str], None], head: str) -> Callable[[str], None]:
+    return lambda m: echo(f"{head}: {m}")
+
+
 def _fresh(out: Path) -> None:
     """A folder left by a run that failed before its first checkpoint is cleared for the retry."""
     if out.exists():
@@ -121,11 +133,8 @@ def _fresh(out: Path) -> None:
 
 
 def _row(job: Job, compare) -> dict[str, Any]:
-    try:
-        row = compare.read_run(job.out)
-    except UserError:  # failed before the run directory held a config
-        error = job.out / "error.log"
-        why = error.read_text().strip().splitlines()[-1][:120] if error.exists() else "did not start"
-        row = {"run": str(job.out), "seed": job.seed, "status": why}
-    row["recipe"] = job.label
+    row = compare.read_run(job.out)
+    if row["recipe"] is None and not job.out.exists():
+        row["status"] = "did not start"
+    row["recipe"] = job.label  # a run refused before its config was written still belongs to its recipe
     return row

@@ -17,11 +17,11 @@ from regdefense import checkpoint
 from regdefense.config import DataConfig
 from regdefense.data import load_data
 from regdefense.errors import UserError, first_line
-from regdefense.models import create_model, robustbench_zoo
+from regdefense.models import create_model, list_models, robustbench_zoo
 from regdefense.restore import checkpoint_file, rebuild
 from regdefense.runtime import resolve_device
 from regdefense.stream import subset_of
-from regdefense.weights import is_export, load, resolve
+from regdefense.weights import is_export, load, load_program, load_torchscript, resolve, state_dict_of
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Target:
     meta: dict[str, Any]
     run_dir: Path | None = None
     data_config: dict[str, Any] = field(default_factory=dict)  #: the run's data section (for a clean surrogate)
+    model_config: dict[str, Any] = field(default_factory=dict)  #: the run's model section (the surrogate's)
     split: Any = None  #: the evaluated test split (x holds its first points, decoded)
     count: int = 0  #: how many of its points are evaluated
 
@@ -79,6 +80,8 @@ def load_target(
             f"hf:ORG/NAME, robustbench:NAME or a model file"
         )
     dev = resolve_device(device)
+    if arch is None and path.suffix == ".pt2" and path.is_file():
+        arch = "torch-export"  # a torch.export program says what it is
     if arch is None and is_export(path):
         return _export_target(path, str(target), dataset, device, n, subset, decode)
     if arch is None:
@@ -88,14 +91,12 @@ def load_target(
     data = _test_data(dataset or "digits", subset)
     c, h, w = data.input_shape
     if arch == "torchscript":
-        try:
-            model = torch.jit.load(str(path), map_location=dev)
-        except (RuntimeError, ValueError) as exc:
-            raise UserError(f"{path} is not a TorchScript file: {first_line(exc)}") from None
+        model = load_torchscript(path, map_location=dev)
+    elif arch == "torch-export":
+        model = load_program(path)
     else:
         model = create_model(arch, in_channels=c, num_classes=data.num_classes, image_size=min(h, w))
-        state: Any = checkpoint.read(path)  # a checksummed regdefense file or a plain state_dict; never unpickles code
-        state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+        state: Any = state_dict_of(checkpoint.read(path))  # regdefense's, RobustBench's or a plain state_dict
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
@@ -127,6 +128,7 @@ def _model_target(
     subset: str | None,
     decode: int | None,
     meta: dict[str, Any],
+    model_config: dict[str, Any] | None = None,
 ) -> Target:
     dev = resolve_device(device)
     split, count = select_points(data.test, n, subset)
@@ -142,8 +144,14 @@ def _model_target(
         num_classes=data.num_classes,
         device=dev,
         data_config={"name": data.name},
+        model_config=model_config if model_config is not None else _zoo_arch(meta.get("model")),
         meta=meta,
     )
+
+
+def _zoo_arch(name: Any) -> dict[str, Any]:
+    """A model file's architecture as a model section, when the zoo can build it (for the clean surrogate)."""
+    return {"name": name} if isinstance(name, str) and (name in list_models() or name.startswith("timm:")) else {}
 
 
 def _export_target(
@@ -174,6 +182,7 @@ def _export_target(
             "epoch": info.get("epoch"),
             "source": info.get("source"),
         },
+        dict((info.get("config") or {}).get("model") or {}, name=info["architecture"]),
     )
 
 
@@ -240,6 +249,7 @@ def _target_from_payload(
         data_config=dict(payload["config"].get("data") or {})
         | {"extra": [], "teacher": None}
         | ({"name": dataset} if dataset else {}),
+        model_config=dict(payload["config"].get("model") or {}),
         meta={
             "target": str(ckpt),
             "dataset": cfg.data.name,

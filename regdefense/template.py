@@ -106,13 +106,14 @@ regdefense plugins                                   # {name} is listed, with it
 regdefense train --defense pgd_at --defense {name} -o {name}.weight=0.01
 ```
 
-`regdefense_{name}.py` holds the defense: a `Config` (every field with a default, help and limits), one hook, and
-its declarations (`requires`, `reads`). See regdefense's docs/writing-plugins.md and docs/hooks.md.
+`regdefense_{name}/__init__.py` holds the defense: a `Config` (every field with a default, help and limits), one
+hook, and its declarations (`requires`, `reads`). See regdefense's docs/writing-plugins.md and docs/hooks.md.
 """
 
 
 def new_plugin(name: str, where: str | Path = ".") -> Path:
-    """Write ``regdefense-NAME/`` under ``where`` and return its path."""
+    """Write ``regdefense-NAME/`` under ``where`` (NAME with dashes for underscores, as pip writes distribution names:
+    ``input_grad_reg`` → ``regdefense-input-grad-reg/``) and return its path."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
         raise UserError(f"plugin name '{name}' must be a lower-case Python identifier, e.g. logit_penalty")
     if name in catalogue():

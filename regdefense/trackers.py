@@ -56,6 +56,7 @@ class TensorBoard(Tracker):
     text, ``curves.png`` as an image."""
 
     name = "tensorboard"
+    requires = ("tensorboard",)
 
     def __init__(self, run_dir: Path, config) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -92,6 +93,7 @@ class WandB(Tracker):
     regdefense run continues the same W&B run."""
 
     name = "wandb"
+    requires = ("wandb",)
 
     def __init__(self, run_dir: Path, config) -> None:
         import wandb
@@ -139,6 +141,7 @@ class MLflow(Tracker):
     ``summary.json`` and ``curves.png`` are artifacts."""
 
     name = "mlflow"
+    requires = ("mlflow",)
 
     def __init__(self, run_dir: Path, config) -> None:
         from mlflow.tracking import MlflowClient

@@ -13,6 +13,7 @@ hooks like a defense: ``regdefense_fit_start`` to open, ``regdefense_log_metrics
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,23 @@ EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def available() -> dict[str, md.EntryPoint]:
+    """Every registered tracker by name (usable or not: see :func:`missing`)."""
     return {ep.name: ep for ep in md.entry_points(group=GROUP)}
+
+
+def missing(ep: md.EntryPoint) -> str | None:
+    """Why the tracker ``ep`` cannot run here (its class fails to load, or a module it ``requires`` is not
+    installed), with how to fix it; None when it can. Its package is looked up, not imported."""
+    try:
+        cls = ep.load()
+    except Exception as exc:
+        return f"fails to load: {type(exc).__name__}: {exc}"
+    absent = [m for m in getattr(cls, "requires", ()) if importlib.util.find_spec(m) is None]
+    if not absent:
+        return None
+    extra = EXTRAS.get(ep.name)
+    fix = f"pip install 'regdefense[{extra}]'" if extra else f"pip install {' '.join(absent)}"
+    return f"needs {', '.join(absent)}, not installed: {fix}"
 
 
 def check_names(names: list[str]) -> dict[str, md.EntryPoint]:
@@ -37,6 +54,9 @@ def check_names(names: list[str]) -> dict[str, md.EntryPoint]:
                 f"unknown tracker '{name}' (train.log / --log); installed: {', '.join(sorted(eps)) or 'none'}"
                 f"; a third-party tracker registers under the '{GROUP}' entry-point group"
             )
+        why = missing(eps[name])
+        if why is not None:
+            raise UserError(f"the '{name}' tracker (train.log / --log) cannot run here: it {why}")
     return eps
 
 
@@ -127,6 +147,9 @@ class Tracker:
     """Base for trackers: ``open``/``log``/``finish``/``close`` wired to the hooks; subclasses fill them in."""
 
     name = "tracker"
+    #: modules the tracker imports when built: a run refuses it before starting, and ``regdefense plugins`` says so,
+    #: when one is not installed
+    requires: tuple[str, ...] = ()
 
     def __init__(self, run_dir: Path, config) -> None:
         self.run_dir, self.config = Path(run_dir), config

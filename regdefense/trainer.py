@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from regdefense.attacks import keep_modes
 from regdefense.config import RunConfig, unreached
@@ -32,11 +31,11 @@ from regdefense.data import BatchLoader, Data, Split
 from regdefense.errors import DataError, UserError
 from regdefense.extra import MixedLoader, load_extra
 from regdefense.parts import Assembly
-from regdefense.plugins import blame
+from regdefense.plugins import adversarial_problem, answer_error, blame, loss_terms_problem
 from regdefense.runtime import resolve_device, seed_everything, versions
 from regdefense.safety import Interrupt, NonFiniteGuard, NonFiniteLoss, TrainingInterrupted
 from regdefense.schedule import build_scheduler
-from regdefense.services import Checkpointer, MetricsLog, Validator
+from regdefense.services import Checkpointer, MetricsLog, Progress, Validator
 from regdefense.step import Step
 from regdefense.stream import StreamLoader
 
@@ -146,6 +145,7 @@ class Trainer(Assembly):
         self.validator = Validator(self)
         self.checkpoints = Checkpointer(self)
         self.metrics_log = MetricsLog(self)
+        self.progress = Progress(self)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -165,13 +165,17 @@ class Trainer(Assembly):
         with self.interrupt.installed():
             try:
                 return self._fit()
-            except (UserError, KeyboardInterrupt):
+            except (TrainingInterrupted, KeyboardInterrupt):
+                raise
+            except UserError as exc:  # refused (a defense's unusable result, NaN losses): why stays in error.log
+                self._write_traceback(exc)
                 raise
             except Exception as exc:  # a defense's bug: say which one, keep the traceback as the cause
+                where = self._write_traceback(exc)
                 culprit = blame(self.pm, exc)
                 if culprit is None:
                     raise
-                raise culprit.error(exc, self._last_good(), self._write_traceback(exc)) from exc
+                raise culprit.error(exc, self._last_good(), where) from exc
 
     def _fit(self) -> list[dict[str, Any]]:
         hook, t = self.hook, self.config.train
@@ -190,7 +194,7 @@ class Trainer(Assembly):
                 sums = {}
             started = time.perf_counter()
             self.model.train()
-            batches = self._progress(self.train_loader, f"epoch {epoch + 1}/{t.epochs}", start)
+            batches = self.progress.wrap(self.train_loader, epoch, start)
             acc, n_batches = t.accumulate, len(self.train_loader)
             for i, batch in enumerate(batches, start):
                 self._ramp_eps(epoch + i / n_batches)
@@ -198,7 +202,7 @@ class Trainer(Assembly):
                 first, last = i % acc == 0, i % acc == acc - 1 or i == n_batches - 1
                 hook.regdefense_batch_start(trainer=self, step=step)
                 held = None if first else [p.grad for p in self._trainable()]  # an attack may write .grad
-                step.adv_inputs = hook.regdefense_make_adversarial(trainer=self, step=step, model=self.model)
+                step.adv_inputs = self._adversarial(step)
                 if first:
                     self.optimizer.zero_grad(set_to_none=True)
                     group_n, group_bad, group_size = 0, False, self._group_size(i, n_batches)
@@ -227,6 +231,7 @@ class Trainer(Assembly):
                 if not skip:
                     hook.regdefense_batch_end(trainer=self, step=step)
                     self._accumulate(sums, step)
+                    self.progress.batch(sums)
                 self.state.global_step += 1
                 self.state.batch = i + 1
                 if self.guard.every and self.state.global_step % self.guard.every == 0:
@@ -246,10 +251,11 @@ class Trainer(Assembly):
             metrics = self._train_metrics(epoch, sums, time.perf_counter() - started)
             metrics["lr"] = lr  # the rate the epoch's last batch used
             with keep_modes(self.raw_model, *self.modules.values()):  # an eval model may switch shared networks
-                metrics.update(self.validator.validate(hook.regdefense_eval_model(trainer=self)))
+                metrics.update(self.validator.validate(self.eval_model()))
             hook.regdefense_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
             self.state.epoch = epoch + 1
             self.metrics_log.append(metrics)
+            self.progress.epoch_end(metrics)
             self.save_checkpoints(metrics)
             if self.interrupt.requested(self.dist, 0) and self.state.epoch < t.epochs:
                 self._stop_for_signal({})
@@ -318,7 +324,7 @@ class Trainer(Assembly):
             return "the exception's __cause__"
         path = self.run_dir / "error.log"
         try:
-            path.write_text("".join(traceback.format_exception(exc)))
+            path.write_text(f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(exc)))
         except OSError:
             return "not saved (the run directory is not writable)"
         return str(path)
@@ -365,6 +371,9 @@ class Trainer(Assembly):
                 f"objective comes from '{answer}'); a compute_loss implementation must return its "
                 f"dict of named terms (`return terms` at the end of a wrapper)"
             )
+        problem = loss_terms_problem(terms)
+        if problem is not None:
+            raise answer_error(self.pm, "regdefense_compute_loss", problem)
         return terms
 
     # --- the collaborators, under the names plugins and tests know ---------------------------------
@@ -393,6 +402,22 @@ class Trainer(Assembly):
         return self.checkpoints.restore(p)
 
     # --- internals ----------------------------------------------------------------------------
+
+    def eval_model(self) -> nn.Module:
+        """The model to evaluate (``regdefense_eval_model``), refused naming the defense when it is not a module."""
+        model = self.hook.regdefense_eval_model(trainer=self)
+        if not isinstance(model, nn.Module):
+            raise answer_error(self.pm, "regdefense_eval_model", f"a {type(model).__name__}, not a torch module")
+        return model
+
+    def _adversarial(self, step: Step) -> Any:
+        """The batch's adversarial inputs from ``regdefense_make_adversarial``; a result of the wrong kind or shape is
+        refused naming the defense, not left to fail deep inside the model's forward."""
+        adv = self.hook.regdefense_make_adversarial(trainer=self, step=step, model=self.model)
+        problem = adversarial_problem(adv, step.inputs)
+        if problem is not None:
+            raise answer_error(self.pm, "regdefense_make_adversarial", problem)
+        return adv
 
     def _trainable(self) -> list[nn.Parameter]:
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
@@ -438,11 +463,6 @@ class Trainer(Assembly):
     def _ramp_eps(self, progress: float) -> None:
         warm = self.config.train.eps_warmup_epochs
         self.eps_factor = 1.0 if warm <= 0 else min(1.0, progress / warm)
-
-    def _progress(self, loader, desc: str, start: int = 0):
-        if not self.config.train.progress or not self.dist.is_main:
-            return loader
-        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, initial=start, total=len(loader))
 
     def _place_train_split(self) -> bool:
         """Move the training split into GPU memory when ``data.on_device`` asks (auto: if it fits easily)."""

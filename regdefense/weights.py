@@ -17,8 +17,64 @@ from regdefense import checkpoint
 from regdefense.errors import UserError, first_line
 from regdefense.models import create_model, default_model, robustbench_zoo
 
-#: what ``regdefense export`` writes; the first two are model folders
-FORMATS = ("safetensors", "torchscript", "robustbench")
+#: what ``regdefense export`` writes; all but ``robustbench`` are model folders
+FORMATS = ("safetensors", "torch-export", "torchscript", "robustbench")
+MODEL_FORMATS = FORMATS[:3]
+#: the file of each model format inside an export folder
+MODEL_FILES = {"safetensors": "model.safetensors", "torch-export": "model.pt2", "torchscript": "model.ts"}
+
+
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program (``model.pt2``) as an ordinary module: attacks take gradients through it, hooks
+    attach to it, and ``eval()``/``train()`` — which the program's own module refuses — only set the flag (the
+    program was exported in eval mode and stays so)."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        self.training = mode  # not passed down: the exported graph has no train mode
+        return self
+
+
+def state_dict_of(obj: Any) -> Any:
+    """The weights inside a checkpoint file as the model zoos save them: a regdefense checkpoint (``model``), a
+    RobustBench-format or training-script checkpoint (``state_dict``, ``model_state_dict``, ``net``), or a plain
+    state_dict; ``module.`` prefixes that DataParallel leaves are removed."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict", "net"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def load_program(path: str | Path) -> ExportedModel:
+    """A ``model.pt2`` written by ``torch.export.save`` (``regdefense export --format torch-export``)."""
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch raises many kinds for a file that is not an ExportedProgram
+        raise UserError(f"{path} is not a torch.export program (.pt2): {first_line(exc, 200)}") from None
+    return ExportedModel(program.module()).eval()
+
+
+def load_torchscript(path: str | Path, map_location: Any = "cpu") -> nn.Module:
+    """A TorchScript file, read for existing exports (torch 2.14 deprecates TorchScript: export new ones with
+    ``--format torch-export``); torch's deprecation warning for reading is not repeated on every load."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+        try:
+            return torch.jit.load(str(path), map_location=map_location).eval()
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"{path} is not a TorchScript file: {first_line(exc)}") from None
 
 
 def architecture(config: dict[str, Any], image_size: int | None = None) -> str:
@@ -33,14 +89,17 @@ def architecture(config: dict[str, Any], image_size: int | None = None) -> str:
 
 
 def load(folder: str | Path) -> nn.Module:
-    """Rebuild an export: ``model.ts`` with ``torch.jit.load``, ``model.safetensors`` into its architecture."""
-    folder = Path(folder)
+    """Rebuild an export folder (or ``hf:ORG/NAME``, through the Hugging Face cache): ``model.safetensors`` into its
+    architecture, ``model.pt2`` with ``torch.export.load``, ``model.ts`` with ``torch.jit.load``."""
+    folder = Path(resolve(folder))
     try:
         info = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{folder} is not a regdefense export (config.json: {exc})") from None
     if info["format"] == "torchscript":
-        return torch.jit.load(str(folder / "model.ts"), map_location="cpu").eval()
+        return load_torchscript(folder / "model.ts")
+    if info["format"] == "torch-export":
+        return load_program(folder / "model.pt2")
     m = info["config"].get("model") or {}
     c, h, w = info["input_shape"]
     norm = ([0.0] * c, [1.0] * c) if m.get("normalize") else None  # placeholders: the saved buffers replace them
@@ -84,9 +143,7 @@ def download(target: str) -> Path:
     repo_id, rev = parse(target)
     try:
         path = Path(
-            snapshot_download(
-                repo_id, revision=rev, allow_patterns=["config.json", "model.safetensors", "model.ts", "README.md"]
-            )
+            snapshot_download(repo_id, revision=rev, allow_patterns=["config.json", *MODEL_FILES.values(), "README.md"])
         )
     except LocalEntryNotFoundError:
         raise UserError(
@@ -107,7 +164,7 @@ def download(target: str) -> Path:
 def is_export(path: Path) -> bool:
     """A folder written by :func:`export` (safetensors or TorchScript)."""
     try:
-        return path.is_dir() and json.loads((path / "config.json").read_text()).get("format") in FORMATS[:2]
+        return path.is_dir() and json.loads((path / "config.json").read_text()).get("format") in MODEL_FORMATS
     except (OSError, ValueError):
         return False
 
@@ -129,7 +186,7 @@ def read_weights(target: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
         info = json.loads((path / "config.json").read_text())
         if info["format"] != "safetensors":
             raise UserError(
-                f"{target} is a TorchScript export; starting training from it needs its safetensors export "
+                f"{target} is a {info['format']} export; starting training from it needs its safetensors export "
                 f"(regdefense export RUN --format safetensors)"
             )
         return str(target), load_file(str(path / "model.safetensors"))

@@ -44,6 +44,12 @@ class GaussNoise:
 '''
 
 
+@pytest.fixture(autouse=True)
+def _own_ledgers(tmp_path_factory, monkeypatch):
+    """Each test its own best-known ledgers: two tests evaluating bit-identical weights must not share attacks."""
+    monkeypatch.setenv("REGDEFENSE_LEDGER", str(tmp_path_factory.mktemp("ledgers")))
+
+
 @pytest.fixture
 def gauss_dist(make_dist):
     """A third-party distribution 'regdefense-gauss' providing the defense 'gauss_noise'."""

@@ -60,8 +60,13 @@ def test_writing_plugins_example_works_as_written(make_dist, tiny_trainer, hook_
     module = blocks[0].replace("regdefense_noise", "thirdparty_noise")
     make_dist("regdefense-noise", {"thirdparty_noise": module}, {"gauss_noise": "thirdparty_noise:GaussNoise"})
     namespace = {}
-    exec(blocks[-1], namespace)  # the test shown in the doc, run against the plugin shown in the doc
+    test = next(b for b in blocks if "def test_noise_trains" in b)
+    exec(test, namespace)  # the test shown in the doc, run against the plugin shown in the doc
     namespace["test_noise_trains"](tiny_trainer, hook_calls)
+    one_batch = next(b for b in blocks if "Step.from_batch" in b)  # the one-batch recipe, as written
+    namespace = {"trainer": tiny_trainer(["gauss_noise"])}
+    exec(one_batch, namespace)
+    assert set(namespace["terms"]) == {"task"} and namespace["step"].adv_inputs.shape == namespace["x"].shape
 
 
 def test_the_budget_example_of_writing_plugins_trains_with_its_declared_defaults(tiny_trainer):

@@ -21,7 +21,7 @@ def run(tmp_path_factory):
                                                         "model.normalize=true"], out=out, echo=lambda s: None).run_dir
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
+@pytest.mark.parametrize("fmt", ["safetensors", "torch-export", "torchscript"])
 def test_an_export_reloads_to_the_same_logits(run, tmp_path, fmt):
     from regdefense.evaluate import load_target
 
@@ -37,6 +37,56 @@ def test_an_export_reloads_to_the_same_logits(run, tmp_path, fmt):
     t = load_target(run, n=64, device="cpu")  # what evaluate measures: here the EMA copy, normalisation inside
     with torch.no_grad():
         assert torch.equal(load(tmp_path / fmt)(t.x), t.model(t.x))
+    if fmt == "torch-export":  # torch alone reads it, at any batch size, with input gradients for attacks
+        program = torch.export.load(str(files["weights"])).module()
+        with torch.no_grad():
+            assert torch.equal(program(t.x[:5]), t.model(t.x[:5])) and torch.equal(program(t.x[:1]), t.model(t.x[:1]))
+        x = t.x[:3].clone().requires_grad_(True)
+        load(tmp_path / fmt)(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("what", ["torch-export", "model.pt2", "torchscript"])
+def test_evaluate_completes_on_a_torch_export_and_a_torchscript_model(run, tmp_path, what):
+    import warnings
+
+    from regdefense.evaluate import evaluate
+
+    fmt = "torchscript" if what == "torchscript" else "torch-export"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        files = export(run, fmt=fmt, out=tmp_path / "x")
+    target = files["weights"] if what == "model.pt2" else tmp_path / "x"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # reading an existing TorchScript export stays quiet
+        report, written = evaluate(target, n=16, check_samples=16, surrogate=None, progress=False)
+    assert written["md"].exists() and 0 <= report.worst_case <= report.clean
+    checks = {c["name"]: c for c in report.checks}
+    assert len(checks) == 11 and checks["very large ε"]["status"] == "pass"
+    if what == "torchscript":  # hooks cannot attach to a ScriptModule: the BPDA check says so, nothing is lost
+        assert checks["BPDA (identity) vs white-box"]["message"].startswith("not applicable")
+
+
+class Detached(torch.nn.Module):
+    """Logits that do not depend differentiably on the input: every gradient attack fails on it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.detach())
+
+
+def test_autoattack_on_a_model_without_input_gradients_reports_rows_that_did_not_run(run):
+    from regdefense.evaluate import evaluate_model, load_target
+
+    t = load_target(run, n=8, device="cpu")
+    report = evaluate_model(Detached(t.model), t.x, t.y, suites=["autoattack"], eps=t.default_eps, progress=False,
+                            checks=False)
+    did_not_run = [w for w in report.warnings if "did not run" in w]
+    assert any("APGD-CE" in w for w in did_not_run) and any("FAB-T" in w for w in did_not_run), report.warnings
+    assert next(r for r in report.rows if r.kind == "worst case").n == 8
 
 
 def test_the_export_command_and_its_errors(run, tmp_path):
@@ -108,7 +158,7 @@ def test_compare_groups_seeds_by_recipe_and_shows_failed_runs(run, tmp_path):
     result = CliRunner().invoke(cli, ["compare", *map(str, seeds), str(broken), str(run), "--json", "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
-    pgd_at = next(g for g in out["groups"] if g["recipe"] == "pgd_at | digits | auto" and g["runs"] == 3)
+    pgd_at = next(g for g in out["groups"] if g["recipe"] == "pgd_at | digits | digits_cnn" and g["runs"] == 3)
     assert pgd_at["failed"] == 1 and pgd_at["seeds"] == [0, 1]
     pgds = [json.loads((s / "summary.json").read_text())["table"][0]["robust"] for s in seeds]
     mean, std, n = pgd_at["pgd"]
@@ -124,5 +174,5 @@ def test_compare_groups_seeds_by_recipe_and_shows_failed_runs(run, tmp_path):
     (other / "config.json").write_text(json.dumps(cfg))
     (other / "summary.json").write_text((seeds[1] / "summary.json").read_text())
     out = json.loads(CliRunner().invoke(cli, ["compare", *map(str, seeds), str(other), "--json"]).output)
-    assert {g["recipe"]: g["runs"] for g in out["groups"]} == {"pgd_at | digits | auto (pgd_at.steps=10)": 2,
-                                                               "pgd_at | digits | auto (pgd_at.steps=7)": 1}
+    assert {g["recipe"]: g["runs"] for g in out["groups"]} == {"pgd_at | digits | digits_cnn (pgd_at.steps=10)": 2,
+                                                               "pgd_at | digits | digits_cnn (pgd_at.steps=7)": 1}

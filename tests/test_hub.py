@@ -176,3 +176,36 @@ def test_robustbench_imports_without_pkg_resources_or_the_autoattack_module(monk
 def test_models_lists_the_zoo_prefixes_and_the_swish_wideresnets():
     out = CliRunner().invoke(cli, ["models"]).output
     assert "robustbench:NAME" in out and "timm:NAME" in out and "wrn28_10_swish" in out and "wrn70_16_swish" in out
+
+
+def test_one_call_loads_the_evaluated_model_from_every_target_form(run, offline_hub, tmp_path):
+    """regdefense.load_model: a run, an export (safetensors and torch-export), hf: from the local cache, and a
+    RobustBench-format checkpoint ({"state_dict": ...} with DataParallel's module. prefixes) — the same logits."""
+    import regdefense
+    from regdefense.evaluate import load_target
+    from regdefense.export import export, load
+    from regdefense.hub import push
+
+    t = load_target(run, n=32, device="cpu")
+    push(run, "lab/one-call", to_cache=True)
+    export(run, fmt="torch-export", out=tmp_path / "pt2")
+    rb = tmp_path / "Robust_Digits.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in t.model.state_dict().items()}, "epoch": 2}, rb)
+    forms = {
+        "run": regdefense.load_model(run),
+        "safetensors export": regdefense.load_model(export(run, out=tmp_path / "st")["config"].parent),
+        "torch-export": regdefense.load_model(tmp_path / "pt2"),
+        ".pt2 file": regdefense.load_model(tmp_path / "pt2" / "model.pt2"),
+        "hf:": regdefense.load_model("hf:lab/one-call"),
+        "export.load(hf:)": load("hf:lab/one-call"),
+        "RobustBench-format file": regdefense.load_model(rb, arch="digits_cnn"),
+    }
+    with torch.no_grad():
+        want = t.model(t.x)
+        for form, model in forms.items():
+            assert not model.training, form
+            assert torch.equal(model(t.x), want), form
+    import torchattacks  # ready for the attack libraries as returned
+
+    adv = torchattacks.PGD(forms["torch-export"], eps=0.1, alpha=0.05, steps=2)(t.x[:4], t.y[:4])
+    assert (adv - t.x[:4]).abs().max() <= 0.1 + 1e-6 and not torch.equal(adv, t.x[:4])

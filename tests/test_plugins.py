@@ -166,24 +166,33 @@ class Mismatch(Base):
     @hookimpl
     def regdefense_batch_end(self, step):
         pass
+
+class NoYield(Base):
+    name = "no_yield"
+    @hookimpl(wrapper=True)
+    def regdefense_compute_loss(self, trainer, step, model):
+        return {}
 '''
 
 
 def test_malformed_plugins_are_flagged_when_listed_with_the_reason(make_dist, tmp_path):
     make_dist("regdefense-malformed", {"thirdparty_malformed": MALFORMED},
               {"unmarked": "thirdparty_malformed:Unmarked", "typo": "thirdparty_malformed:Typo",
-               "wrong_arg": "thirdparty_malformed:WrongArg", "mismatch": "thirdparty_malformed:Mismatch"})
+               "wrong_arg": "thirdparty_malformed:WrongArg", "mismatch": "thirdparty_malformed:Mismatch",
+               "no_yield": "thirdparty_malformed:NoYield"})
     cat = catalogue()
     assert "regdefense_batch_end lacks the @hookimpl marker" in cat["unmarked"].error
     assert "regdefense_epoch_ends is not a hook" in cat["typo"].error
     assert "did you mean 'regdefense_epoch_end'" in cat["typo"].error
     assert "regdefense_batch_end takes batch, which the hook does not pass" in cat["wrong_arg"].error
     assert "named 'mismatch' but the class says name = 'other_name'" in cat["mismatch"].error
+    assert "regdefense_compute_loss is marked wrapper=True but never yields" in cat["no_yield"].error
     out = subprocess.run([sys.executable, "-m", "regdefense", "plugins"], capture_output=True, text=True,
                          cwd=tmp_path)
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
-    for name in ("unmarked", "typo", "wrong_arg", "mismatch"):
-        assert "BROKEN" in rows[name], rows[name]
+    for name in ("unmarked", "typo", "wrong_arg", "mismatch", "no_yield"):
+        assert "BROKEN" in rows[name] and f"(plugins show {name})" in rows[name], rows[name]
+    assert max(len(line) for line in out.stdout.splitlines() if "BROKEN" in line) < 200  # the reasons are cut
     assert " ok " in rows["pgd_at"]
     with pytest.raises(PluginError, match="typo.*regdefense_epoch_ends is not a hook"):
         activate(["typo"])

@@ -36,3 +36,13 @@ def test_bad_names_and_existing_folders_are_refused(tmp_path):
     new_plugin("once", tmp_path)
     with pytest.raises(UserError, match="already exists"):
         new_plugin("once", tmp_path)
+
+
+def test_every_file_the_generated_readme_names_exists(tmp_path):
+    import re
+
+    root = new_plugin("input_grad_reg", tmp_path)
+    assert root.name == "regdefense-input-grad-reg"  # as docs/cli.md says: dashes for underscores
+    named = re.findall(r"`([\w./-]+\.(?:py|toml|md))`", (root / "README.md").read_text())
+    assert "regdefense_input_grad_reg/__init__.py" in named
+    assert all((root / n).exists() for n in named if "/" in n or n.startswith("regdefense_")), named
