@@ -107,8 +107,8 @@ def pgd(
     :param train_mode: run the model in train mode during the attack (BN batch statistics).
     :param info: if given, receives ``info["kappa"]``: per sample, the number of iterations at whose
         start the iterate was still classified as ``kappa_labels`` (default ``y``) — GAIRAT's geometry
-        value, counted from the attack's own forwards at no extra cost — and ``info["x_init"]``, the
-        starting point of the ascent.
+        value, counted from the attack's own forwards at no extra cost —, ``info["x_init"]``, the
+        starting point of the ascent, and ``info["grad_init"]``, the input gradient of its first step.
     :return: the adversarial inputs, detached. Parameter gradients are left untouched.
     """
     if norm not in ("linf", "l2"):
@@ -133,6 +133,8 @@ def pgd(
                 kappa += (logits.detach().argmax(1) == kappa_labels).long()
             loss = loss_fn(logits.float(), y)  # the attack's loss in fp32 even under autocast
             (grad,) = torch.autograd.grad(loss, delta)
+            if info is not None and "grad_init" not in info:
+                info["grad_init"] = grad.detach()  # the first step's input gradient (GradAlign aligns it)
             with torch.no_grad():
                 if norm == "linf":
                     step = grad.sign()

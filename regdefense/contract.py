@@ -97,6 +97,8 @@ def _enabled(when: str, config: Any) -> bool:
 
 #: what :func:`regdefense.attacks.pgd` publishes when a defense hands it ``info=step.info``
 PGD_INFO = ("info.kappa", "info.steps", "info.x_init")
+#: the input gradient of the first step of :func:`regdefense.attacks.pgd` (GradAlign reads it)
+PGD_GRAD = "info.grad_init"
 
 
 def adversary(*names: str, when: str = "") -> tuple[Key, ...]:

@@ -8,7 +8,9 @@ import torch
 
 pytest_plugins = ["regdefense.testing"]
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist (`-n 2`) each worker gets its share of the cores, so two workers do not fight over them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 # clean surrogates of the transfer check are cached per dataset: one for the whole session, never in the user's cache
 os.environ.setdefault("REGDEFENSE_CACHE", tempfile.mkdtemp(prefix="regdefense-cache-"))
 

@@ -309,3 +309,18 @@ def test_the_eps_curve_ends_at_the_documented_very_large_eps():
                             check_samples=8)
     eps = [p["eps"] for p in report.eps_curve]
     assert max(eps) == 0.5 and eps == sorted(eps) and 0.2 in eps  # was 0.6 (3 × 0.2) beside docs saying 0.5
+
+
+def test_plugins_lists_a_tracker_whose_package_is_missing_as_not_usable(monkeypatch):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from regdefense.cli import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    out = CliRunner().invoke(cli, ["plugins"]).output
+    usable = next(line for line in out.splitlines() if line.startswith("experiment trackers (--log NAME):"))
+    assert "tensorboard (regdefense)" in usable and "mlflow" not in usable
+    assert "not usable here:\n  mlflow: needs mlflow, not installed: pip install 'regdefense[mlflow]'" in out

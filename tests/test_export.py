@@ -176,3 +176,20 @@ def test_compare_groups_seeds_by_recipe_and_shows_failed_runs(run, tmp_path):
     out = json.loads(CliRunner().invoke(cli, ["compare", *map(str, seeds), str(other), "--json"]).output)
     assert {g["recipe"]: g["runs"] for g in out["groups"]} == {"pgd_at | digits | digits_cnn (pgd_at.steps=10)": 2,
                                                                "pgd_at | digits | digits_cnn (pgd_at.steps=7)": 1}
+
+
+def test_art_attacks_a_torch_export(run, tmp_path):
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    from regdefense.art import to_art_classifier
+    from regdefense.evaluate import load_target
+
+    export(run, fmt="torch-export", out=tmp_path / "pt2")
+    classifier = to_art_classifier(tmp_path / "pt2")
+    t = load_target(run, n=16, device="cpu")
+    x = t.x.numpy()
+    with torch.no_grad():
+        assert (classifier.predict(x).argmax(1) == t.model(t.x).argmax(1).numpy()).all()
+    adv = ProjectedGradientDescent(classifier, eps=0.2, eps_step=0.05, max_iter=5, verbose=False).generate(x)
+    assert abs(adv - x).max() <= 0.2 + 1e-6
+    assert (classifier.predict(adv).argmax(1) == t.y.numpy()).mean() < (classifier.predict(x).argmax(1) == t.y.numpy()).mean()

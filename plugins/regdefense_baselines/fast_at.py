@@ -12,7 +12,7 @@ from typing import Literal
 
 from regdefense import hookimpl, option
 from regdefense.attacks import pgd
-from regdefense.contract import PGD_INFO, adversary
+from regdefense.contract import PGD_GRAD, PGD_INFO, adversary
 from regdefense.defense import Defense
 from regdefense_baselines._common import budget
 
@@ -21,7 +21,7 @@ class FastAT(Defense):
     """FGSM with a random start (α = 1.25ε)."""
 
     name = "fast_at"
-    publishes = adversary(*PGD_INFO)
+    publishes = adversary(*PGD_INFO, PGD_GRAD)
     single_step = True
 
     @dataclass
@@ -30,6 +30,9 @@ class FastAT(Defense):
         alpha: float | None = option(None, "step size (none: 1.25·ε)", gt=0)
         attack_mode: Literal["eval", "train"] = option(
             "train", "BN/dropout mode during the attack step (train, as the reference code)"
+        )
+        start: Literal["uniform", "zero"] = option(
+            "uniform", "the step's start: uniform in the ε-ball (FGSM-RS) or x itself (plain FGSM, GradAlign's)"
         )
 
     @hookimpl
@@ -45,7 +48,7 @@ class FastAT(Defense):
                 alpha=alpha,
                 steps=1,
                 norm="linf",
-                start="uniform",
+                start="uniform" if c.start == "uniform" else None,
                 train_mode=c.attack_mode == "train",
                 info=step.info,
             )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from regdefense import hookimpl, option
 from regdefense.attacks import resolve_attack
-from regdefense.contract import PGD_INFO, adversary
+from regdefense.contract import PGD_GRAD, PGD_INFO, adversary
 from regdefense.defense import Budget, Defense
 
 
@@ -20,7 +20,7 @@ class PGDAT(Defense):
     """PGD-AT: train on projected-gradient adversarial examples."""
 
     name = "pgd_at"
-    publishes = adversary(*PGD_INFO, when="not attack")  # a library attack reports nothing per sample
+    publishes = adversary(*PGD_INFO, PGD_GRAD, when="not attack")  # a library attack reports nothing per sample
 
     @dataclass
     class Config(Budget):

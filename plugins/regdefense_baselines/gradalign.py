@@ -1,0 +1,78 @@
+"""GradAlign (Andriushchenko & Flammarion, NeurIPS 2020): FGSM training plus a gradient-alignment regulariser.
+
+R = λ·(1 − mean cos(∇_δ CE(f(x + δ₀), y), ∇_η CE(f(x + η), y))), η ~ U(−ε, ε): the input gradient the adversary's
+single step used (at its start x + δ₀) against the one at a random point of the ε-ball, by double backprop. Added
+as a term to whatever objective is active; the adversary is any that publishes its first gradient
+(``info.grad_init``: ``fast_at``, ``pgd_at`` with ``steps=1``). The paper's setting is FGSM from zero
+(``fast_at`` with ``start=zero``, α = ε) and λ = 0.2 at ε = 8/255 on CIFAR-10.
+
+As in the reference code: the first gradient is detached (only the one at the random point carries the graph) and
+taken through ``clamp(x + δ₀, 0, 1)`` (zero at saturated pixels), the random point is not clipped to the image range,
+samples where either gradient is zero are left out of the mean, and the model stays in train mode for both gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from regdefense import hookimpl, option
+from regdefense.contract import PGD_GRAD, Key
+from regdefense.defense import Defense
+
+
+def alignment(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between per-sample gradients, over the samples where neither is zero."""
+    n1, n2 = g1.flatten(1).norm(dim=1), g2.flatten(1).norm(dim=1)
+    keep = (n1 != 0) & (n2 != 0)
+    if not bool(keep.any()):
+        return g2.sum() * 0.0 + 1.0  # no usable pair: no penalty, still on the graph
+    a = g1.flatten(1)[keep] / n1[keep, None]
+    b = g2.flatten(1)[keep] / n2[keep, None]
+    return (a * b).sum(dim=1).mean()
+
+
+def _through_clamp(grad: torch.Tensor, x_init: torch.Tensor | None) -> torch.Tensor:
+    """The first gradient as the reference computes it, through clamp(x + δ₀, 0, 1): PyTorch's clamp passes no gradient
+    to a pixel exactly at 0 or 1, so those coordinates are zero (the adversary's own step is unchanged)."""
+    grad = grad.detach()
+    if x_init is None:
+        return grad
+    return torch.where((x_init > 0) & (x_init < 1), grad, torch.zeros_like(grad))
+
+
+class GradAlign(Defense):
+    """Adds λ·(1 − cos) between the adversary's input gradient and one at a random point (double backprop)."""
+
+    name = "gradalign"
+    reads = (
+        Key(
+            PGD_GRAD,
+            "compute_loss",
+            required=True,
+            why="GradAlign aligns the gradient the adversary's step used with one at a random point",
+        ),
+        Key("info.x_init", "compute_loss", silent=True),
+    )
+
+    @dataclass
+    class Config:
+        weight: float = option(0.2, "λ: weight of 1 − cos (0.2 at ε = 8/255 on CIFAR-10 in the paper)", ge=0)
+        eps: float | None = option(None, "radius of the random point (none: the run's current ε)", ge=0)
+
+    @hookimpl(wrapper=True)
+    def regdefense_compute_loss(self, trainer, step, model):
+        terms = yield
+        if model is not trainer.model or "grad_init" not in step.info:
+            return terms  # an evaluation forward, or no adversary step this batch
+        eps = trainer.ramp(self.config.eps) if self.config.eps is not None else trainer.eps
+        x = step.inputs.detach()
+        eta = torch.empty_like(x).uniform_(-eps, eps).requires_grad_(True)
+        loss = F.cross_entropy(model(x + eta).float(), step.targets)
+        (g2,) = torch.autograd.grad(loss, eta, create_graph=True)
+        cos = alignment(_through_clamp(step.info["grad_init"], step.info.get("x_init")), g2)
+        step.logs["gradalign_cos"] = cos.detach()
+        terms["gradalign"] = self.config.weight * (1.0 - cos)
+        return terms

@@ -1,0 +1,133 @@
+"""The single-step family against their authors' code (issue 28): each reference's inner maximisation and loss is
+restated here from reading it — N-FGSM (pdejorge/N-FGSM, train.py), GradAlign (tml-epfl/understanding-fast-adv-training,
+train.py and utils.get_input_grad), ZeroGrad and MultiGrad (the authors' quantile_fgsm and consensus_fgsm) — and
+compared with the plugin on one batch, from the same random draws and the same model state.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regdefense.errors import ConfigError, UserError
+from regdefense.step import Step
+from regdefense.testing import make_trainer
+from regdefense_baselines.gradalign import alignment
+from regdefense_baselines.zerograd import consensus, quantile_mask
+
+
+def _batch(trainer):
+    x, y, idx = next(iter(trainer.train_loader))
+    return Step.from_batch((x, y, idx), trainer.device)
+
+
+def _ours(trainer, step, seed=5):
+    trainer.model.train()
+    torch.manual_seed(seed)
+    return trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=trainer.model)
+
+
+def _image_clamp(d, X):
+    return torch.max(torch.min(d, 1 - X), -X)  # their clamp(delta, lower_limit - X, upper_limit - X)
+
+
+def test_n_fgsm_is_the_reference_step_noise_2eps_step_eps_and_no_projection():
+    trainer = make_trainer(["n_fgsm"])
+    step = _batch(trainer)
+    ref_model = copy.deepcopy(trainer.model).train()
+    adv = _ours(trainer, step)
+    X, y, eps = step.inputs, step.labels, trainer.eps
+    torch.manual_seed(5)  # restated: eta ~ U(-2eps, 2eps) (one channel), clamped to the image, one step of alpha = eps
+    eta = torch.zeros_like(X).uniform_(-2 * eps, 2 * eps)
+    eta = _image_clamp(eta, X).requires_grad_(True)
+    grad = torch.autograd.grad(F.cross_entropy(ref_model(X + eta), y), eta)[0]
+    delta = _image_clamp(eta.detach() + eps * torch.sign(grad), X)  # no clip to the eps-ball (clip=-1)
+    assert torch.allclose(adv, X + delta, atol=1e-6)
+    assert (adv - X).abs().max() > eps * 1.5  # the perturbation leaves the eps-ball, as it should
+    assert torch.equal(step.info["x_init"], X + eta.detach())
+
+
+def test_zerograd_is_the_reference_quantile_fgsm():
+    trainer = make_trainer(["zerograd"], ["zerograd.q=0.35"])
+    step = _batch(trainer)
+    ref_model = copy.deepcopy(trainer.model).train()
+    adv = _ours(trainer, step)
+    X, y, eps = step.inputs, step.labels, trainer.eps
+    torch.manual_seed(5)
+    delta = _image_clamp(torch.zeros_like(X).uniform_(-eps, eps), X).requires_grad_(True)
+    F.cross_entropy(ref_model(X + delta), y).backward()
+    grad = delta.grad.detach().clone()
+    q_grad = torch.quantile(grad.abs().view(grad.size(0), -1), 0.35, dim=1)
+    grad[grad.abs() < q_grad.view(-1, 1, 1, 1)] = 0
+    d = torch.clamp(delta.detach() + 2 * eps * torch.sign(grad), -eps, eps)  # their fgsm_alpha = 2
+    ref = X + _image_clamp(d, X)
+    assert torch.allclose(adv, ref, atol=1e-6)
+    zeroed = (quantile_mask(grad, 0.35) == 0).float().mean()
+    assert 0.3 <= float(zeroed) <= 0.6  # about q of the coordinates carry no step (plus exact zeros)
+
+
+def test_multigrad_is_the_reference_consensus_fgsm_from_x():
+    trainer = make_trainer(["multigrad"], ["multigrad.samples=3"])
+    step = _batch(trainer)
+    ref_model = copy.deepcopy(trainer.model).train()
+    adv = _ours(trainer, step)
+    X, y, eps = step.inputs, step.labels, trainer.eps
+    torch.manual_seed(5)
+    grads = []
+    for _ in range(3):  # their sequential branch (c_parallel off)
+        delta = _image_clamp(torch.zeros_like(X).uniform_(-eps, eps), X).requires_grad_(True)
+        F.cross_entropy(ref_model(X + delta), y).backward()
+        grads.append(delta.grad.detach().clone())
+    g = sum(torch.sign(gi) for gi in grads)
+    grad = torch.where(g.abs() < (3 - (3 - 3)), torch.zeros_like(g), g)
+    d = _image_clamp(torch.clamp(torch.zeros_like(X) + 2 * eps * torch.sign(grad), -eps, eps), X)
+    assert torch.allclose(adv, X + d, atol=1e-6)
+    kept = (d != 0) & ((X > 0) & (X < 1))
+    assert 0 < float(kept.float().mean()) < 1  # some coordinates disagree and take no step
+    assert torch.equal(consensus(grads, 2), torch.where(g.abs() < 1, torch.zeros_like(g), g))  # 2 of 3 agree
+
+
+def test_gradalign_term_and_its_weight_gradient_are_the_reference_regulariser():
+    over = ["fast_at.start=zero", "fast_at.alpha=0.2", "gradalign.weight=0.2"]
+    trainer = make_trainer(["fast_at", "gradalign"], over)
+    step = _batch(trainer)
+    ref_model = copy.deepcopy(trainer.model).train()
+    step.adv_inputs = _ours(trainer, step)
+    torch.manual_seed(11)
+    terms = trainer.loss_terms(step, trainer.model)
+    params = [p for p in trainer.model.parameters()]
+    ours = torch.autograd.grad(terms["gradalign"], params)
+
+    X, y, eps = step.inputs, step.labels, trainer.eps
+    delta = torch.zeros_like(X, requires_grad=True)  # attack_init = zero, fgsm_alpha = 1
+    grad = torch.autograd.grad(F.cross_entropy(ref_model(torch.clamp(X + delta, 0, 1)), y), delta)[0].detach()
+    torch.manual_seed(11)
+    d2 = torch.zeros_like(X).uniform_(-eps, eps).requires_grad_(True)  # get_input_grad('random_uniform'): unclamped
+    grad2 = torch.autograd.grad(F.cross_entropy(ref_model(X + d2), y), d2, create_graph=True)[0]
+    nnz = ((grad ** 2).sum([1, 2, 3]) ** 0.5 != 0) * ((grad2 ** 2).sum([1, 2, 3]) ** 0.5 != 0)
+    g1, g2 = grad[nnz], grad2[nnz]
+    cos = torch.sum(g1 / (g1 ** 2).sum([1, 2, 3]).sqrt()[:, None, None, None]
+                    * g2 / (g2 ** 2).sum([1, 2, 3]).sqrt()[:, None, None, None], (1, 2, 3))
+    reg = 0.2 * (1.0 - cos.mean())
+    assert torch.allclose(terms["gradalign"], reg, rtol=1e-5, atol=1e-7)
+    theirs = torch.autograd.grad(reg, list(ref_model.parameters()))
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+    assert float(alignment(grad, grad)) == pytest.approx(1.0)
+
+
+def test_gradalign_without_an_adversary_that_publishes_its_gradient_is_refused():
+    with pytest.raises(UserError, match="info.grad_init"):
+        make_trainer(["n_fgsm", "gradalign"])
+
+
+def test_the_single_step_family_trains_and_refuses_l2_and_bad_settings():
+    for name in ("n_fgsm", "zerograd", "multigrad"):
+        trainer = make_trainer([name], ["threat.norm=l2", "threat.eps=1.0"])
+        with pytest.raises(ConfigError, match=f"{name} is an L∞ defense"):
+            trainer.fit()
+    with pytest.raises(UserError, match="multigrad.threshold \\(4\\) cannot exceed multigrad.samples \\(3\\)"):
+        make_trainer(["multigrad"], ["multigrad.threshold=4"])
+    history = make_trainer(["n_fgsm"]).fit()
+    assert history[-1]["val_fgsm"] >= 0  # single-step: the catastrophic-overfitting guard runs
