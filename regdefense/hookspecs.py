@@ -87,6 +87,25 @@ def regdefense_fit_start(trainer: Trainer) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def regdefense_batch_replays(trainer: Trainer) -> int | None:
+    """How many times the loop trains on each batch before it takes the next (Free-AT's minibatch replay m).
+
+    Asked once, when the trainer is built. Each replay is a whole step on the same batch — ``batch_start``,
+    ``make_adversarial``, ``forward_backward``, the optimizer step, ``batch_end`` — with a fresh
+    :class:`~regdefense.step.Step`, so a defense can carry state from one replay to the next (Free-AT's perturbation).
+    Optimizer and per-iteration schedule steps count every replay (an epoch is ``m × batches`` steps); an epoch is
+    still one pass over the data, so a run of ``E`` epochs makes ``m·E`` passes' worth of updates (Free-AT divides
+    its epochs by ``m``). A checkpoint is written between batches, never between replays; gradient accumulation
+    (``train.accumulate``) does not combine with replays.
+
+    :param trainer: the trainer (its model built; the optimizer and schedule not yet).
+    :return: ``m`` ≥ 1, or ``None`` (once). The first implementation that answers decides.
+
+    Since 0.2.
+    """
+
+
 # --- per epoch --------------------------------------------------------------------------------
 
 

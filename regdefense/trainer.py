@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from regdefense.attacks import keep_modes
 from regdefense.config import RunConfig, unreached
 from regdefense.data import BatchLoader, Data, Split
-from regdefense.errors import DataError, UserError
+from regdefense.errors import ConfigError, DataError, UserError
 from regdefense.extra import MixedLoader, load_extra
 from regdefense.parts import Assembly
 from regdefense.plugins import adversarial_problem, answer_error, blame, loss_terms_problem
@@ -132,6 +132,8 @@ class Trainer(Assembly):
         self.epoch_samples = (
             len(self.train_loader) * t.batch_size if self.extra is not None and loader is None else self.train_size
         )
+        #: times each batch is trained on before the next (``regdefense_batch_replays``: Free-AT's m)
+        self.replays = self._replays()
         self.scheduler = self._build_scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.state = TrainState()
@@ -196,7 +198,7 @@ class Trainer(Assembly):
             self.model.train()
             batches = self.progress.wrap(self.train_loader, epoch, start)
             acc, n_batches = t.accumulate, len(self.train_loader)
-            for i, batch in enumerate(batches, start):
+            for i, batch, final in self._replayed(batches, start):
                 self._ramp_eps(epoch + i / n_batches)
                 step = Step.from_batch(batch, self.device)
                 first, last = i % acc == 0, i % acc == acc - 1 or i == n_batches - 1
@@ -238,6 +240,7 @@ class Trainer(Assembly):
                     self.guard.check(self._last_good())
                 if (
                     last
+                    and final
                     and self.state.batch < n_batches
                     and self.interrupt.requested(self.dist, self.state.global_step)
                 ):
@@ -454,8 +457,28 @@ class Trainer(Assembly):
 
     @property
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch: one per ``train.accumulate`` batches."""
-        return -(-len(self.train_loader) // self.config.train.accumulate)
+        """Optimizer steps per epoch: one per ``train.accumulate`` batches, ``replays`` per batch."""
+        return -(-len(self.train_loader) // self.config.train.accumulate) * self.replays
+
+    def _replays(self) -> int:
+        m = self.hook.regdefense_batch_replays(trainer=self)
+        if m is None:
+            return 1
+        if not isinstance(m, int) or m < 1:
+            raise answer_error(self.pm, "regdefense_batch_replays", f"{m!r}, not a whole number of replays >= 1")
+        if m > 1 and self.config.train.accumulate > 1:
+            raise ConfigError(
+                f"a defense replays each batch {m} times (regdefense_batch_replays) and train.accumulate="
+                f"{self.config.train.accumulate}: replays step the optimizer on every replay, accumulation on every "
+                f"k-th batch; set train.accumulate=1"
+            )
+        return m
+
+    def _replayed(self, batches, start: int):
+        """``(index, batch, last replay?)`` for each batch, each batch ``replays`` times in a row."""
+        for i, batch in enumerate(batches, start):
+            for r in range(self.replays):
+                yield i, batch, r == self.replays - 1
 
     def _build_scheduler(self):
         return build_scheduler(self.optimizer, self.config.train, self.steps_per_epoch, self.peak_lr)

@@ -131,3 +131,63 @@ def test_the_single_step_family_trains_and_refuses_l2_and_bad_settings():
         make_trainer(["multigrad"], ["multigrad.threshold=4"])
     history = make_trainer(["n_fgsm"]).fit()
     assert history[-1]["val_fgsm"] >= 0  # single-step: the catastrophic-overfitting guard runs
+
+
+class _Batches:
+    """Records each step's inputs and labels at batch_start (every replay of every batch)."""
+
+    name = "batches"
+
+    class Config:
+        pass
+
+    def __init__(self, config=None):
+        self.seen = []
+
+    from regdefense import hookimpl as _hookimpl
+
+    @_hookimpl
+    def regdefense_batch_start(self, step):
+        self.seen.append((step.inputs.clone(), step.labels.clone()))
+
+
+def test_free_at_replays_each_batch_and_carries_delta_as_the_reference_loop():
+    """Wong et al.'s train_free.py restated: m replays per batch, one backward for both the weights and δ, δ carried
+    across replays and batches (never reset), clipped to the current batch's image range after the ε-ball."""
+    m = 3
+    recorder = _Batches()
+    trainer = make_trainer(["free_at", recorder], [f"free_at.replays={m}", "train.schedule=constant",
+                                                   "data.limit=128", "train.batch_size=48"])
+    g = trainer.optimizer.param_groups[0]
+    ref = copy.deepcopy(trainer.model).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=g["lr"], momentum=g["momentum"], weight_decay=g["weight_decay"],
+                          nesterov=g["nesterov"])
+    assert trainer.replays == m and trainer.steps_per_epoch == m * len(trainer.train_loader)
+    trainer.fit()
+
+    batches = recorder.seen[::m]
+    assert len(recorder.seen) == m * len(trainer.train_loader) == trainer.state.global_step  # epoch accounting
+    assert all(torch.equal(recorder.seen[k][0], recorder.seen[k - k % m][0]) for k in range(len(recorder.seen)))
+    eps = trainer.eps
+    delta = torch.zeros(48, *batches[0][0].shape[1:], requires_grad=True)
+    for X, y in batches:
+        for _ in range(m):
+            loss = F.cross_entropy(ref(X + delta[: X.size(0)]), y)
+            opt.zero_grad()
+            loss.backward()
+            grad = delta.grad.detach()
+            delta.data = torch.clamp(delta + eps * torch.sign(grad), -eps, eps)
+            delta.data[: X.size(0)] = _image_clamp(delta[: X.size(0)], X)
+            opt.step()
+            delta.grad.zero_()
+    free = dict(trainer.pm.list_name_plugin())["free_at"]
+    assert torch.allclose(free.delta, delta.detach(), atol=1e-6)
+    for a, b in zip(trainer.model.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_free_at_refuses_awp_and_accumulation_with_the_reason():
+    with pytest.raises(ConfigError, match="free_at cannot stack with awp: AWP computes the training backward"):
+        make_trainer(["free_at", "awp"]).fit()
+    with pytest.raises(ConfigError, match="replays each batch 8 times .* set train.accumulate=1"):
+        make_trainer(["free_at"], ["train.accumulate=2"])

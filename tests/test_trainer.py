@@ -22,7 +22,7 @@ def test_hook_order_of_one_epoch():
     rec = HookRecorder(pm)
     Trainer(cfg, pm=pm).fit()
     names = [n.removeprefix("regdefense_") for n in rec.names]
-    assert names == ["add_modules", "fit_start", "epoch_start", "batch_start", "make_adversarial",
+    assert names == ["add_modules", "batch_replays", "fit_start", "epoch_start", "batch_start", "make_adversarial",
                      "forward_backward", "compute_loss", "before_optimizer_step", "batch_end", "eval_model",
                      "epoch_end", "log_metrics", "fit_end"]
     import regdefense.hookspecs as specs
