@@ -191,3 +191,42 @@ def test_free_at_refuses_awp_and_accumulation_with_the_reason():
         make_trainer(["free_at", "awp"]).fit()
     with pytest.raises(ConfigError, match="replays each batch 8 times .* set train.accumulate=1"):
         make_trainer(["free_at"], ["train.accumulate=2"])
+
+
+def test_atas_adaptive_step_is_the_reference_per_sample_step():
+    """ATAS.py / adv_attack.get_adv_adaptive_step_size restated: eval-mode CE-mean gradient at clip(x + δ[idx]),
+    G ← (1 − β)‖g‖² + βG, step = clip(2ε/(1 + √G/c), 4/255, 14/255 at ε = 8/255), projected, clipped, stored."""
+    trainer = make_trainer(["atas"], ["atas.warmup_epochs=0"])
+    trainer.hook.regdefense_fit_start(trainer=trainer)
+    atas = dict(trainer.pm.list_name_plugin())["atas"]
+    atas.gnorm.uniform_(0, 1e-4)  # an earlier epoch's history, so that β matters
+    step = _batch(trainer)
+    idx, X, y, eps = step.index, step.inputs, step.labels, trainer.eps
+    delta0, g0 = atas.delta[idx].clone(), atas.gnorm[idx].clone()
+    ref_model = copy.deepcopy(trainer.model).eval()
+    adv = _ours(trainer, step)
+
+    x_adv = torch.clamp(X + delta0, 0, 1).requires_grad_(True)
+    grad = torch.autograd.grad(F.cross_entropy(ref_model(x_adv), y), [x_adv])[0]
+    cur = torch.norm(grad.view(len(x_adv), -1), dim=1) ** 2 * (1 - 0.5) + g0 * 0.5
+    sizes = torch.clamp(1 / (1 + torch.sqrt(cur) / 0.01) * 2 * eps, 0.5 * eps, 1.75 * eps)
+    ref = x_adv.detach() + sizes.view(-1, 1, 1, 1) * torch.sign(grad)
+    ref = torch.clamp(torch.min(torch.max(ref, X - eps), X + eps), 0, 1)
+    assert torch.allclose(adv, ref, atol=1e-6)
+    assert torch.allclose(atas.delta[idx], ref - X, atol=1e-6) and torch.allclose(atas.gnorm[idx], cur, rtol=1e-5)
+    assert sizes.min() < sizes.max()  # per-sample steps really differ
+
+
+def test_atas_warm_up_step_and_reset_epochs_follow_the_reference(monkeypatch):
+    from regdefense_baselines.atas import ATAS
+
+    drawn = []
+    real = ATAS._draw
+    monkeypatch.setattr(ATAS, "_draw", lambda self, trainer, epoch: drawn.append(epoch) or real(self, trainer, epoch))
+    trainer = make_trainer(["atas"], ["train.epochs=10", "atas.reset_every=5", "atas.warmup_epochs=2",
+                                      "data.limit=64"])
+    history = trainer.fit()
+    assert drawn == [0, 4]  # at the start, then after 1-based epoch 5; not after epoch 10, the last
+    steps = [h["log_atas_step"] for h in history]
+    assert steps[0] == pytest.approx(1.0) and steps[1] == pytest.approx(1.0)  # warm-up: the constant ε step
+    assert all(0.5 - 1e-6 <= s <= 1.75 + 1e-6 for s in steps[2:]) and steps[2:] != [1.0] * 8
