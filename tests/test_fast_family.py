@@ -230,3 +230,67 @@ def test_atas_warm_up_step_and_reset_epochs_follow_the_reference(monkeypatch):
     steps = [h["log_atas_step"] for h in history]
     assert steps[0] == pytest.approx(1.0) and steps[1] == pytest.approx(1.0)  # warm-up: the constant ε step
     assert all(0.5 - 1e-6 <= s <= 1.75 + 1e-6 for s in steps[2:]) and steps[2:] != [1.0] * 8
+
+
+# --- HAT (helper-based AT) -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clean_helper(tmp_path_factory):
+    from regdefense.run import train
+    from regdefense.testing import TINY
+
+    return train(defenses=["none"], overrides=TINY + ["train.epochs=2"], out=tmp_path_factory.mktemp("hat") / "std",
+                 echo=lambda _m: None).run_dir
+
+
+def test_hat_loss_and_its_gradient_are_the_reference_trades_hat(clean_helper):
+    """core/utils/hat.py hat_loss restated: TRADES' KL adversary (eval mode, x + 0.001·N), then in train mode
+    CE(f(x), y) + β·KL_sum(f(x') ‖ f(x))/B + γ·CE(f(x + h(x' − x)), argmax f_std(x'))."""
+    from regdefense.restore import load_model
+
+    trainer = make_trainer(["trades", "hat"], [f"hat.helper={clean_helper}", "trades.beta=2.5", "hat.gamma=0.5",
+                                               "trades.steps=3"])
+    trainer.hook.regdefense_fit_start(trainer=trainer)
+    step = _batch(trainer)
+    ref_model = copy.deepcopy(trainer.model)
+    adv = _ours(trainer, step, seed=7)
+    step.adv_inputs = adv
+    trainer.model.train()
+    terms = trainer.loss_terms(step, trainer.model)
+    ours = sum(terms.values())
+    ours_grad = torch.autograd.grad(ours, list(trainer.model.parameters()))
+
+    X, y, eps = step.inputs, step.labels, trainer.eps
+    alpha = 2.5 * eps / 3
+    torch.manual_seed(7)
+    ref_model.eval()
+    x_adv = X.detach() + 0.001 * torch.randn(X.shape)
+    p_natural = F.softmax(ref_model(X), dim=1)
+    for _ in range(3):
+        x_adv.requires_grad_()
+        loss_kl = F.kl_div(F.log_softmax(ref_model(x_adv), dim=1), p_natural, reduction="sum")
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + alpha * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, X - eps), X + eps), 0.0, 1.0)
+    assert torch.allclose(adv, x_adv, atol=1e-6)
+    ref_model.train()
+    x_hr = X + 2.0 * (x_adv - X)
+    helper = load_model(clean_helper)
+    with torch.no_grad():
+        y_hr = helper(x_adv).argmax(dim=1)
+    out_clean, out_adv, out_help = ref_model(X), ref_model(x_adv), ref_model(x_hr)
+    loss = (F.cross_entropy(out_clean, y) + 2.5 * (1 / len(X)) * F.kl_div(F.log_softmax(out_adv, dim=1),
+            F.softmax(out_clean, dim=1), reduction="sum") + 0.5 * F.cross_entropy(out_help, y_hr))
+    assert torch.allclose(ours, loss, rtol=1e-5)
+    for a, b in zip(ours_grad, torch.autograd.grad(loss, list(ref_model.parameters()))):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert set(terms) == {"task", "robust", "helper"} and (x_hr.min() < 0 or x_hr.max() > 1)  # not clipped
+
+
+def test_hat_refuses_a_missing_or_mismatched_helper(clean_helper, tmp_path):
+    with pytest.raises(ConfigError, match="hat needs a standard-trained helper model"):
+        make_trainer(["pgd_at", "hat"]).fit()
+    trainer = make_trainer(["pgd_at", "hat"], [f"hat.helper={clean_helper}", "pgd_at.steps=1"])
+    history = trainer.fit()  # the AT variant: on PGD-AT's objective
+    assert history[-1]["loss_helper"] > 0 and 0 <= history[-1]["log_hat_helper_agrees"] <= 1
