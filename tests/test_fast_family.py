@@ -294,3 +294,48 @@ def test_hat_refuses_a_missing_or_mismatched_helper(clean_helper, tmp_path):
     trainer = make_trainer(["pgd_at", "hat"], [f"hat.helper={clean_helper}", "pgd_at.steps=1"])
     history = trainer.fit()  # the AT variant: on PGD-AT's objective
     assert history[-1]["loss_helper"] > 0 and 0 <= history[-1]["log_hat_helper_agrees"] <= 1
+
+
+# --- consistency regularisation -----------------------------------------------------------------------------------
+
+
+def _ref_jsd(logit1, logit2, T):  # the authors' training/__init__.py _jensen_shannon_div, restated
+    prob1, prob2 = F.softmax(logit1 / T, dim=1), F.softmax(logit2 / T, dim=1)
+    logsoftmax = torch.log((0.5 * (prob1 + prob2)).clamp(min=1e-8))
+    return 0.5 * (F.kl_div(logsoftmax, prob1, reduction="batchmean") + F.kl_div(logsoftmax, prob2,
+                                                                                reduction="batchmean"))
+
+
+def test_consistency_loss_is_the_reference_adv_train_consistency():
+    """adv_train_consistency.train restated: CE over the 2B adversarial views against the repeated labels, plus
+    λ·JSD(f(x'₁), f(x'₂); T) on the two halves; the second view is another augmentation of the same images."""
+    trainer = make_trainer(["pgd_at", "consistency"], ["data.augment=crop", "pgd_at.steps=2", "consistency.lam=1.0",
+                                                       "consistency.temperature=0.5"])
+    trainer.hook.regdefense_fit_start(trainer=trainer)
+    step = _batch(trainer)
+    b = step.batch_size
+    trainer.hook.regdefense_batch_start(trainer=trainer, step=step)
+    assert step.batch_size == 2 * b and torch.equal(step.labels[:b], step.labels[b:])
+    assert not torch.equal(step.inputs[:b], step.inputs[b:])  # two different views
+    raw = trainer.data.train.floats(step.index[:b])
+    assert torch.allclose(step.inputs[:b].sum((1, 2, 3)) <= raw.sum((1, 2, 3)) + 1e-5, torch.tensor(True))  # crops
+    step.adv_inputs = _ours(trainer, step)
+    ref_model = copy.deepcopy(trainer.model).train()
+    terms = trainer.loss_terms(step, trainer.model)
+    ours = sum(terms.values())
+    out = ref_model(step.adv_inputs)
+    o1, o2 = out.chunk(2)
+    loss = F.cross_entropy(out, step.labels) + 1.0 * _ref_jsd(o1, o2, 0.5)
+    assert torch.allclose(ours, loss, rtol=1e-5)
+    for a, g in zip(torch.autograd.grad(ours, list(trainer.model.parameters())),
+                    torch.autograd.grad(loss, list(ref_model.parameters()))):
+        assert torch.allclose(a, g, rtol=1e-4, atol=1e-7)
+
+
+def test_consistency_needs_augmentation_and_refuses_per_sample_buffers():
+    with pytest.raises(ConfigError, match="two augmented views"):
+        make_trainer(["pgd_at", "consistency"]).fit()
+    with pytest.raises(ConfigError, match="cannot stack with fgsm_pgk"):
+        make_trainer(["fgsm_pgk", "consistency"], ["data.augment=crop"]).fit()
+    history = make_trainer(["pgd_at", "consistency"], ["data.augment=crop", "pgd_at.steps=1"]).fit()
+    assert history[-1]["loss_consistency"] >= 0
