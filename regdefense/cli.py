@@ -600,6 +600,11 @@ def main() -> None:
     show_default=True,
     help="Epochs of the automatic surrogate.",
 )
+@click.option(
+    "--certify",
+    type=click.Choice(["ibp"]),
+    help="Also report the verified accuracy by interval bound propagation (a certified lower bound).",
+)
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing from OUT/progress.pt.")
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write the reports (default RUN_DIR/eval).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
@@ -621,6 +626,7 @@ def evaluate(
     surrogate,
     surrogate_budget,
     surrogate_epochs,
+    certify,
     no_resume,
     out,
     as_json,
@@ -650,6 +656,7 @@ def evaluate(
         surrogate=None if surrogate == "none" else surrogate,
         surrogate_epochs=surrogate_epochs,
         surrogate_budget=surrogate_budget,
+        certify=certify,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from regdefense import ledger
 from regdefense import report as reporting
 from regdefense.attacks import resolve_attack
+from regdefense.bounds import UnsupportedLayer, verified
 from regdefense.checks import run_checks
 from regdefense.config import check_linf_eps
 from regdefense.errors import UserError, first_line
@@ -323,6 +324,7 @@ def evaluate(
     surrogate_budget: float = BUDGET_SECONDS,
     subset: str | None = None,
     chunk: int | None = None,
+    certify: str | None = None,
 ) -> tuple[Report, dict[str, Path]]:
     """Evaluate a run, checkpoint or model file and write the report files.
 
@@ -339,8 +341,12 @@ def evaluate(
         epochs without any defense on the same data, once, in the cache, see :func:`clean_surrogate`; not trained
         when its estimated cost is over ``surrogate_budget`` seconds), ``"train"`` (the same whatever it costs), a run
         directory or checkpoint of such a model, a module, or None to skip the check. It is trained after the attacks.
+    :param certify: ``"ibp"``: also the verified accuracy by interval bound propagation (a certified lower bound on
+        robustness, beside the empirical rows; a model with layers IBP cannot bound gets a warning instead).
     :return: the report and the paths written.
     """
+    if certify not in (None, "ibp"):
+        raise UserError(f"unknown certification '{certify}'; valid: ibp")
     if eps is not None and eps < 0:
         raise UserError(f"--eps must be >= 0, got {eps}")
     t = load_target(target, which=which, arch=arch, dataset=dataset, device=device, n=n, subset=subset, decode=chunk)
@@ -404,8 +410,37 @@ def evaluate(
     rep = merge(reports)
     for f in files:  # the evaluation is complete: its progress is no longer needed
         f.unlink(missing_ok=True)
+    if certify == "ibp":
+        _add_certified(rep, t)
     _add_best_known(rep, t, Path(out))
     return rep, reporting.record(rep, Path(out))
+
+
+def _add_certified(rep: Report, t: Target) -> None:
+    """The IBP-verified accuracy on the decoded points (``t.x``) at the report's ε, as a row of its own."""
+    if rep.meta["norm"] != "linf":
+        rep.warnings.append(f"IBP certification: bounds an L∞ ball, the threat model is {rep.meta['norm']}")
+        return
+    assert rep.clean_points is not None
+    try:
+        ok = verified(t.model, t.x.to(t.device), t.y.to(t.device), rep.meta["eps"]) & rep.clean_points[: len(t.x)]
+    except UnsupportedLayer as exc:
+        rep.warnings.append(f"IBP certification not applicable: {first_line(exc, 300)}")
+        return
+    value, n = float(ok.float().mean()), len(ok)
+    rep.rows.append(
+        Row(
+            label="IBP verified (certified lower bound)",
+            suite="certify",
+            kind="certified",
+            robust=value,
+            ci=wilson_interval(int(ok.sum()), n),
+            acc_drop=acc_drop(rep.clean, value),
+            n=n,
+            points=ok,
+        )
+    )
+    rep.meta["certified"] = {"method": "ibp", "verified": value, "n": n, "eps": rep.meta["eps"]}
 
 
 def _add_best_known(rep: Report, t: Target, out: Path) -> None:

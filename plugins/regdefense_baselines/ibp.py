@@ -1,0 +1,75 @@
+"""IBP certified training (Gowal et al., 2018), as ART's ``AdversarialTrainerCertifiedIBPPyTorch`` trains.
+
+L = κ·CE(f(x), y) + (1 − κ)·CE(ẑ, y), ẑ the worst-case logits interval bound propagation gives over the L∞ ball of
+radius ε_t around x (the upper bound for every wrong class, the lower bound for the true one; see
+:mod:`regdefense.bounds`). After ``warmup_epochs`` of clean training (ε_t = 0, κ = 1), ε_t grows linearly to ε and κ
+falls linearly to ``kappa_end`` over ``ramp_epochs``, per batch, then both stay. No adversary runs: the bound is the
+adversary. ``regdefense evaluate --certify ibp`` reports the verified accuracy of the trained model beside the
+empirical rows.
+
+The bounds need fixed layers while training: BatchNorm (batch statistics) and active dropout are refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from regdefense import hookimpl, option
+from regdefense.bounds import UnsupportedLayer, interval_bounds, trace, worst_case_logits
+from regdefense.contract import Key
+from regdefense.defense import Defense
+from regdefense.errors import ConfigError
+
+
+class IBP(Defense):
+    """κ·clean CE + (1 − κ)·CE of IBP's worst-case logits, with Gowal et al.'s ε and κ ramps."""
+
+    name = "ibp"
+    publishes = (Key("outputs.clean", "compute_loss"),)
+
+    @dataclass
+    class Config:
+        eps: float | None = option(None, "the certified radius trained for (none: the run's threat.eps)", ge=0)
+        kappa_end: float = option(0.5, "κ after the ramp: weight of the clean CE (Gowal et al.: 0.5)", ge=0, le=1)
+        warmup_epochs: float = option(0.0, "clean epochs before the ramp (ε_t = 0, κ = 1)", ge=0, epoch="ends")
+        ramp_epochs: float = option(10.0, "epochs over which ε_t and κ ramp linearly to their final values", ge=0)
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.graph = None  #: the model's traced graph, taken once at fit_start
+
+    def schedule(self, epochs_done: float, eps: float) -> tuple[float, float]:
+        """(ε_t, κ) after ``epochs_done`` epochs (fractional)."""
+        c = self.config
+        t = epochs_done - c.warmup_epochs
+        frac = 0.0 if t <= 0 else (1.0 if c.ramp_epochs == 0 else min(1.0, t / c.ramp_epochs))
+        return frac * eps, 1.0 - frac * (1.0 - c.kappa_end)
+
+    @hookimpl
+    def regdefense_fit_start(self, trainer):
+        if trainer.norm != "linf":
+            raise ConfigError("ibp bounds an L∞ ball; use threat.norm=linf")
+        x = trainer.data.train.floats(torch.arange(2)).to(trainer.device)
+        try:
+            self.graph = trace(trainer.raw_model)
+            interval_bounds(trainer.raw_model, x, 0.0, self.graph)
+        except UnsupportedLayer as exc:
+            raise ConfigError(f"ibp cannot train {type(trainer.raw_model).__name__}: {exc}") from None
+
+    @hookimpl
+    def regdefense_compute_loss(self, trainer, step, model):
+        eps = trainer.ramp(self.config.eps) if self.config.eps is not None else trainer.eps
+        done = trainer.state.global_step / max(1, trainer.steps_per_epoch)
+        eps_t, kappa = self.schedule(done, eps)
+        clean = model(step.inputs)
+        step.outputs["clean"] = clean
+        terms = {"task": kappa * trainer.ce(clean, step.targets)}
+        if kappa < 1.0 and model is trainer.model:
+            lo, hi = interval_bounds(
+                trainer.raw_model, step.inputs, eps_t, self.graph
+            )  # the network, not a compiled one
+            terms["ibp"] = (1.0 - kappa) * trainer.ce(worst_case_logits(lo, hi, step.targets), step.targets)
+        step.logs["ibp_eps"] = clean.new_tensor(eps_t)
+        return terms
