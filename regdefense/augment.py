@@ -14,9 +14,22 @@ def draw_augment(b: int, mode: str, gen: torch.Generator, pad: int = 4) -> tuple
     return dy, dx, flip
 
 
+def scaled_pad(side: int, pad: int = 4) -> int:
+    """The crop padding for images of ``side`` pixels: ``pad`` (4) from 32 px up, an eighth of the side below (1 px on
+    the 8×8 digits, where 4 would shift away half the image)."""
+    return pad if side >= 32 else max(1, min(pad, side // 8))
+
+
 def augment_batch(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
-    """Crop each image at offset (dy, dx) from a zero-padded copy, then mirror those with ``flip``."""
+    """Crop each image at offset (dy, dx) from a zero-padded copy, then mirror those with ``flip``. Offsets are drawn
+    for ``pad``; on images under 32 px they are scaled to :func:`scaled_pad` (the draws, and so every other random
+    stream, stay the same)."""
     b, c, h, w = x.shape
+    small = scaled_pad(min(h, w), pad)
+    if small != pad:
+        dy = torch.div(dy * small + pad // 2, pad, rounding_mode="floor")
+        dx = torch.div(dx * small + pad // 2, pad, rounding_mode="floor")
+        pad = small
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
     x = padded.gather(2, rows)
