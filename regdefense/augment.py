@@ -20,12 +20,12 @@ def scaled_pad(side: int, pad: int = 4) -> int:
     return pad if side >= 32 else max(1, min(pad, side // 8))
 
 
-def augment_batch(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
-    """Crop each image at offset (dy, dx) from a zero-padded copy, then mirror those with ``flip``. Offsets are drawn
-    for ``pad``; on images under 32 px they are scaled to :func:`scaled_pad` (the draws, and so every other random
-    stream, stay the same)."""
+def augment_batch(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int | None = None) -> Tensor:
+    """Crop each image at offset (dy, dx) from a zero-padded copy, then mirror those with ``flip``. With the default
+    ``pad`` the offsets were drawn for 4 px and, on images under 32 px, are scaled to :func:`scaled_pad` (the draws,
+    and so every other random stream, stay the same); an explicit ``pad`` is used as given."""
     b, c, h, w = x.shape
-    small = scaled_pad(min(h, w), pad)
+    pad, small = (4, scaled_pad(min(h, w))) if pad is None else (pad, pad)
     if small != pad:
         dy = torch.div(dy * small + pad // 2, pad, rounding_mode="floor")
         dx = torch.div(dx * small + pad // 2, pad, rounding_mode="floor")

@@ -47,8 +47,13 @@ def dynat_code(e):  # DYNAT train_dynat_cifar100(_AWP).py: 1-based, epoch 1 at 0
     return 0.02 if e == 0 else _stage(e + 1, 0.1, [(76, 0.1), (91, 0.01)])
 
 
+def atas_code(e):  # ATAS.py: MultiStepLR at [24, 28] x len(loader) iterations, epochs 1..30: 0-based 24 and 28
+    return _stage(e, 0.1, [(24, 0.1), (28, 0.01)])
+
+
 #: recipe -> (epochs, lr per 0-based epoch, {defense: 0-based epoch it switches on})
 REFERENCE = {
+    "cifar10/atas.toml": (30, atas_code, {}),
     "cifar10/trades.toml": (76, trades_code, {}),
     "cifar10/mart.toml": (76, trades_code, {}),
     "cifar10/pgd_at_gairat.toml": (120, gairat_code, {"gairat": 59}),  # reweights when epoch + 1 >= 60
@@ -114,6 +119,10 @@ def test_recipe_schedule_matches_the_reference_code(recipe):
 def test_every_gpu_recipe_with_a_schedule_reference_is_listed():
     """A new recipe in these folders must be added above (or to the explicit list of unchecked ones)."""
     unchecked = {"cifar10/fast_at.toml", "cifar10/fgsm_pgk.toml", "cifar10/lbgat.toml", "cifar10/pgd_at.toml",
-                 "cifar10/pgd_at_awp.toml"}  # references not in the searchable copies: see each defense's page
+                 "cifar10/pgd_at_awp.toml",  # references not in the searchable copies: see each defense's page
+                 # the fast-AT family's cyclic schedules are PyTorch's one-cycle (cosine, not linear, annealing); HAT's
+                 # 'cyclic', consistency's and IBP's schedules: see each page
+                 "cifar10/n_fgsm.toml", "cifar10/gradalign.toml", "cifar10/zerograd.toml", "cifar10/multigrad.toml",
+                 "cifar10/free_at.toml", "cifar10/hat.toml", "cifar10/consistency.toml", "cifar10/ibp.toml"}
     found = {str(p.relative_to(RECIPES)) for folder in ("cifar10", "dynat") for p in (RECIPES / folder).glob("*.toml")}
     assert found == set(REFERENCE) | unchecked
