@@ -342,7 +342,7 @@ def plugins_show(name: str, as_json: bool) -> None:
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write (default RUN_DIR/export).")
 def export(run, fmt, which, out) -> None:
-    """Write a run's evaluated model as safetensors or TorchScript, with a config.json describing it."""
+    """Write a run's evaluated model as safetensors, a torch.export program or TorchScript, with a config.json."""
     from regdefense.export import export as run_export
 
     files = run_export(run, fmt=fmt, out=out, which=which)

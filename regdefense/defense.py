@@ -28,6 +28,8 @@ class Defense:
     :cvar reads: step data it reads.
     :cvar requires: hooks some *other* active defense must provide (``("make_adversarial",)``).
     :cvar single_step: its adversary takes one step (the catastrophic-overfitting guard watches such runs).
+    :cvar norms: the threat norms it is defined for; the host refuses a run in another one, before anything is built
+        (a signed-step method under ``threat.norm=l2`` would otherwise train L∞ perturbations without a word).
     """
 
     name: ClassVar[str] = ""
@@ -36,6 +38,7 @@ class Defense:
     reads: ClassVar[tuple[Key, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ()
     single_step: ClassVar[bool] = False
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -53,7 +56,16 @@ class Defense:
 
 
 #: the optional members a defense may declare, with what a class that declares none gets
-MEMBERS = ("publishes", "reads", "requires", "single_step", "state_dict", "load_state_dict", "memory_needs")
+MEMBERS = (
+    "publishes",
+    "reads",
+    "requires",
+    "single_step",
+    "norms",
+    "state_dict",
+    "load_state_dict",
+    "memory_needs",
+)
 
 
 def declared(plugin: Any, member: str) -> Any:

@@ -427,20 +427,24 @@ def _add_certified(rep: Report, t: Target) -> None:
     except UnsupportedLayer as exc:
         rep.warnings.append(f"IBP certification not applicable: {first_line(exc, 300)}")
         return
-    value, n = float(ok.float().mean()), len(ok)
-    rep.rows.append(
-        Row(
-            label="IBP verified (certified lower bound)",
-            suite="certify",
-            kind="certified",
-            robust=value,
-            ci=wilson_interval(int(ok.sum()), n),
-            acc_drop=acc_drop(rep.clean, value),
-            n=n,
-            points=ok,
-        )
+    row = _verdict_row("IBP verified (certified lower bound)", "certify", "certified", ok, rep.clean)
+    rep.rows.append(row)
+    rep.meta["certified"] = {"method": "ibp", "verified": row.robust, "n": row.n, "eps": rep.meta["eps"]}
+
+
+def _verdict_row(label: str, suite: str, kind: str, ok: Tensor, clean: float) -> Row:
+    """A row that is only a per-point verdict (no adversarial images): accuracy, Wilson interval, drop from clean."""
+    value = float(ok.float().mean()) if len(ok) else float("nan")
+    return Row(
+        label=label,
+        suite=suite,
+        kind=kind,
+        robust=value,
+        ci=wilson_interval(int(ok.sum()), len(ok)),
+        acc_drop=acc_drop(clean, value),
+        n=len(ok),
+        points=ok,
     )
-    rep.meta["certified"] = {"method": "ibp", "verified": value, "n": n, "eps": rep.meta["eps"]}
 
 
 def _add_best_known(rep: Report, t: Target, out: Path) -> None:
@@ -460,19 +464,9 @@ def _add_best_known(rep: Report, t: Target, out: Path) -> None:
     sha = rep.meta["weights_sha256"]
     entry = ledger.record([ledger.weights_ledger(sha), out / "ledger.json"], rep.meta, rep.clean_points, broken)
     value, count = ledger.headline(entry, rep.meta["n"])
-    ok = torch.tensor([entry["points"][str(i)]["broken_by"] is None for i in range(count)])
-    rep.rows.append(
-        Row(
-            label=f"best known (ledger: {len(entry['attacks'])} attacks so far)",
-            suite="ledger",
-            kind="best known",
-            robust=value,
-            ci=wilson_interval(int(ok.sum()), count),
-            acc_drop=acc_drop(rep.clean, value),
-            n=count,
-            points=ok,
-        )
-    )
+    ok = torch.tensor([entry["points"][str(i)]["broken_by"] is None for i in range(count)], dtype=torch.bool)
+    label = f"best known (ledger: {len(entry['attacks'])} attacks so far)"
+    rep.rows.append(_verdict_row(label, "ledger", "best known", ok, rep.clean))
     rep.meta["best_known"] = {
         "robust": value,
         "n": count,

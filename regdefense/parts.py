@@ -23,11 +23,14 @@ from regdefense import distributed
 from regdefense.attacks import model_mode
 from regdefense.config import RunConfig, load_toml, parse_overrides, resolve
 from regdefense.data import Data, check_data, load_data
+from regdefense.defense import declared
 from regdefense.errors import ConfigError, DataError, UserError, first_line
 from regdefense.models import KNOWN_DEFAULTS, create_model, default_model
 from regdefense.plugins import activate, catalogue, config_classes
 from regdefense.runtime import resolve_device, seed_everything
 from regdefense.weights import read_weights
+
+NORM_NAMES = {"linf": "L∞", "l2": "L2"}
 
 #: builds the extra training data of ``data.extra`` (``regdefense.extra.load_extra``) once the data is loaded
 ExtraLoader = Callable[[RunConfig, Data, Callable[[str], None]], Any]
@@ -88,6 +91,13 @@ class Assembly:
         self.extra = extra(config, self.data, self.echo) if extra is not None else None
         self.eps_full = config.threat.eps if config.threat.eps is not None else self.data.default_eps
         self.norm = config.threat.norm
+        for name, plugin in self.pm.list_name_plugin():
+            norms = declared(plugin, "norms")
+            if self.norm not in norms:
+                raise ConfigError(
+                    f"{name} is an {' / '.join(NORM_NAMES[n] for n in norms)} defense (its perturbation is defined "
+                    f"for that norm only); the run's threat.norm is {self.norm}: use threat.norm={norms[0]}"
+                )
         self.eps_factor = 1.0
         #: the loop's position (a Trainer's TrainState; rebuilt models get the checkpoint's epoch)
         self.state: Any = None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +26,7 @@ from regdefense.measure import accuracy
 from regdefense.parts import load_config
 from regdefense.restore import require_for_resume
 from regdefense.runtime import versions
-from regdefense.safety import TrainingInterrupted
+from regdefense.safety import TrainingInterrupted, write_error_log
 from regdefense.trainer import Trainer
 
 __all__ = ["RunResult", "check", "cost", "final_table", "load_config", "make_run_dir", "peak_host_bytes", "train"]
@@ -380,21 +379,11 @@ def train(
     except TrainingInterrupted:
         raise  # not a failure: last.pt is written and the message says how to resume
     except Exception as exc:  # every failed run keeps why in RUN_DIR/error.log (the message names the defense)
-        write_error_log(run_dir, exc)
+        write_error_log(run_dir, exc)  # over the trainer's: the same failure, with the defense named on top
         raise
     finally:
         tracking.close_all(loggers)  # a failed or interrupted run: the trackers still finish (as failed)
     return RunResult(run_dir, table, wall, history, cost=spent)
-
-
-def write_error_log(run_dir: Path, exc: BaseException) -> None:
-    """``RUN_DIR/error.log``: the failure's message first, then its whole traceback (with the defense's own)."""
-    try:
-        (run_dir / "error.log").write_text(
-            f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(exc))
-        )
-    except OSError:
-        pass  # an unwritable run directory: the error itself still reaches the user
 
 
 def peak_host_bytes() -> int:

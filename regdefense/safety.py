@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import signal
 import threading
+import traceback
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from regdefense.errors import UserError
+
+
+def write_error_log(run_dir: str | Path, exc: BaseException) -> str:
+    """``RUN_DIR/error.log``: the failure's message first, then its whole traceback (the defense's frames included).
+    Returns where it went, or why it could not be written (the error itself still reaches the user)."""
+    path = Path(run_dir) / "error.log"
+    try:
+        path.write_text(f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(exc)))
+    except OSError:
+        return "not saved (the run directory is not writable)"
+    return str(path)
 
 
 class NonFiniteLoss(UserError):

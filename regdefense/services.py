@@ -230,9 +230,9 @@ class Progress:
         if self.bar is None or not sums.get("_n") or time.monotonic() - self._shown < self.interval:
             return
         self._shown = time.monotonic()
-        n = sums["_n"]
-        terms = {k[5:]: float(v) / n for k, v in sums.items() if k.startswith("loss_")}
-        if terms:
+        keys = [k for k in sums if k.startswith("loss_")]
+        if keys:  # one read of the device for all the terms
+            terms = dict(zip((k[5:] for k in keys), (torch.stack([sums[k] for k in keys]) / sums["_n"]).tolist()))
             shown = {"loss": f"{sum(terms.values()):.4g}"}
             if len(terms) > 1:
                 shown.update({k: f"{v:.3g}" for k, v in terms.items()})
@@ -246,7 +246,8 @@ class Progress:
 
 
 def epoch_line(m: dict[str, Any], epochs: int) -> str:
-    """``epoch 3/10  loss 0.512 (task 0.41, trades_kl 0.1)  held-out clean 91.2% PGD 45.0%  lr 0.1  ε 0.3  4.2 s``"""
+    """E.g. (TRADES, a tiny test run): ``epoch 1/2  loss 2.305 (robust 0.000241, task 2.3)  held-out clean 5.3% PGD
+    0.0%  lr 0.075  ε 0.2  0.1 s``."""
     terms = {k[5:]: v for k, v in m.items() if k.startswith("loss_")}
     parts = [f"epoch {m['epoch']}/{epochs}", f"loss {m.get('loss', float('nan')):.4g}"]
     if len(terms) > 1:

@@ -17,7 +17,6 @@ import inspect
 import math
 import textwrap
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from regdefense.extra import MixedLoader, load_extra
 from regdefense.parts import Assembly
 from regdefense.plugins import adversarial_problem, answer_error, blame, loss_terms_problem
 from regdefense.runtime import resolve_device, seed_everything, versions
-from regdefense.safety import Interrupt, NonFiniteGuard, NonFiniteLoss, TrainingInterrupted
+from regdefense.safety import Interrupt, NonFiniteGuard, NonFiniteLoss, TrainingInterrupted, write_error_log
 from regdefense.schedule import build_scheduler
 from regdefense.services import Checkpointer, MetricsLog, Progress, Validator
 from regdefense.step import Step
@@ -159,7 +158,8 @@ class Trainer(Assembly):
     def fit(self) -> list[dict[str, Any]]:
         """Train. Per batch: batch_start → make_adversarial → forward_backward (→ compute_loss) →
         gradient all-reduce (torchrun) → unscale, clip → before_optimizer_step → optimizer step → batch_end;
-        per epoch: epoch_start, the batches, eval_model + held-out check, epoch_end, checkpoint.
+        per epoch: epoch_start, the batches (each ``replays`` times in a row: ``regdefense_batch_replays``),
+        eval_model + held-out check, epoch_end, checkpoint.
 
         A hook that raises stops the run with a :class:`PluginError` naming its defense; SIGINT/SIGTERM
         finish the step, write ``last.pt`` and raise :class:`TrainingInterrupted`.
@@ -322,15 +322,10 @@ class Trainer(Assembly):
         )
 
     def _write_traceback(self, exc: BaseException) -> str:
-        """Keep the full traceback of a defense's failure in ``RUN_DIR/error.log``; return where it went."""
+        """Keep the full traceback of a failure in ``RUN_DIR/error.log``; return where it went."""
         if self.run_dir is None or not self.dist.is_main:
             return "the exception's __cause__"
-        path = self.run_dir / "error.log"
-        try:
-            path.write_text(f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(exc)))
-        except OSError:
-            return "not saved (the run directory is not writable)"
-        return str(path)
+        return write_error_log(self.run_dir, exc)
 
     def _last_good(self) -> str:
         last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None

@@ -68,6 +68,8 @@ def test_training_shows_the_running_loss_and_one_line_per_epoch(tmp_path, capsys
 
 
 def test_every_check_shows_a_bar_and_quiet_shows_none(capsys):
+    import re
+
     import torch
 
     from regdefense.evaluate import evaluate_model
@@ -81,7 +83,7 @@ def test_every_check_shows_a_bar_and_quiet_shows_none(capsys):
     for stage in ("check 1/11 (single-step vs iterative): FGSM", "check 2/11 (convergence (steps, restarts)): "
                   "PGD-100 restart 3/3", "check 3/11 (black-box vs white-box): Square", "check 4/11 (very large ε)"):
         assert stage in err, stage
-    assert "img/s]" in err or "s/img]" in err or "<" in err  # tqdm's rate and ETA
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d, ", err), err[-400:]  # an estimated time left, not tqdm's "<?"
     evaluate_model(model, x, y, suites=["quick"], eps=0.1, progress=False, check_samples=12)
     assert capsys.readouterr().err == ""
 
@@ -177,9 +179,8 @@ def test_evaluations_accumulate_and_the_best_known_row_sees_every_out_folder(tmp
     elsewhere, _ = evaluate(run, suites=["torchattacks:FGSM(eps=0.2)"], out=tmp_path / "B", **kw)
     best = next(r for r in elsewhere.rows if r.kind == "best known")
     assert "PGD-20 (quick)" in elsewhere.meta["best_known"]["attacks"]  # the first evaluation's attacks, elsewhere
-    assert best.robust <= min(strong.worst_case, elsewhere.worst_case) + 1e-9
-    assert best.robust == pytest.approx(next(r for r in strong.rows if r.kind == "best known").robust) or \
-        best.robust < elsewhere.worst_case
+    first_best = next(r for r in strong.rows if r.kind == "best known").robust
+    assert best.robust <= min(first_best, elsewhere.worst_case) + 1e-9  # it only goes down, wherever it is written
 
 
 # --- plugin mistakes named, early (item 5) ---------------------------------------------------

@@ -35,6 +35,7 @@ class ATAS(Defense):
     name = "atas"
     publishes = adversary("info.x_init")
     single_step = True
+    norms = ("linf",)
 
     @dataclass
     class Config:
@@ -67,8 +68,6 @@ class ATAS(Defense):
 
     @hookimpl
     def regdefense_fit_start(self, trainer):
-        if trainer.norm != "linf":
-            raise ConfigError("atas is an L∞ defense (a signed step); use threat.norm=linf")
         shape = (getattr(trainer, "index_size", trainer.train_size), *trainer.data.input_shape)
         self.where = buffers.place(buffers.nbytes(shape, torch.float32), trainer.device, self.config.buffers)
         folder = Path(trainer.run_dir) / "buffers" if trainer.run_dir is not None else None

@@ -23,6 +23,7 @@ class FastAT(Defense):
     name = "fast_at"
     publishes = adversary(*PGD_INFO, PGD_GRAD)
     single_step = True
+    norms = ("linf",)
 
     @dataclass
     class Config:

@@ -31,6 +31,7 @@ class FAT(Defense):
 
     name = "fat"
     publishes = adversary(*PGD_INFO)
+    norms = ("linf",)
 
     @dataclass
     class Config:
@@ -53,11 +54,6 @@ class FAT(Defense):
     def current_tau(self, epoch: int) -> int:
         """τ of the 0-based ``epoch``: ``tau`` plus the number of schedule epochs already passed."""
         return self.config.tau + sum(epoch + 1 > e for e in self.config.tau_schedule)
-
-    @hookimpl
-    def regdefense_fit_start(self, trainer):
-        if trainer.norm != "linf":
-            raise ConfigError("fat is an L∞ defense; use threat.norm=linf")
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):

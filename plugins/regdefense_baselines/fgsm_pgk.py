@@ -49,6 +49,7 @@ class FGSMPGK(Defense):
     )
     reads = (APPLIES_WEIGHTS,)
     single_step = True
+    norms = ("linf",)
 
     @dataclass
     class Config:

@@ -34,6 +34,7 @@ class FreeAT(Defense):
     name = "free_at"
     publishes = adversary("info.x_init")
     single_step = True
+    norms = ("linf",)
 
     @dataclass
     class Config:
@@ -51,8 +52,6 @@ class FreeAT(Defense):
 
     @hookimpl
     def regdefense_fit_start(self, trainer):
-        if trainer.norm != "linf":
-            raise ConfigError("free_at is an L∞ defense (a signed step); use threat.norm=linf")
         for name, _ in trainer.pm.list_name_plugin():
             if name in NOT_WITH:
                 raise ConfigError(f"free_at cannot stack with {name}: {NOT_WITH[name]}")

@@ -24,14 +24,14 @@ from regdefense.defense import Defense
 
 
 def alignment(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """Mean cosine between per-sample gradients, over the samples where neither is zero."""
+    """Mean cosine between per-sample gradients, over the samples where neither is zero (1: no penalty, when there is
+    no such sample). Computed without asking the device anything, so no step waits for it."""
     n1, n2 = g1.flatten(1).norm(dim=1), g2.flatten(1).norm(dim=1)
     keep = (n1 != 0) & (n2 != 0)
-    if not bool(keep.any()):
-        return g2.sum() * 0.0 + 1.0  # no usable pair: no penalty, still on the graph
-    a = g1.flatten(1)[keep] / n1[keep, None]
-    b = g2.flatten(1)[keep] / n2[keep, None]
-    return (a * b).sum(dim=1).mean()
+    cos = (g1.flatten(1) * g2.flatten(1)).sum(dim=1) / (n1 * n2).clamp_min(1e-30)
+    count = keep.sum()
+    mean = (cos * keep).sum() / count.clamp_min(1)
+    return torch.where(count > 0, mean, torch.ones_like(mean))
 
 
 def _through_clamp(grad: torch.Tensor, x_init: torch.Tensor | None) -> torch.Tensor:
@@ -47,6 +47,7 @@ class GradAlign(Defense):
     """Adds λ·(1 − cos) between the adversary's input gradient and one at a random point (double backprop)."""
 
     name = "gradalign"
+    norms = ("linf",)  # the random point is uniform in the L∞ ball, as the reference's
     reads = (
         Key(
             PGD_GRAD,

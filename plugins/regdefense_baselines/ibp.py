@@ -28,6 +28,7 @@ class IBP(Defense):
 
     name = "ibp"
     publishes = (Key("outputs.clean", "compute_loss"),)
+    norms = ("linf",)
 
     @dataclass
     class Config:
@@ -49,8 +50,6 @@ class IBP(Defense):
 
     @hookimpl
     def regdefense_fit_start(self, trainer):
-        if trainer.norm != "linf":
-            raise ConfigError("ibp bounds an L∞ ball; use threat.norm=linf")
         x = trainer.data.train.floats(torch.arange(2)).to(trainer.device)
         try:
             self.graph = trace(trainer.raw_model)

@@ -19,7 +19,6 @@ from regdefense import hookimpl, option
 from regdefense.attacks import model_mode
 from regdefense.contract import adversary
 from regdefense.defense import Defense
-from regdefense.errors import ConfigError
 
 
 class NFGSM(Defense):
@@ -28,6 +27,7 @@ class NFGSM(Defense):
     name = "n_fgsm"
     publishes = adversary("info.x_init")
     single_step = True
+    norms = ("linf",)
 
     @dataclass
     class Config:
@@ -40,11 +40,6 @@ class NFGSM(Defense):
         attack_mode: Literal["eval", "train"] = option(
             "train", "BN/dropout mode during the attack step (train, as the reference code)"
         )
-
-    @hookimpl
-    def regdefense_fit_start(self, trainer):
-        if trainer.norm != "linf":
-            raise ConfigError("n_fgsm is an L∞ defense (a signed step); use threat.norm=linf")
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):

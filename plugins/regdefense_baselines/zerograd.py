@@ -59,11 +59,7 @@ def consensus(grads: list[torch.Tensor], threshold: int) -> torch.Tensor:
 class _SingleStep(Defense):
     single_step = True
     publishes = adversary("info.x_init")
-
-    @hookimpl
-    def regdefense_fit_start(self, trainer):
-        if trainer.norm != "linf":
-            raise ConfigError(f"{self.name} is an L∞ defense (a signed step); use threat.norm=linf")
+    norms = ("linf",)
 
     def budget(self, trainer) -> tuple[float, float]:
         c = self.config
