@@ -9,7 +9,6 @@ flipped bits, a copy cut short). Loading never unpickles anything but tensors an
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from regdefense.errors import CheckpointError
+from regdefense.files import WriteError, write_atomic
 
 FORMAT = 1
 MAGIC = b"regdefense-ckpt\n"  # 16 bytes
@@ -34,43 +34,19 @@ def save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     checkpoint at ``path`` untouched and raises :class:`CheckpointError` saying so.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     buf = io.BytesIO()
     torch.save(payload, buf)
     body = buf.getbuffer()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(MAGIC)
-            fh.write(hashlib.sha256(body).digest())
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        raise CheckpointError(
-            f"could not write the checkpoint {path}: {why}{kept}. Free space or fix "
-            f"permissions, then resume from the last checkpoint"
-        ) from None
-    _fsync_dir(path.parent)
-    return path
 
+    def put(fh) -> None:
+        fh.write(MAGIC)
+        fh.write(hashlib.sha256(body).digest())
+        fh.write(body)
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (best effort: not every platform can open a folder)."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        return write_atomic(path, put, "the checkpoint")
+    except WriteError as exc:
+        raise CheckpointError(f"{exc}. Free space or fix permissions, then resume from the last checkpoint") from None
 
 
 def read(path: str | os.PathLike) -> Any:

@@ -34,6 +34,7 @@ from torch import Tensor
 from regdefense import ledger
 from regdefense.augment import augment_batch, draw_augment
 from regdefense.errors import DataError
+from regdefense.files import write_atomic
 from regdefense.paths import cache_dir
 from regdefense.restore import load_model
 from regdefense.runtime import resolve_device
@@ -314,13 +315,10 @@ def pseudo_labels(
             labels.append(y.cpu())
             conf.append(c.cpu())
     labels_t, conf_t = torch.cat(labels), torch.cat(conf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"labels": labels_t, "confidence": conf_t}, tmp)
-    tmp.replace(path)
-    (path.with_suffix(".json")).write_text(
-        json.dumps({"teacher": str(teacher), "source": str(src.path), "rows": len(src)})
-    )
+    cached = {"labels": labels_t, "confidence": conf_t}
+    write_atomic(path, lambda fh: torch.save(cached, fh), "the pseudo-label cache")  # two runs may fill it at once
+    info = {"teacher": str(teacher), "source": str(src.path), "rows": len(src)}
+    write_atomic(path.with_suffix(".json"), json.dumps(info), "the pseudo-label cache")
     return labels_t, conf_t
 
 
