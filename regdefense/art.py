@@ -383,9 +383,11 @@ def to_art_classifier(
     nb_classes: int | None = None,
     which: str = "best",
     lr: float = 1e-3,
+    trust_code: bool = False,
 ):
-    """A ``PyTorchClassifier`` (clip values (0, 1), CE loss, an Adam optimizer) from a run directory,
-    a checkpoint, or a trained ``nn.Module`` (then give ``input_shape`` and ``nb_classes``)."""
+    """A ``PyTorchClassifier`` (clip values (0, 1), CE loss, an Adam optimizer) from a run directory, a checkpoint,
+    an export folder, ``hf:ORG/NAME``, or a trained ``nn.Module`` (then give ``input_shape`` and ``nb_classes``).
+    ``.pt2`` and TorchScript programs are code: loaded only with ``trust_code=True``."""
     from art.estimators.classification import PyTorchClassifier
 
     if isinstance(run_or_model, nn.Module):
@@ -393,7 +395,7 @@ def to_art_classifier(
             raise UserError("to_art_classifier(model) needs input_shape and nb_classes")
         model = run_or_model
     else:
-        t = load_target(run_or_model, which=which)
+        t = load_target(run_or_model, which=which, trust_code=trust_code)
         model, input_shape, nb_classes = t.model, tuple(t.x.shape[1:]), t.num_classes
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr) if params else None

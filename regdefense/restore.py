@@ -152,6 +152,7 @@ def load_model(
     device: str = "cpu",
     dataset: str | None = None,
     arch: str | None = None,
+    trust_code: bool = False,
 ) -> nn.Module:
     """The evaluated model of ``target``, in eval mode on ``device``, ready for torchattacks, ART or AutoAttack (inputs
     N×C×H×W in [0, 1]; any normalisation is inside). ``target`` is any of:
@@ -163,6 +164,9 @@ def load_model(
     - with ``arch``, a model file: an architecture name for a state_dict or RobustBench-format checkpoint
       (``{"state_dict": ...}``, ``module.`` prefixes removed) sized for ``dataset`` (default digits), or
       ``"torchscript"``.
+
+    ``.pt2`` and TorchScript programs (files, or export folders of those formats) are code, not data: they load only
+    with ``trust_code=True``; without it they are refused with a UserError.
     """
     if isinstance(target, str) and target.startswith("robustbench:"):
         return robustbench_zoo.load(target, dataset).to(device).eval()
@@ -173,13 +177,13 @@ def load_model(
             f"hf:ORG/NAME, robustbench:NAME, a .pt2 file, or a model file with arch="
         )
     if arch == "torchscript":
-        return load_torchscript(path, map_location=device)
+        return load_torchscript(path, map_location=device, trust_code=trust_code)
     if arch == "torch-export" or (arch is None and path.suffix == ".pt2" and path.is_file()):
-        return load_program(path).to(device)
+        return load_program(path, trust_code=trust_code).to(device)
     if arch is not None:
         return _model_file(path, arch, dataset or "digits").to(device).eval()
     if is_export(path):
-        return load(path).to(device).eval()
+        return load(path, trust_code=trust_code).to(device).eval()
     _, model, _, _ = rebuild(checkpoint.load(checkpoint_file(path, which)), dataset=dataset, device=device)
     return model.eval()
 

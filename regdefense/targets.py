@@ -5,7 +5,6 @@ the defenses' hooks), never by the training loop.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from regdefense.models import create_model, list_models, robustbench_zoo
 from regdefense.restore import checkpoint_file, rebuild
 from regdefense.runtime import resolve_device
 from regdefense.stream import subset_of
-from regdefense.weights import is_export, load, load_program, load_torchscript, resolve, state_dict_of
+from regdefense.weights import export_info, is_export, load, load_program, load_torchscript, resolve, state_dict_of
 
 
 @dataclass
@@ -59,12 +58,15 @@ def load_target(
     n: int | None = None,
     subset: str | None = None,
     decode: int | None = None,
+    trust_code: bool = False,
 ) -> Target:
     """Load what to evaluate.
 
-    :param target: a run directory (its ``checkpoints/<which>.pt``), a regdefense checkpoint, or, with
-        ``arch``, a user's state_dict file (``arch`` = an architecture name) or TorchScript file
-        (``arch="torchscript"``).
+    :param target: a run directory (its ``checkpoints/<which>.pt``), a regdefense checkpoint, an export folder,
+        ``hf:ORG/NAME``, ``robustbench:NAME``, a ``.pt2`` program, or, with ``arch``, a user's state_dict file
+        (``arch`` = an architecture name) or TorchScript file (``arch="torchscript"``).
+    :param trust_code: load ``.pt2`` and TorchScript programs (code, not data: refused without it, whatever
+        ``arch`` or an export's ``config.json`` says).
     :param dataset: the data to evaluate on (default: the run's, else ``digits``); the test split is used.
     :param n: only the first ``n`` test points (of the subset).
     :param decode: decode only the first ``decode`` of them into ``Target.x`` (the rest stay in ``Target.split``).
@@ -83,7 +85,7 @@ def load_target(
     if arch is None and path.suffix == ".pt2" and path.is_file():
         arch = "torch-export"  # a torch.export program says what it is
     if arch is None and is_export(path):
-        return _export_target(path, str(target), dataset, device, n, subset, decode)
+        return _export_target(path, str(target), dataset, device, n, subset, decode, trust_code)
     if arch is None:
         ckpt = checkpoint_file(path, which)
         payload = checkpoint.load(ckpt)
@@ -91,9 +93,9 @@ def load_target(
     data = _test_data(dataset or "digits", subset)
     c, h, w = data.input_shape
     if arch == "torchscript":
-        model = load_torchscript(path, map_location=dev)
+        model = load_torchscript(path, map_location=dev, trust_code=trust_code)
     elif arch == "torch-export":
-        model = load_program(path)
+        model = load_program(path, trust_code=trust_code)
     else:
         model = create_model(arch, in_channels=c, num_classes=data.num_classes, image_size=min(h, w))
         state: Any = state_dict_of(checkpoint.read(path))  # regdefense's, RobustBench's or a plain state_dict
@@ -155,10 +157,17 @@ def _zoo_arch(name: Any) -> dict[str, Any]:
 
 
 def _export_target(
-    folder: Path, target: str, dataset: str | None, device: str, n: int | None, subset: str | None, decode: int | None
+    folder: Path,
+    target: str,
+    dataset: str | None,
+    device: str,
+    n: int | None,
+    subset: str | None,
+    decode: int | None,
+    trust_code: bool = False,
 ) -> Target:
     """An export folder (``regdefense export``, or ``hf:ORG/NAME`` fetched): its model on its data's test split."""
-    info = json.loads((folder / "config.json").read_text())
+    info = export_info(folder)
     data = _test_data(dataset or info.get("dataset") or "digits", subset)
     if list(data.input_shape) != list(info["input_shape"]):
         raise UserError(
@@ -166,7 +175,7 @@ def _export_target(
             f"{list(data.input_shape)}: pick its data with --dataset"
         )
     return _model_target(
-        load(folder),
+        load(folder, trust_code=trust_code),
         data,
         info["threat"]["eps"],
         info["threat"]["norm"],

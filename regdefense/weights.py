@@ -1,11 +1,18 @@
 """Model weights in: export folders, ``hf:ORG/NAME`` (through huggingface_hub's cache), ``robustbench:NAME``, run
 directories and checkpoints. The writing side (``regdefense export``, ``regdefense push``) sits at the edge of the
 package (:mod:`regdefense.export`, :mod:`regdefense.hub`); evaluation, ``--init`` and pseudo-labelling read here.
+
+Loading is data, not code: weights are read with safetensors or ``torch.load(weights_only=True)``. A ``torch.export``
+program (``.pt2``) or a TorchScript file is code — its graph runs whatever ops it holds, and torch 2.14's
+``torch.export.load`` unpickles parts of the archive with ``weights_only=False`` — so it is loaded only when the caller
+says so: ``trust_code=True`` (``regdefense evaluate --trust-code``), never because a folder's ``config.json`` names
+that format, nor because ``--arch`` names it (that says what a file is, not that its code may run).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +62,22 @@ def state_dict_of(obj: Any) -> Any:
     return obj
 
 
-def load_program(path: str | Path) -> ExportedModel:
-    """A ``model.pt2`` written by ``torch.export.save`` (``regdefense export --format torch-export``)."""
+def allow_code(path: str | Path, kind: str, trust_code: bool = False) -> None:
+    """Refuse to load program ``path`` (``kind``: torch.export or TorchScript) unless the caller trusts code; say so
+    on stderr when it is loaded."""
+    if not trust_code:
+        raise UserError(
+            f"{path} is a {kind} program: code that runs when loaded, not data; load it only from a source you "
+            f"trust, with --trust-code (regdefense evaluate) or trust_code=True (Python)"
+        )
+    print(f"note: loading {path}, a {kind} program (code), as trust_code allows", file=sys.stderr)
+
+
+def load_program(path: str | Path, *, trust_code: bool = False) -> ExportedModel:
+    """A ``model.pt2`` written by ``torch.export.save`` (``regdefense export --format torch-export``); refused
+    without ``trust_code``: torch 2.14's ``torch.export.load`` has no weights-only mode (it unpickles the archive's
+    pickled weights and constants with ``weights_only=False``, and falls back to it for the example inputs)."""
+    allow_code(path, "torch.export", trust_code)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # torch raises many kinds for a file that is not an ExportedProgram
@@ -64,11 +85,13 @@ def load_program(path: str | Path) -> ExportedModel:
     return ExportedModel(program.module()).eval()
 
 
-def load_torchscript(path: str | Path, map_location: Any = "cpu") -> nn.Module:
+def load_torchscript(path: str | Path, map_location: Any = "cpu", *, trust_code: bool = False) -> nn.Module:
     """A TorchScript file, read for existing exports (torch 2.14 deprecates TorchScript: export new ones with
-    ``--format torch-export``); torch's deprecation warning for reading is not repeated on every load."""
+    ``--format torch-export``); torch's deprecation warning for reading is not repeated on every load. Refused
+    without ``trust_code``: its scripted code runs on every forward (it may read and write files)."""
     import warnings
 
+    allow_code(path, "TorchScript", trust_code)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
         try:
@@ -88,19 +111,47 @@ def architecture(config: dict[str, Any], image_size: int | None = None) -> str:
     return name
 
 
-def load(folder: str | Path) -> nn.Module:
-    """Rebuild an export folder (or ``hf:ORG/NAME``, through the Hugging Face cache): ``model.safetensors`` into its
-    architecture, ``model.pt2`` with ``torch.export.load``, ``model.ts`` with ``torch.jit.load``."""
-    folder = Path(resolve(folder))
+def _positive_ints(value: Any, n: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(type(v) is int and v > 0 for v in value)
+
+
+def export_info(folder: str | Path) -> dict[str, Any]:
+    """An export folder's ``config.json``, with the keys loading reads checked: a UserError naming what is missing or
+    wrong, never a KeyError."""
     try:
-        info = json.loads((folder / "config.json").read_text())
+        info = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{folder} is not a regdefense export (config.json: {exc})") from None
+    info = info if isinstance(info, dict) else {}
+    threat = info.get("threat")
+    ok = {
+        "format": info.get("format") in MODEL_FORMATS,
+        "architecture": isinstance(info.get("architecture"), str),
+        "input_shape": _positive_ints(info.get("input_shape"), 3),
+        "num_classes": _positive_ints([info.get("num_classes")], 1),
+        "threat": isinstance(threat, dict) and "norm" in threat and isinstance(threat.get("eps"), (int, float)),
+        "config": isinstance(info.get("config", {}), dict),
+    }
+    if not all(ok.values()):
+        raise UserError(
+            f"{folder}/config.json is not a regdefense export's: {', '.join(k for k, v in ok.items() if not v)} "
+            f"missing or invalid (format one of {', '.join(MODEL_FORMATS)}, input_shape [C, H, W], num_classes, "
+            f"threat {{norm, eps}}); export the run again (regdefense export RUN)"
+        )
+    return info
+
+
+def load(folder: str | Path, *, trust_code: bool = False) -> nn.Module:
+    """Rebuild an export folder (or ``hf:ORG/NAME``, through the Hugging Face cache): ``model.safetensors`` into its
+    architecture; with ``trust_code`` only, ``model.pt2`` with ``torch.export.load`` and ``model.ts`` with
+    ``torch.jit.load`` (programs: code, see the module's docstring)."""
+    folder = Path(resolve(folder))
+    info = export_info(folder)
     if info["format"] == "torchscript":
-        return load_torchscript(folder / "model.ts")
+        return load_torchscript(folder / "model.ts", trust_code=trust_code)
     if info["format"] == "torch-export":
-        return load_program(folder / "model.pt2")
-    m = info["config"].get("model") or {}
+        return load_program(folder / "model.pt2", trust_code=trust_code)
+    m = (info.get("config") or {}).get("model") or {}
     c, h, w = info["input_shape"]
     norm = ([0.0] * c, [1.0] * c) if m.get("normalize") else None  # placeholders: the saved buffers replace them
     model = create_model(
@@ -119,9 +170,9 @@ def load(folder: str | Path) -> nn.Module:
         load_model(model, str(folder / "model.safetensors"))
     except RuntimeError as exc:
         raise UserError(
-            f"the weights in {folder} are not a plain '{info['architecture']}' ({info['evaluated_model']} "
-            f"of stack {info['stack']}: {first_line(exc, 160)}); load the TorchScript export "
-            f"instead (regdefense export RUN --format torchscript)"
+            f"the weights in {folder} are not a plain '{info['architecture']}' ({info.get('evaluated_model')} "
+            f"of stack {info.get('stack')}: {first_line(exc, 160)}); load the torch.export export "
+            f"instead (regdefense export RUN --format torch-export; evaluate it with --trust-code)"
         ) from None
     return model.eval()
 
@@ -183,7 +234,7 @@ def read_weights(target: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
         return target, robustbench_zoo.load(target).state_dict()
     path = Path(resolve(target))
     if is_export(path):
-        info = json.loads((path / "config.json").read_text())
+        info = export_info(path)
         if info["format"] != "safetensors":
             raise UserError(
                 f"{target} is a {info['format']} export; starting training from it needs its safetensors export "

@@ -35,14 +35,14 @@ def test_an_export_reloads_to_the_same_logits(run, tmp_path, fmt):
     os.umask(umask)
     assert files["weights"].stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes (was 0600)
     t = load_target(run, n=64, device="cpu")  # what evaluate measures: here the EMA copy, normalisation inside
-    with torch.no_grad():
-        assert torch.equal(load(tmp_path / fmt)(t.x), t.model(t.x))
+    with torch.no_grad():  # programs are code: loaded only when trusted
+        assert torch.equal(load(tmp_path / fmt, trust_code=True)(t.x), t.model(t.x))
     if fmt == "torch-export":  # torch alone reads it, at any batch size, with input gradients for attacks
         program = torch.export.load(str(files["weights"])).module()
         with torch.no_grad():
             assert torch.equal(program(t.x[:5]), t.model(t.x[:5])) and torch.equal(program(t.x[:1]), t.model(t.x[:1]))
         x = t.x[:3].clone().requires_grad_(True)
-        load(tmp_path / fmt)(x).sum().backward()
+        load(tmp_path / fmt, trust_code=True)(x).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
 
 
@@ -59,7 +59,7 @@ def test_evaluate_completes_on_a_torch_export_and_a_torchscript_model(run, tmp_p
     target = files["weights"] if what == "model.pt2" else tmp_path / "x"
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # reading an existing TorchScript export stays quiet
-        report, written = evaluate(target, n=16, check_samples=16, surrogate=None, progress=False)
+        report, written = evaluate(target, n=16, check_samples=16, surrogate=None, progress=False, trust_code=True)
     assert written["md"].exists() and 0 <= report.worst_case <= report.clean
     checks = {c["name"]: c for c in report.checks}
     assert len(checks) == 11 and checks["very large ε"]["status"] == "pass"
@@ -185,7 +185,7 @@ def test_art_attacks_a_torch_export(run, tmp_path):
     from regdefense.evaluate import load_target
 
     export(run, fmt="torch-export", out=tmp_path / "pt2")
-    classifier = to_art_classifier(tmp_path / "pt2")
+    classifier = to_art_classifier(tmp_path / "pt2", trust_code=True)
     t = load_target(run, n=16, device="cpu")
     x = t.x.numpy()
     with torch.no_grad():

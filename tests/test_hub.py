@@ -194,8 +194,8 @@ def test_one_call_loads_the_evaluated_model_from_every_target_form(run, offline_
     forms = {
         "run": regdefense.load_model(run),
         "safetensors export": regdefense.load_model(export(run, out=tmp_path / "st")["config"].parent),
-        "torch-export": regdefense.load_model(tmp_path / "pt2"),
-        ".pt2 file": regdefense.load_model(tmp_path / "pt2" / "model.pt2"),
+        "torch-export": regdefense.load_model(tmp_path / "pt2", trust_code=True),  # programs: code, when trusted
+        ".pt2 file": regdefense.load_model(tmp_path / "pt2" / "model.pt2", trust_code=True),
         "hf:": regdefense.load_model("hf:lab/one-call"),
         "export.load(hf:)": load("hf:lab/one-call"),
         "RobustBench-format file": regdefense.load_model(rb, arch="digits_cnn"),

@@ -11,6 +11,9 @@ The name may carry its leaderboard: ``robustbench:cifar100/Linf/NAME``; otherwis
 ``cifar100``, ``imagenet``) and ``Linf``. Zoo models take [0, 1] inputs with any normalisation inside, as regdefense
 models do.
 
+robustbench 1.1 reads its checkpoints with a bare ``torch.load`` (weights-only since torch 2.6, but not under
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``); :func:`load` makes every ``torch.load`` of that call weights-only.
+
 robustbench 1.1 imports ``pkg_resources`` (gone from setuptools 81) and the official AutoAttack under its original
 module name ``autoattack``, which ``pyautoattack`` provides as ``pyautoattack``; :func:`import_robustbench` supplies
 both for the duration of the import only.
@@ -26,6 +29,7 @@ import sys
 import types
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from regdefense.errors import ConfigError, UserError, first_line
@@ -58,6 +62,22 @@ def _stand_ins():
     finally:
         for name in added:  # robustbench keeps its references; nothing else sees the stand-ins
             sys.modules.pop(name, None)
+
+
+@contextlib.contextmanager
+def _weights_only():
+    """``torch.load`` reads tensors and plain containers only, whatever its caller or the environment asks (for the
+    duration of robustbench's loader: it passes no ``weights_only``)."""
+    real = torch.load
+
+    def load(*args, **kwargs):
+        return real(*args, **{**kwargs, "weights_only": True})
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = real  # type: ignore[assignment]
 
 
 def import_robustbench():
@@ -123,7 +143,8 @@ def load(target: str, dataset: str | None = None) -> nn.Module:
     utils, _ = import_robustbench()
     path = weights_path(name, ds, threat)
     try:
-        return utils.load_model(name, model_dir=str(model_dir()), dataset=ds, threat_model=threat)
+        with _weights_only():  # a zoo file is data: never unpickled beyond tensors
+            return utils.load_model(name, model_dir=str(model_dir()), dataset=ds, threat_model=threat)
     except Exception as exc:  # robustbench's download (Google Drive, requests) or its loading failed
         where = (
             ""
