@@ -49,14 +49,13 @@ def findings() -> list[str]:
 
 
 def warning() -> str | None:
-    """The CLI's one-paragraph warning, or None when nothing on the list is installed."""
+    """The CLI's one short line naming the exposed packages, or None when nothing on the list is installed; the
+    advisories themselves and the remedy: ``python -m regdefense.advisories``."""
     found = findings()
     if not found:
         return None
-    return (
-        "warning: installed versions with published advisories (torchattacks pins requests~=2.25.1 but never "
-        "imports it): " + " | ".join(found) + f". Remedy: {REMEDY}"
-    )
+    names = ", ".join(line.split(":")[0] for line in found)
+    return f"warning: {names} have published advisories; details and the one-line fix: python -m regdefense.advisories"
 
 
 def main() -> int:
@@ -64,6 +63,11 @@ def main() -> int:
     for line in found:
         print(line)
     print(f"{len(found)} distribution(s) with open advisories" + (f"; remedy: {REMEDY}" if found else ""))
+    if found:
+        print(
+            "why: torchattacks (every release to 3.5.1) pins requests~=2.25.1 though it never imports requests, and "
+            "pip lets no package override another's pin; pip notes that pin after the remedy, harmlessly"
+        )
     return 1 if found else 0
 
 

@@ -34,6 +34,10 @@ class _Group(click.Group):
                 sys.stderr.flush()
                 os._exit(err.exit_code)
             raise err from None
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside training and evaluation: 130, as shells expect
+            stopped = _UserFacing("interrupted")
+            stopped.exit_code = 130  # type: ignore[misc]
+            raise stopped from None
 
 
 def _print_version(ctx: click.Context, _param, value: bool) -> None:
@@ -111,7 +115,7 @@ def _fmt(v, pct: bool = False) -> str:
     "model a local file with -o model.weights=FILE.",
 )
 @click.option("--device", help="auto, cpu, cuda, cuda:N (-o train.device=...).")
-@click.option("--seed", type=int, help="Random seed (-o train.seed=...).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Random seed (-o train.seed=...).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: a new one under runs/).")
 @click.option("--resume", type=click.Path(), help="Continue the run in RUN_DIR (or from a checkpoint file).")
 @click.option(
@@ -185,8 +189,10 @@ def train(
     echo = (lambda s: click.echo(s, err=True)) if as_json else click.echo
     if check:
         from regdefense.run import check as run_check
+        from regdefense.run import check_out
 
-        click.echo(run_check(config_file, stack, overrides))
+        summary = run_check(config_file, stack, overrides)
+        click.echo(summary + ("\n" + check_out(out) if out is not None else ""))
         return
     result = run_train(config_file, defenses=stack, overrides=overrides, out=out, resume=resume, echo=echo)
     if not result.main:
@@ -409,7 +415,7 @@ def compare(runs, plot, as_json) -> None:
 @click.option(
     "--seeds",
     "seeds",
-    type=int,
+    type=click.IntRange(0, 2**32 - 1),
     multiple=True,
     metavar="N...",
     help="Seeds to run each recipe with: --seeds 0 1 2 (default 0 1 2).",
@@ -510,7 +516,7 @@ def main() -> None:
     from regdefense.advisories import warning
     from regdefense.plugins import ContractWarning
 
-    advisory = warning()  # known-vulnerable dependency versions (torchattacks' requests pin): said on every command
+    advisory = warning()  # known-vulnerable dependency versions (torchattacks' requests pin): one line, every command
     if advisory and not os.environ.get("REGDEFENSE_NO_ADVISORY_WARNING"):
         click.echo(advisory, err=True)
 
@@ -552,7 +558,9 @@ def main() -> None:
     help="Evaluate a fixed subset of a streamed image-folder test split: robustbench (RobustBench's 5 000 "
     "ImageNet validation images, from the robustbench package) or a file of CLASS/FILE lines.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the attacks' randomness.")
+@click.option(
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for the attacks' randomness."
+)
 @click.option(
     "--checkpoint",
     "which",
@@ -564,7 +572,13 @@ def main() -> None:
 @click.option(
     "--arch",
     help="For a user's own model file: an architecture name (a state_dict or RobustBench-format checkpoint), "
-    "'torch-export' (a .pt2 program; the default for .pt2 files) or 'torchscript'.",
+    "'torch-export' (a .pt2 program; the default for .pt2 files) or 'torchscript' (both need --trust-code).",
+)
+@click.option(
+    "--trust-code",
+    is_flag=True,
+    help="Load a .pt2 (torch.export) or TorchScript program, file or export folder: these are code that runs, not "
+    "data, and are refused without this flag. Only for files from a source you trust.",
 )
 @click.option("--dataset", help="Evaluate on this dataset's test split (default: the run's; digits for model files).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
@@ -631,6 +645,7 @@ def evaluate(
     out,
     as_json,
     quiet,
+    trust_code,
 ) -> None:
     """Measure robustness of a run, checkpoint or model file; write report.json, report.md and plots."""
     from regdefense.evaluate import evaluate as run_eval
@@ -657,6 +672,7 @@ def evaluate(
         surrogate_epochs=surrogate_epochs,
         surrogate_budget=surrogate_budget,
         certify=certify,
+        trust_code=trust_code,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))

@@ -34,6 +34,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MISSING = dataclasses.MISSING
+#: seeds lie in [0, SEED_MAX]: numpy's generators accept no more (torch's would, up to 2**64 - 1)
+SEED_MAX = 2**32 - 1
 
 
 def option(
@@ -150,7 +152,9 @@ class TrainConfig:
         "a NaN/Inf loss term: stop the run naming the epoch, batch "
         "and term, or skip that batch's update and count skips",
     )
-    seed: int = option(0, "random seed")
+    seed: int = option(
+        0, "random seed (0 to 2**32 - 1, the range every generator the run seeds accepts)", ge=0, le=SEED_MAX
+    )
     init: str = option(
         "",
         "start from these weights: a run directory (its best.pt) or a checkpoint file; "
@@ -367,7 +371,12 @@ def safe_eval(node_or_text: ast.AST | str) -> Any:
 
     ``"8/255"`` gives ``0.0313...``; names other than true/false/none are rejected, so nothing is executed.
     """
-    node = ast.parse(node_or_text.strip(), mode="eval").body if isinstance(node_or_text, str) else node_or_text
+    if isinstance(node_or_text, str):
+        try:
+            return safe_eval(ast.parse(node_or_text.strip(), mode="eval").body)
+        except (RecursionError, MemoryError):  # "-" * 2000 + "1": nesting no value needs
+            raise ValueError(f"too deeply nested to be a value ({len(node_or_text)} characters)") from None
+    node = node_or_text
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name) and node.id.lower() in ("true", "false", "none"):

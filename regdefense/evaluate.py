@@ -10,9 +10,14 @@ taken per point (mean over points of the minimum over attacks), never as the min
 from __future__ import annotations
 
 import functools
+import shlex
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -21,14 +26,16 @@ from tqdm.auto import tqdm
 from regdefense import ledger
 from regdefense import report as reporting
 from regdefense.attacks import resolve_attack
-from regdefense.bounds import UnsupportedLayer, verified
+from regdefense.bounds import UnsupportedLayer, last_linear, verified
 from regdefense.checks import run_checks
 from regdefense.config import check_linf_eps
 from regdefense.errors import UserError, first_line
+from regdefense.files import FolderLock, WriteError
 from regdefense.measure import NoInputGradient, ThreatModel, accuracy, attack_points, batch_seed, logits_of
 from regdefense.metrics import acc_drop, detection_score, per_point, summarise, wilson_interval
 from regdefense.results import Report, Row, merge
 from regdefense.resume import EvalState, digest, model_digest
+from regdefense.safety import Interrupted
 from regdefense.suites import build_suite
 from regdefense.surrogate import BUDGET_SECONDS, clean_surrogate
 from regdefense.targets import Target, _decode, load_target, select_points
@@ -231,6 +238,8 @@ def evaluate_model(
                         )
                     )
                 example_rows.setdefault(a.label if len(built) == 1 else f"{suite.name}: {a.label}", adv[:8].clone())
+                if state is not None:
+                    state.save()  # each finished attack is kept, whatever happens to the next
             for group, (robust, adv) in groups.items():
                 worst &= robust
                 steps = [r for r in rows if r.label.startswith(group + ": ") and r.suite == suite.name]
@@ -246,9 +255,12 @@ def evaluate_model(
                         seconds=sum(r.seconds for r in steps),
                     )
                 )
-    except BaseException:  # an interruption (Ctrl-C, a killed job, an error): keep every finished batch
+    except BaseException:  # an interruption (Ctrl-C, SIGTERM, an error): keep every finished batch
         if state is not None:
-            state.save()
+            try:
+                state.save()
+            except WriteError:
+                pass  # the error on its way out says what went wrong; this save cannot make it better
         raise
     finally:
         if bar is not None:
@@ -325,6 +337,7 @@ def evaluate(
     subset: str | None = None,
     chunk: int | None = None,
     certify: str | None = None,
+    trust_code: bool = False,
 ) -> tuple[Report, dict[str, Path]]:
     """Evaluate a run, checkpoint or model file and write the report files.
 
@@ -343,13 +356,24 @@ def evaluate(
         directory or checkpoint of such a model, a module, or None to skip the check. It is trained after the attacks.
     :param certify: ``"ibp"``: also the verified accuracy by interval bound propagation (a certified lower bound on
         robustness, beside the empirical rows; a model with layers IBP cannot bound gets a warning instead).
+    :param trust_code: load a ``.pt2`` or TorchScript program (code, not data: refused without it).
     :return: the report and the paths written.
     """
     if certify not in (None, "ibp"):
         raise UserError(f"unknown certification '{certify}'; valid: ibp")
     if eps is not None and eps < 0:
         raise UserError(f"--eps must be >= 0, got {eps}")
-    t = load_target(target, which=which, arch=arch, dataset=dataset, device=device, n=n, subset=subset, decode=chunk)
+    t = load_target(
+        target,
+        which=which,
+        arch=arch,
+        dataset=dataset,
+        device=device,
+        n=n,
+        subset=subset,
+        decode=chunk,
+        trust_code=trust_code,
+    )
     check_linf_eps(t.norm, eps, "--eps")
     if out is None:
         if t.run_dir is not None:
@@ -375,13 +399,28 @@ def evaluate(
             )
         else:
             sur = load_target(
-                surrogate, which="last" if Path(surrogate).is_dir() else which, dataset=dataset, device=device, n=1
+                surrogate,
+                which="last" if Path(surrogate).is_dir() else which,
+                dataset=dataset,
+                device=device,
+                n=1,
+                trust_code=trust_code,
             ).model
+    out = Path(out)
+    with FolderLock(out, "evaluation"), _signals_stop(out, target):  # one evaluation per folder (its progress)
+        return _evaluate_chunks(
+            t, out, sur, suites, eps, seed, batch_size, checks, progress, check_samples, resume, chunk, certify
+        )
+
+
+def _evaluate_chunks(
+    t, out, sur, suites, eps, seed, batch_size, checks, progress, check_samples, resume, chunk, certify
+) -> tuple[Report, dict[str, Path]]:
     size = chunk or t.count
     reports, files = [], []
     for k, start in enumerate(range(0, t.count, size)):
         x, y = (t.x, t.y) if k == 0 else _decode(t.split, start, min(start + size, t.count))
-        files.append(Path(out) / (f"progress-{k}.pt" if chunk else "progress.pt"))
+        files.append(out / (f"progress-{k}.pt" if chunk else "progress.pt"))
         torch.manual_seed(seed)
         reports.append(
             evaluate_model(
@@ -408,28 +447,88 @@ def evaluate(
         )
         del x, y
     rep = merge(reports)
-    for f in files:  # the evaluation is complete: its progress is no longer needed
-        f.unlink(missing_ok=True)
     if certify == "ibp":
         _add_certified(rep, t)
-    _add_best_known(rep, t, Path(out))
-    return rep, reporting.record(rep, Path(out))
+    weights = Path(str(t.meta.get("target", "")))
+    if weights.is_file():
+        rep.meta["weights_sha256"] = ledger.fingerprint(weights)
+    written = reporting.record(rep, out)  # the report first: whatever happens to the ledger, the numbers are kept
+    for f in files:  # the evaluation is complete and written: its progress is no longer needed
+        f.unlink(missing_ok=True)
+    if "weights_sha256" in rep.meta:
+        try:
+            _add_best_known(rep, out)
+        except ledger.LedgerError as exc:
+            rep.warnings.append(f"no best-known row: {exc}")
+            reporting.rewrite(rep, written)
+            raise UserError(
+                f"the report is written ({written['json']}), but the best-known ledger could not be updated: {exc}"
+            ) from None
+        reporting.rewrite(rep, written)
+    return rep, written
+
+
+@contextmanager
+def _signals_stop(out: Path, target: str | Path) -> Iterator[None]:
+    """SIGTERM (a batch scheduler's pre-emption) and SIGINT stop the evaluation at once: the attacks' progress is
+    saved on the way out (see :func:`evaluate_model`) and the message says how to resume; exit status 143 / 130."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        again = (
+            shlex.join(["regdefense", *sys.argv[1:]])
+            if Path(sys.argv[0]).name in ("regdefense", "__main__.py")
+            else f"evaluate({str(target)!r}, ...) with the same arguments"
+        )
+        raise Interrupted(
+            f"{signal.Signals(signum).name}: evaluation stopped; the finished batches are kept in {out}/progress*.pt "
+            f"and the same command resumes from them: {again}",
+            signum,
+        )
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _add_certified(rep: Report, t: Target) -> None:
-    """The IBP-verified accuracy on the decoded points (``t.x``) at the report's ε, as a row of its own."""
+    """The IBP-verified accuracy on the decoded points (``t.x``) at the report's ε, as a row of its own: with the last
+    Linear layer folded into the margins (specification elision), and a second row with the naive per-logit bounds;
+    only the naive row, said in a warning, when the model's output is not a Linear layer."""
     if rep.meta["norm"] != "linf":
         rep.warnings.append(f"IBP certification: bounds an L∞ ball, the threat model is {rep.meta['norm']}")
         return
     assert rep.clean_points is not None
+    x, y, clean = t.x.to(t.device), t.y.to(t.device), rep.clean_points[: len(t.x)]
     try:
-        ok = verified(t.model, t.x.to(t.device), t.y.to(t.device), rep.meta["eps"]) & rep.clean_points[: len(t.x)]
+        elided = last_linear(t.model) is not None
+        naive = verified(t.model, x, y, rep.meta["eps"], elide=False) & clean
+        ok = verified(t.model, x, y, rep.meta["eps"]) & clean if elided else naive
     except UnsupportedLayer as exc:
         rep.warnings.append(f"IBP certification not applicable: {first_line(exc, 300)}")
         return
     row = _verdict_row("IBP verified (certified lower bound)", "certify", "certified", ok, rep.clean)
     rep.rows.append(row)
-    rep.meta["certified"] = {"method": "ibp", "verified": row.robust, "n": row.n, "eps": rep.meta["eps"]}
+    if elided:
+        rep.rows.append(_verdict_row("IBP verified, naive bounds", "certify", "certified", naive, rep.clean))
+    else:
+        rep.warnings.append(
+            "IBP certification: the model's output is not a Linear layer, so the margins cannot be folded into it "
+            "(specification elision): the certificate uses the naive per-logit bounds"
+        )
+    rep.meta["certified"] = {
+        "method": "ibp",
+        "bounds": "elided" if elided else "naive",
+        "verified": row.robust,
+        "verified_naive": float(naive.float().mean()) if len(naive) else float("nan"),
+        "n": row.n,
+        "eps": rep.meta["eps"],
+    }
 
 
 def _verdict_row(label: str, suite: str, kind: str, ok: Tensor, clean: float) -> Row:
@@ -447,13 +546,10 @@ def _verdict_row(label: str, suite: str, kind: str, ok: Tensor, clean: float) ->
     )
 
 
-def _add_best_known(rep: Report, t: Target, out: Path) -> None:
+def _add_best_known(rep: Report, out: Path) -> None:
     """Add this evaluation to the weights' ledger (in the cache, and ``out/ledger.json`` beside the report) and its
-    best-known row to the report: the row sees every evaluation of these weights, whatever folder it was written to."""
-    weights = Path(str(t.meta.get("target", "")))
-    if not weights.is_file():
-        return
-    rep.meta["weights_sha256"] = ledger.fingerprint(weights)
+    best-known row to the report: the row sees every evaluation of these weights, whatever folder it was written to.
+    A corrupt ledger is moved aside (said in the report's warnings); one that cannot be written raises LedgerError."""
     rep.meta.setdefault("dataset", "")
     broken = {
         f"{r.label} ({r.suite})": r.points
@@ -462,7 +558,9 @@ def _add_best_known(rep: Report, t: Target, out: Path) -> None:
     } | rep.check_points
     assert rep.clean_points is not None
     sha = rep.meta["weights_sha256"]
-    entry = ledger.record([ledger.weights_ledger(sha), out / "ledger.json"], rep.meta, rep.clean_points, broken)
+    entry = ledger.record(
+        [ledger.weights_ledger(sha), out / "ledger.json"], rep.meta, rep.clean_points, broken, notes=rep.warnings
+    )
     value, count = ledger.headline(entry, rep.meta["n"])
     ok = torch.tensor([entry["points"][str(i)]["broken_by"] is None for i in range(count)], dtype=torch.bool)
     label = f"best known (ledger: {len(entry['attacks'])} attacks so far)"

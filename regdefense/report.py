@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from regdefense.files import WriteError, save_png, why, write_atomic
 from regdefense.metrics import psnr
 from regdefense.results import Report
 
@@ -119,8 +120,7 @@ def plot_eps_curve(report: Report, path: Path) -> None:
     )
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_examples(report: Report, path: Path) -> None:
@@ -154,8 +154,7 @@ def plot_examples(report: Report, path: Path) -> None:
                 ax.set_ylabel(name, fontsize=7)
     fig.suptitle("Clean images (top) and adversarial versions with their PSNR", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def record(report: Report, out: Path) -> dict[str, Path]:
@@ -164,15 +163,26 @@ def record(report: Report, out: Path) -> dict[str, Path]:
     every evaluation kept there (``evaluations.md``, ``evaluations.json``), grouped by the weights evaluated."""
     report.meta.setdefault("evaluated_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     history = out / "evaluations"
-    history.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name.split("-")[0]) for p in history.iterdir() if p.name.split("-")[0].isdigit()]
     slug = re.sub(r"[^A-Za-z0-9_.+-]+", "-", "+".join(map(str, report.meta.get("suites") or ["eval"])))[:48].strip("-")
-    own = history / f"{max(taken, default=0) + 1:03d}-{slug or 'eval'}"
+    try:
+        history.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.name.split("-")[0]) for p in history.iterdir() if p.name.split("-")[0].isdigit()]
+        own = history / f"{max(taken, default=0) + 1:03d}-{slug or 'eval'}"
+        own.mkdir()
+    except OSError as exc:
+        raise WriteError(f"could not write the report into {history}: {why(exc)}") from None
     write(report, own)
     files = write(report, out)
     files["evaluation"] = own
     files.update(summarize(out))
     return files
+
+
+def rewrite(report: Report, files: dict[str, Path]) -> None:
+    """Write an evaluation :func:`record` wrote again, in place (its best-known row added after the ledger)."""
+    write(report, files["evaluation"])
+    write(report, files["json"].parent)
+    summarize(files["json"].parent)
 
 
 def summary_row(rep: dict[str, Any], folder: str) -> dict[str, Any]:
@@ -206,7 +216,7 @@ def summarize(out: Path) -> dict[str, Path]:
         except (OSError, ValueError):
             continue  # a folder being written, or damaged: the summary lists what it can read
     files = {"evaluations_json": out / "evaluations.json", "evaluations_md": out / "evaluations.md"}
-    files["evaluations_json"].write_text(json.dumps(rows, indent=2, default=str))
+    write_atomic(files["evaluations_json"], json.dumps(rows, indent=2, default=str))
     lines = ["# Evaluations", ""]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -230,16 +240,15 @@ def summarize(out: Path) -> dict[str, Path]:
                 f"{_pct(r['best_known'])} | {warned} |"
             )
         lines.append("")
-    files["evaluations_md"].write_text("\n".join(lines))
+    write_atomic(files["evaluations_md"], "\n".join(lines))
     return files
 
 
 def write(report: Report, out: Path) -> dict[str, Path]:
     """Write report.json, report.md, robust_vs_eps.png and examples.png into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "report.json", "md": out / "report.md"}
-    files["json"].write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    files["md"].write_text(markdown(report))
+    write_atomic(files["json"], json.dumps(report.to_dict(), indent=2, default=str), "the report")
+    write_atomic(files["md"], markdown(report), "the report")
     if report.eps_curve:
         files["eps_plot"] = out / "robust_vs_eps.png"
         plot_eps_curve(report, files["eps_plot"])

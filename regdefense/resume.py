@@ -15,13 +15,15 @@ the same random starts as an uninterrupted one. Correctness is stored exactly; p
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from regdefense.errors import UserError
+from regdefense.files import write_atomic
 
 
 def digest(*tensors: Tensor) -> str:
@@ -75,11 +77,19 @@ class EvalState:
         self.saved: dict[str, Any] = {}
         self.note = ""
         self._last = time.monotonic()
+        if self.path.is_dir() or (self.path.exists() and not self.path.is_file()):
+            raise UserError(
+                f"{self.path} is not a file, so the evaluation's progress cannot be kept there; move it away "
+                f"(or choose another --out) and run the evaluation again"
+            )
         if self.path.exists():
             try:
                 data = torch.load(self.path, map_location="cpu", weights_only=True)
             except Exception as exc:  # a file cut off mid-write by a crash: start over rather than fail
                 self.note = f"could not read the saved progress in {self.path} ({type(exc).__name__}); starting over"
+                return
+            if not isinstance(data, dict) or not isinstance(data.get("slots"), dict):
+                self.note = f"{self.path} holds no evaluation progress ({type(data).__name__}); starting over"
                 return
             if data.get("key") == key:
                 self.saved = data.get("slots", {})
@@ -101,11 +111,12 @@ class EvalState:
             self.save()
 
     def save(self) -> None:
+        """Write the progress (atomically: an interruption mid-write leaves the previous file whole). A write that
+        fails raises :class:`~regdefense.files.WriteError`: the evaluation stops there rather than go on with
+        progress it could not keep, and an attack is never reported as "did not run" for it."""
         slots = dict(self.saved) | {n: s.entry() for n, s in self.slots.items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        torch.save({"key": self.key, "slots": slots}, tmp)
-        os.replace(tmp, self.path)  # an interruption mid-write leaves the previous file whole
+        payload = {"key": self.key, "slots": slots}
+        write_atomic(self.path, lambda fh: torch.save(payload, fh), "the evaluation's progress")
         self._last = time.monotonic()
 
     def finish(self) -> None:

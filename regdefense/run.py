@@ -22,11 +22,12 @@ from regdefense.config import RunConfig, unreached
 from regdefense.data import Split
 from regdefense.defense import declared
 from regdefense.errors import UserError
+from regdefense.files import FolderLock, save_png, why, write_atomic
 from regdefense.measure import accuracy
 from regdefense.parts import load_config
 from regdefense.restore import require_for_resume
 from regdefense.runtime import versions
-from regdefense.safety import TrainingInterrupted, write_error_log
+from regdefense.safety import Interrupted, write_error_log
 from regdefense.trainer import Trainer
 
 __all__ = ["RunResult", "check", "cost", "final_table", "load_config", "make_run_dir", "peak_host_bytes", "train"]
@@ -46,12 +47,61 @@ def _stack_label(cfg: RunConfig) -> str:
     return "+".join(cfg.defenses) or "clean"
 
 
-def make_run_dir(cfg: RunConfig, out: str | Path | None = None) -> Path:
-    """Create a fresh run directory and check that it is writable before any training starts."""
+#: what a run writes in its folder: a folder holding only these (and the lock) is a run of ours
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "error.log", "checkpoints", "eval", ".lock")
+
+
+def _run_folder_state(path: Path) -> str:
+    """``new`` (absent or empty), ``run`` (a completed checkpoint), ``unfinished`` (ours, killed before its first
+    checkpoint was complete), or ``foreign`` (anything else: never written into)."""
+    if not path.exists():
+        return "new"
+    if not path.is_dir():
+        return "foreign"
+    names = {p.name for p in path.iterdir()}
+    if not names - {".lock"}:
+        return "new"
+    if (path / "checkpoints" / "last.pt").is_file():
+        return "run"
+    if names <= set(RUN_FILES) and _is_our_config(path / "config.json"):
+        return "unfinished"
+    return "foreign"
+
+
+def _is_our_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return not path.exists()  # killed before config.json was written: only our other files are there
+    return isinstance(data, dict) and "resolved" in data and "train" in data
+
+
+def _clear_unfinished(path: Path) -> None:
+    """Remove what a run killed before its first complete checkpoint left (temporary checkpoint files included)."""
+    import shutil
+
+    for name in RUN_FILES:
+        if name == ".lock":
+            continue
+        target = path / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def make_run_dir(cfg: RunConfig, out: str | Path | None = None, echo: Callable[[str], None] = print) -> Path:
+    """Create the run directory, take its lock (held until the process ends or :func:`release_run_dir`) and check
+    that it is writable before any training starts.
+
+    ``out`` must be new, empty, or a run of ours that never completed its first checkpoint (cleared and started
+    again, and said); a folder holding a run is refused (``--resume`` continues it), and so is any other folder,
+    so that a mistyped ``--out`` never writes over a user's files.
+    """
     if out is not None:
+        if not str(out).strip():
+            raise UserError("--out is empty; give the run directory's path, or leave --out out for runs/DATE-STACK")
         path = Path(out)
-        if (path / "checkpoints").exists():
-            raise UserError(f"{path} already holds a run; pass --resume {path} to continue it or choose another --out")
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(cfg.train.out_dir) / f"{stamp}-{_stack_label(cfg)}"
@@ -60,13 +110,57 @@ def make_run_dir(cfg: RunConfig, out: str | Path | None = None) -> Path:
             n += 1
             path = Path(cfg.train.out_dir) / f"{stamp}-{_stack_label(cfg)}-{n}"
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file, not a folder; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
+        FolderLock(path, "training").acquire()  # before looking inside: two starts cannot both find it empty
+        state = _run_folder_state(path)
+        if state == "run":
+            release_run_dir(path)
+            raise UserError(f"{path} already holds a run; pass --resume {path} to continue it or choose another --out")
+        if state == "foreign":
+            release_run_dir(path)
+            raise UserError(
+                f"--out {path} is a folder with other files in it, not a regdefense run; choose a new or empty "
+                f"folder (nothing in it was changed)"
+            )
+        if state == "unfinished":
+            echo(f"{path} holds a run stopped before its first complete checkpoint: starting it again")
+            _clear_unfinished(path)
         probe = path / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"cannot write the run directory {path}: {exc.strerror or exc}; choose another --out") from None
+        raise UserError(f"cannot write the run directory {path}: {why(exc)}; choose another --out") from None
     return path
+
+
+def release_run_dir(path: Path) -> None:
+    """Give up the run directory's lock (the end of a run in a process that goes on, e.g. a sweep or a test)."""
+    FolderLock(path).release()
+
+
+def check_out(out: str | Path) -> str:
+    """``train --check --out OUT``: would ``train`` accept OUT? A line saying so; raises UserError when not."""
+    path = Path(out)
+    existed = path.exists()
+    try:
+        if not existed:
+            path.mkdir(parents=True)
+        state = _run_folder_state(path)
+        if state == "run":
+            raise UserError(f"{path} already holds a run; train --resume {path} continues it")
+        if state == "foreign":
+            raise UserError(f"--out {path} is a folder with other files in it, not a regdefense run")
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {path}: {why(exc)}; choose another --out") from None
+    finally:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return f"  out    {path} ({'new' if not existed else state}, writable)"
 
 
 def locate_resume(target: str | Path) -> tuple[Path, Path]:
@@ -75,6 +169,11 @@ def locate_resume(target: str | Path) -> tuple[Path, Path]:
     if target.is_dir():
         ckpt = target / "checkpoints" / "last.pt"
         if not ckpt.exists():
+            if _run_folder_state(target) == "unfinished":
+                raise UserError(
+                    f"{target} holds a run stopped before its first complete checkpoint, so there is nothing to "
+                    f"resume; start it again with: regdefense train --out {target} (with the same options)"
+                )
             raise UserError(f"{target} holds no checkpoints/last.pt to resume from")
         return target, ckpt
     if target.is_file():
@@ -161,12 +260,7 @@ def write_config(trainer, path: Path) -> None:
         "extra": trainer.extra.info if trainer.extra is not None else None,
     }
     data["versions"] = versions()
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(path)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}; free space or choose another --out") from None
+    write_atomic(path, json.dumps(data, indent=2, default=str), "the run's config")
 
 
 def final_table(trainer) -> list[dict[str, Any]]:
@@ -226,8 +320,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     b.set(title="held-out accuracy", xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100))
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path, "the training curves")
 
 
 def check(
@@ -321,6 +414,26 @@ def train(
     echo = echo if dist.is_main else (lambda _msg: None)
     if resume is not None:
         run_dir, ckpt = locate_resume(resume)
+        if dist.is_main:  # one writer per run folder: a second train --resume is refused with the holder named
+            FolderLock(run_dir, "training").acquire()
+        try:
+            return _train(run_dir, ckpt, None, overrides, dist, echo, started)
+        finally:
+            release_run_dir(run_dir)
+    cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
+    tracking.check_names(cfg.train.log)
+    run_dir = dist.broadcast_object(make_run_dir(cfg, out, echo) if dist.is_main else None)  # rank 0 names it
+    try:
+        return _train(run_dir, None, cfg, overrides, dist, echo, started)
+    finally:
+        release_run_dir(run_dir)
+
+
+def _train(
+    run_dir: Path, ckpt: Path | None, config: RunConfig | None, overrides, dist, echo, started: float
+) -> RunResult:
+    """The run in its (locked) folder: a new one with ``config``, or a resume from ``ckpt``."""
+    if ckpt is not None:
         try:
             saved = json.loads((run_dir / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -335,9 +448,8 @@ def train(
         trainer.resume_from(ckpt)
         echo(f"resuming {run_dir} from {ckpt.name}")
     else:
-        cfg = config if isinstance(config, RunConfig) else load_config(config, defenses, overrides)
-        tracking.check_names(cfg.train.log)
-        run_dir = dist.broadcast_object(make_run_dir(cfg, out) if dist.is_main else None)  # rank 0 names it
+        assert config is not None
+        cfg = config
         try:
             trainer = Trainer(cfg, run_dir=run_dir)
         except Exception as exc:  # refused at start-up: the folder says why (compare lists it with the reason)
@@ -369,14 +481,14 @@ def train(
             "epochs": trained,
             "cost": spent,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2), "the run's summary")
         files = {
             k: run_dir / f
             for k, f in (("curves", "curves.png"), ("summary", "summary.json"), ("metrics", "metrics.jsonl"))
             if (run_dir / f).exists()
         }
         trainer.hook.regdefense_log_summary(trainer=trainer, summary=summary, files=files)
-    except TrainingInterrupted:
+    except Interrupted:
         raise  # not a failure: last.pt is written and the message says how to resume
     except Exception as exc:  # every failed run keeps why in RUN_DIR/error.log (the message names the defense)
         write_error_log(run_dir, exc)  # over the trainer's: the same failure, with the defense named on top

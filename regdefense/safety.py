@@ -7,6 +7,7 @@ import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -29,10 +30,20 @@ class NonFiniteLoss(UserError):
     """A loss term became NaN or infinite."""
 
 
-class TrainingInterrupted(UserError):
-    """The run was stopped by a signal after writing a checkpoint; the message says how to resume."""
+class Interrupted(UserError):
+    """Stopped by a signal after saving what can be resumed; exit status 128 + the signal (130 for Ctrl-C, 143 for
+    SIGTERM, as shells and batch schedulers expect)."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        if signum is not None:
+            self.exit_code = 128 + int(signum)
+
+
+class TrainingInterrupted(Interrupted):
+    """The run was stopped by a signal after writing a checkpoint; the message says how to resume."""
 
 
 class NonFiniteGuard:
@@ -89,24 +100,53 @@ class NonFiniteGuard:
 class Interrupt:
     """SIGINT/SIGTERM set a flag the loop reads after each step; a second signal aborts at once."""
 
-    def __init__(self, echo) -> None:
+    def __init__(self, echo, task: str = "finishing this step, then writing a checkpoint") -> None:
         self.signum: int | None = None
         self.echo = echo
+        self.task = task
+        self.inside: list[str] = []  #: the plugin hooks running now, outermost first (see :meth:`watch`)
+
+    def running(self) -> str:
+        """The innermost hook running now and the defenses implementing it, or "" between hooks."""
+        return self.inside[-1] if self.inside else ""
 
     def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        where = f" (now inside {self.running()})" if self.inside else ""
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise Interrupted(
+                f"{name} again: stopped at once{where}, without a checkpoint; "
+                + ("a hook that does not return is a bug of that defense" if where else "nothing more was saved"),
+                signum,
+            )
         self.signum = signum
-        self.echo(
-            f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-            f"(send it again to stop at once, without one)"
-        )
+        self.echo(f"{name}: {self.task}{where} (send it again to stop at once, without one)")
+
+    def watch(self, pm) -> Callable[[], None]:
+        """Keep track of the plugin hook running (pluggy's call monitoring), so that a signal names it; returns the
+        function that stops watching."""
+
+        def before(hook_name, impls, _kwargs) -> None:
+            names = ", ".join(dict.fromkeys(i.plugin_name for i in impls if i.plugin_name != "core"))
+            self.inside.append(f"{hook_name}" + (f" of {names}" if names else ""))
+
+        def after(_outcome, _hook_name, _impls, _kwargs) -> None:
+            if self.inside:
+                self.inside.pop()
+
+        return pm.add_hookcall_monitoring(before, after)
 
     @contextmanager
-    def installed(self):
-        """Handle the signals while training (main thread only: elsewhere signals cannot be caught)."""
+    def installed(self, pm=None):
+        """Handle the signals while training (main thread only: elsewhere signals cannot be caught); with ``pm``,
+        the signal's message names the plugin hook running."""
+        undo = self.watch(pm) if pm is not None else None
         if threading.current_thread() is not threading.main_thread():
-            yield self
+            try:
+                yield self
+            finally:
+                if undo is not None:
+                    undo()
             return
         old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -114,6 +154,8 @@ class Interrupt:
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+            if undo is not None:
+                undo()
 
     def requested(self, dist, global_step: int, every: int = 20) -> bool:
         """Whether to stop now; under torch.distributed the processes agree every ``every`` steps."""

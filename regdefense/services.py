@@ -19,10 +19,12 @@ from regdefense import checkpoint
 from regdefense.attacks import pgd
 from regdefense.defense import declared
 from regdefense.errors import CheckpointError, UserError
+from regdefense.files import write_atomic
 from regdefense.measure import accuracy
 from regdefense.plugins import providers
 from regdefense.restore import load_networks
 from regdefense.runtime import versions
+from regdefense.safety import NonFiniteLoss
 
 if TYPE_CHECKING:
     from regdefense.trainer import Trainer
@@ -133,6 +135,7 @@ class Checkpointer:
             tr.state.best_metric, tr.state.best_epoch = score, tr.state.epoch - 1
         if tr.run_dir is None or not tr.dist.is_main:
             return
+        self.require_finite_weights(f"epoch {tr.state.epoch}")
         payload = self.payload(metrics)
         ckpt = tr.run_dir / "checkpoints"
         checkpoint.save(payload, ckpt / "last.pt")
@@ -146,7 +149,43 @@ class Checkpointer:
         """``last.pt`` where the loop stands (mid-epoch: with the running loss sums)."""
         tr = self.trainer
         assert tr.run_dir is not None
+        self.require_finite_weights(f"epoch {tr.state.epoch + 1}, batch {tr.state.batch}")
         checkpoint.save(self.payload(partial=partial), tr.run_dir / "checkpoints" / "last.pt")
+
+    def require_finite_weights(self, where: str) -> None:
+        """Refuse to write weights a NaN or infinity has reached (an update can overflow though its loss was
+        finite): ``last.pt`` and ``best.pt`` stay the last finite ones, and the message names them."""
+        tr = self.trainer
+        tensors = [
+            t
+            for net in (tr.raw_model, *tr.modules.values())
+            for t in net.state_dict().values()
+            if isinstance(t, Tensor) and t.is_floating_point()
+        ]
+        if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return
+        bad = [
+            f"{name}"
+            for name, t in tr.raw_model.state_dict().items()
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        raise NonFiniteLoss(
+            f"the weights became NaN or infinite by {where} ({', '.join(bad[:3]) or 'an extra network'}"
+            f"{', ...' if len(bad) > 3 else ''}); they were not saved. Last finite checkpoint: {self.last_finite()}. "
+            f"Lower train.lr or set train.grad_clip, then resume from it or start again"
+        )
+
+    def last_finite(self) -> str:
+        """``last.pt`` with its epoch (every checkpoint written holds finite weights), or "none yet"."""
+        tr = self.trainer
+        last = tr.run_dir / "checkpoints" / "last.pt" if tr.run_dir else None
+        if last is None or not last.exists():
+            return "none yet"
+        try:
+            epoch = checkpoint.load(last).get("epoch")
+        except CheckpointError:
+            return f"{last} (unreadable)"
+        return f"{last} (after epoch {epoch})"
 
     def resume_from(self, path: str | Path) -> None:
         """Load a checkpoint; the loop restores it after ``fit_start`` and continues at its epoch."""
@@ -155,6 +194,7 @@ class Checkpointer:
         if differences:
             raise CheckpointError(f"checkpoint {path} does not belong to this run: {'; '.join(differences)}")
         self.pending = payload
+        self.trainer.metrics_log.trim(int(payload.get("epoch", 0)))
 
     def restore(self, p: dict[str, Any]) -> dict[str, Tensor]:
         """Load a checkpoint payload: weights, extra modules, defense states, optimizer, schedule, scaler, RNG.
@@ -177,6 +217,27 @@ class MetricsLog:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.history: list[dict[str, Any]] = []
+
+    def trim(self, epochs: int) -> None:
+        """On resume: keep the lines of the ``epochs`` epochs the checkpoint holds and drop the rest (a run killed
+        between an epoch's metrics line and its checkpoint wrote a line the resumed run writes again)."""
+        tr = self.trainer
+        path = tr.run_dir / "metrics.jsonl" if tr.run_dir is not None else None
+        if path is None or not path.exists() or not tr.dist.is_main:
+            return
+        lines = path.read_text().splitlines()
+        kept, history = [], []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("epoch"), int) and entry["epoch"] <= epochs:
+                kept.append(line)
+                history.append(entry)
+        if kept != lines:
+            write_atomic(path, "".join(k + "\n" for k in kept), "the run's metrics")
+        self.history = history
 
     def append(self, metrics: dict[str, Any]) -> None:
         tr = self.trainer

@@ -97,8 +97,7 @@ def run(
                 train(resume=job.out, overrides=quiet, echo=_prefixed(echo, head))
             else:
                 echo(f"{head}: training into {job.out}")
-                _fresh(job.out)
-                train(
+                train(  # a folder left by a run killed before its first checkpoint is started again
                     job.recipe or None,
                     overrides=[*job.overrides, f"train.seed={job.seed}", *quiet],
                     out=job.out,
@@ -121,15 +120,6 @@ def run(
 
 def _prefixed(echo: Callable[[str], None], head: str) -> Callable[[str], None]:
     return lambda m: echo(f"{head}: {m}")
-
-
-def _fresh(out: Path) -> None:
-    """A folder left by a run that failed before its first checkpoint is cleared for the retry."""
-    if out.exists():
-        for name in ("config.json", "metrics.jsonl", "error.log"):
-            (out / name).unlink(missing_ok=True)
-        if (out / "checkpoints").exists() and not any((out / "checkpoints").iterdir()):
-            (out / "checkpoints").rmdir()
 
 
 def _row(job: Job, compare) -> dict[str, Any]:

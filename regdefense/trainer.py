@@ -32,7 +32,14 @@ from regdefense.extra import MixedLoader, load_extra
 from regdefense.parts import Assembly
 from regdefense.plugins import adversarial_problem, answer_error, blame, loss_terms_problem
 from regdefense.runtime import resolve_device, seed_everything, versions
-from regdefense.safety import Interrupt, NonFiniteGuard, NonFiniteLoss, TrainingInterrupted, write_error_log
+from regdefense.safety import (
+    Interrupt,
+    Interrupted,
+    NonFiniteGuard,
+    NonFiniteLoss,
+    TrainingInterrupted,
+    write_error_log,
+)
 from regdefense.schedule import build_scheduler
 from regdefense.services import Checkpointer, MetricsLog, Progress, Validator
 from regdefense.step import Step
@@ -164,10 +171,10 @@ class Trainer(Assembly):
         A hook that raises stops the run with a :class:`PluginError` naming its defense; SIGINT/SIGTERM
         finish the step, write ``last.pt`` and raise :class:`TrainingInterrupted`.
         """
-        with self.interrupt.installed():
+        with self.interrupt.installed(self.pm):
             try:
                 return self._fit()
-            except (TrainingInterrupted, KeyboardInterrupt):
+            except (Interrupted, KeyboardInterrupt):
                 raise
             except UserError as exc:  # refused (a defense's unusable result, NaN losses): why stays in error.log
                 self._write_traceback(exc)
@@ -318,7 +325,8 @@ class Trainer(Assembly):
         raise TrainingInterrupted(
             f"interrupted at {where}; checkpoint written to "
             f"{self.run_dir / 'checkpoints' / 'last.pt'}. Resume with: "
-            f"{launcher} train --resume {self.run_dir}"
+            f"{launcher} train --resume {self.run_dir}",
+            signum=self.interrupt.signum,
         )
 
     def _write_traceback(self, exc: BaseException) -> str:
@@ -328,8 +336,7 @@ class Trainer(Assembly):
         return write_error_log(self.run_dir, exc)
 
     def _last_good(self) -> str:
-        last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
-        return str(last) if last is not None and last.exists() else "none yet"
+        return self.checkpoints.last_finite()
 
     # --- services for plugins -----------------------------------------------------------------
 

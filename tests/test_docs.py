@@ -97,3 +97,37 @@ def test_every_recipe_resolves_and_every_defense_has_a_page():
             page = DOCS / "defenses" / f"{name}.md"
             assert page.exists(), f"docs/defenses/{name}.md is missing"
             assert "**Computes.**" in page.read_text() and "**Cost.**" in page.read_text()
+
+
+def test_ci_runs_the_readmes_test_command_as_written_and_changes_nothing_else():
+    """CI passed while the README's test command failed in a default install, because .ci/run upgraded packages
+    first (issue 32). .ci/run now reads the command from the README and installs nothing of its own."""
+    import subprocess
+
+    root = DOCS.parent
+    readme = (root / "README.md").read_text().splitlines()
+    marked = [line for line in readme[:8] if "# install, pass the tests" in line]
+    assert len(marked) == 1 and "python -m pytest" in marked[0]
+    command = marked[0].split("#")[0].strip()
+    ci = (root / ".ci" / "run").read_text()
+    (assign,) = [line for line in ci.splitlines() if line.startswith("line=")]
+    extracted = subprocess.run(["bash", "-c", assign + '\necho "$line"'], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    assert extracted == command  # what CI runs is the README's line, character for character
+    assert 'eval "$line"' in ci
+    body = [line for line in ci.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in body if re.search(r"\bpip\b|\bapt(-get)?\b|\buv\b", line)]  # nothing else installed
+
+
+def test_architecture_places_every_module_and_counts_its_registries_right():
+    """docs/architecture.md left advisories, _version and plugins/ out of its picture, and said three registries
+    above a table of four (issue 33 item 10)."""
+    text = (DOCS / "architecture.md").read_text()
+    picture = text.split("```")[1]
+    modules = sorted(p.stem for p in (DOCS.parent / "regdefense").glob("*.py") if p.stem != "__init__")
+    assert [m for m in modules if not re.search(rf"(?<![\w.]){re.escape(m)}(?![\w])", picture)] == []
+    assert "plugins/" in text
+    section = text.split("## Open registries")[1].split("\n\n```")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `regdefense")]
+    words = {2: "Two", 3: "Three", 4: "Four", 5: "Five", 6: "Six"}
+    assert section.strip().startswith(f"{words[len(rows)]} things third parties add")

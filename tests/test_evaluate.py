@@ -303,8 +303,8 @@ def test_torchscript_model_file(tmp_path, digits_models):
     path = tmp_path / "m.ts"
     torch.jit.script(digits_models["clean"]).save(str(path))
     from regdefense.evaluate import evaluate
-
-    report, files = evaluate(path, arch="torchscript", n=32, checks=False, progress=False, out=tmp_path / "ev")
+    report, files = evaluate(path, arch="torchscript", n=32, checks=False, progress=False, out=tmp_path / "ev",
+                             trust_code=True)  # TorchScript is code: as `regdefense evaluate --trust-code`
     assert report.clean > 0.8 and files["md"].exists()
 
 
