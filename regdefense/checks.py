@@ -442,7 +442,7 @@ def randomized_without_eot(ctx: CheckContext) -> dict[str, Any]:
         False,
         f"two forward passes differ and no EOT attack ran; on these points AutoAttack-rand "
         f"(official, EOT-20) gives {acc:.1%} against PGD-20's {ctx.pgd20:.1%} — report "
-        f"`--suite autoattack-rand`, numbers without EOT overstate robustness",
+        f"`--attacks autoattack-rand`, numbers without EOT overstate robustness",
         randomized=True,
         eot=False,
         autoattack_rand=acc,

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class CorePlugin:
-    """The loop's own defaults, registered first as ``core`` and run last (``trylast``)."""
+    """The loop's own defaults, registered last as ``core`` (:func:`regdefense.plugins.activate`) and run last
+    (``trylast``), exactly as a third-party defense would be."""
 
     name = "core"
     #: counted only for the exclusive hooks core answers (no other objective active)
