@@ -5,12 +5,17 @@ a moving average Gᵢ of the squared input-gradient norm. Per batch, from x_adv 
 
 - warm-up (the first ``warmup_epochs``): one signed step of α = ``step_size``·ε;
 - after: g = ∇ CE(f(x_adv), y) (batch mean, model in eval mode), Gᵢ ← (1 − β)·‖gᵢ‖² + β·Gᵢ, and a per-sample step
-  αᵢ = clip(2ε / (1 + √Gᵢ / c), ``min_step``·ε, ``max_step``·ε) — hard examples (large gradients) take small steps;
+  αᵢ = clip(2u / (1 + √Gᵢ / c), ``min_step``·u, ``max_step``·u) — hard examples (large gradients) take small steps;
+  the unit u is the run's ε (``step_scale=eps``, the default) or 8/255 whatever ε (``fixed``, the authors' code);
 - x' = clip_[0,1](Π_ε(x_adv + αᵢ·sign g)); δ[idx] ← x' − x; train on CE(f(x'), y).
 
 δ starts uniform in the ε-ball and is drawn again every ``reset_every`` epochs (not before the last one). Defaults:
 the authors' CIFAR script (c = 0.01, β = 0.5, steps between 4/255 and 14/255 at ε = 8/255, 5 warm-up epochs, reset
-every 10). Buffers: N·C·H·W numbers for δ plus N for G (``buffers``: where they live, as FGSM-PGK's).
+every 10). Their code keeps the step constants in 255ths at every ε (2·8/255, 4/255, 14/255 also at ε = 12 and
+16/255); the default scales them with ε instead — the same at 8/255, and a step that keeps its proportion to the
+budget at other ε and on other data (at the digits' ε = 0.2 the largest fixed step would be 0.27ε) — and
+``step_scale=fixed`` is theirs. Buffers: N·C·H·W numbers for δ plus N for G (``buffers``: where they live, as
+FGSM-PGK's).
 """
 
 from __future__ import annotations
@@ -40,10 +45,15 @@ class ATAS(Defense):
     @dataclass
     class Config:
         eps: float | None = option(None, "perturbation budget ε (none: the run's threat.eps)", ge=0)
-        c: float = option(0.01, "c: the step is 2ε / (1 + √G / c) (tuned for batches of 128)", gt=0)
+        c: float = option(0.01, "c: the step is 2u / (1 + √G / c) (tuned for batches of 128)", gt=0)
         beta: float = option(0.5, "β: momentum of the squared gradient norm G", ge=0, le=0.999)
-        min_step: float = option(0.5, "smallest step, in ε (the authors': 4/255 at ε = 8/255)", gt=0)
-        max_step: float = option(1.75, "largest step, in ε (the authors': 14/255 at ε = 8/255)", gt=0)
+        min_step: float = option(0.5, "smallest step, in the step unit (the authors': 4/255 = 0.5·8/255)", gt=0)
+        max_step: float = option(1.75, "largest step, in the step unit (the authors': 14/255 = 1.75·8/255)", gt=0)
+        step_scale: Literal["eps", "fixed"] = option(
+            "eps",
+            "the unit u of the adaptive step (numerator 2u, bounds min_step·u and max_step·u): the run's ε, or 8/255 "
+            "whatever ε (fixed: the authors' code at ε = 12 and 16/255; the two agree at 8/255)",
+        )
         step_size: float = option(1.0, "the warm-up's constant step, in ε", gt=0)
         warmup_epochs: int = option(5, "epochs with the constant step before the adaptive one", ge=0, epoch="ends")
         reset_every: int = option(
@@ -99,10 +109,11 @@ class ATAS(Defense):
     def step_sizes(self, grad: torch.Tensor, index: torch.Tensor, eps: float) -> torch.Tensor:
         """Per-sample steps from the updated moving average of ‖g‖² (and that average, stored)."""
         c = self.config
+        unit = eps if c.step_scale == "eps" else 8 / 255
         g2 = grad.flatten(1).norm(dim=1) ** 2
         avg = g2 * (1 - c.beta) + self.gnorm[index] * c.beta
         self.gnorm[index] = avg
-        return (2 * eps / (1 + avg.sqrt() / c.c)).clamp(c.min_step * eps, c.max_step * eps)
+        return (2 * unit / (1 + avg.sqrt() / c.c)).clamp(c.min_step * unit, c.max_step * unit)
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):

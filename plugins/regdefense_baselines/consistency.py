@@ -4,8 +4,10 @@ Each batch is trained on two augmented views of its images (the loader's view an
 run's augmentation from the same images), so the active adversary attacks both and the active objective is taken
 over the 2B examples; a term pulls the two views' adversarial predictions together:
 λ·JS(softmax(f(x'₁)/T), softmax(f(x'₂)/T)), the Jensen-Shannon divergence with temperature T, batch-mean.
-Defaults: λ = 1, T = 0.5 (the authors' ``common.py``). Their strong augmentation (``ccg``: crop, colour jitter,
-grey-scale) is not reproduced: the views use ``data.augment`` (crop, crop_flip), which must not be ``none``.
+Defaults: λ = 1, T = 0.5 (the authors' ``common.py``). Their strong augmentation (AutoAugment and Cutout,
+``autoaug_sche``) is not reproduced: the views use ``data.augment`` (crop, crop_flip), which must not be ``none``.
+The authors' adversary runs with the model in eval mode (``adv_lib/attack.py`` wraps it in ``EvalBN``), as
+``pgd_at``, ``trades`` and ``mart`` do by default (``attack_mode = "eval"``).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ as a term to whatever objective is active; the adversary is any that publishes i
 (``fast_at`` with ``start=zero``, α = ε) and λ = 0.2 at ε = 8/255 on CIFAR-10.
 
 As in the reference code: the first gradient is detached (only the one at the random point carries the graph) and
-taken through ``clamp(x + δ₀, 0, 1)`` (zero at saturated pixels), the random point is not clipped to the image range,
-samples where either gradient is zero are left out of the mean, and the model stays in train mode for both gradients.
+taken through the reference's own clamp of x + δ₀ to [0, 1] (``torch.max(torch.min(·, 1), 0)``: half the gradient
+at a pixel exactly at 0 or 1), the random point is not clipped to the image range, samples where either gradient is
+zero are left out of the mean, and the model stays in train mode for both gradients.
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ def alignment(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
 
 
 def _through_clamp(grad: torch.Tensor, x_init: torch.Tensor | None) -> torch.Tensor:
-    """The first gradient as the reference computes it, through clamp(x + δ₀, 0, 1): PyTorch's clamp passes no gradient
-    to a pixel exactly at 0 or 1, so those coordinates are zero (the adversary's own step is unchanged)."""
+    """The first gradient as the reference takes it, through its own ``clamp(x + δ₀, 0, 1)``, which is
+    ``torch.max(torch.min(x + δ₀, u), l)`` with one-element tensors: the vector-Jacobian product of that very
+    function, so a pixel inside (0, 1) keeps its gradient and one exactly at 0 or 1 gets what PyTorch's min/max give
+    a tie (half of it on current versions; ``torch.clamp`` would give none). The adversary's own step is unchanged."""
     grad = grad.detach()
     if x_init is None:
         return grad
-    return torch.where((x_init > 0) & (x_init < 1), grad, torch.zeros_like(grad))
+    with torch.enable_grad():
+        z = x_init.detach().to(grad.dtype).requires_grad_(True)
+        (out,) = torch.autograd.grad(torch.max(torch.min(z, z.new_ones(1)), z.new_zeros(1)), z, grad)
+    return out
 
 
 class GradAlign(Defense):
