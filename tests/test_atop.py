@@ -1,10 +1,12 @@
 """AToP: frozen classifier, purifier output in [0,1], masked fraction, RT3 coverage, EOT averaging, the phases."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from regdefense.testing import make_trainer
+from regdefense.testing import bn_trainer, far_apart, make_trainer
 from regdefense_atop.networks import UNetPurifier
 from regdefense_atop.transforms import Defended, Purified, RandomTransform
 
@@ -53,13 +55,26 @@ def test_finetuning_leaves_the_classifier_untouched_and_trains_the_purifier(tmp_
 
 
 def test_classification_term_uses_the_purified_adversarial_input():
-    trainer = make_trainer(["atop"], ["atop.ce_start_epoch=0", "atop.recon_target=clean"])
+    """On a BatchNorm classifier with skewed running statistics: the adversary is FGSM on the frozen classifier in
+    eval mode (fixed in code; the classifier is a trained network the purifier protects), and the classification term
+    is CE of the classifier in eval mode on the purified adversarial input. A train-mode FGSM would differ."""
+    trainer = bn_trainer(["atop"], ["atop.ce_start_epoch=0", "atop.recon_target=clean"])
     x, y, idx = next(iter(trainer.train_loader))
     from regdefense.step import Step
 
     step = Step.from_batch((x[:16], y[:16], idx[:16]), trainer.device)
+    classifier = copy.deepcopy(trainer.model)
     step.adv_inputs = trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=trainer.model)
-    assert (step.adv_inputs - step.inputs).abs().max() <= trainer.eps + 1e-6
+    eps = trainer.eps
+
+    def fgsm(train):  # one signed step of ε on the summed CE from x, clipped to the image (on a copy: train mode
+        net = copy.deepcopy(classifier).train(train)  # would move the running statistics)
+        xr = step.inputs.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(net(xr), step.labels, reduction="sum"), xr)
+        return (step.inputs + eps * g.sign()).clamp(0, 1)
+
+    assert torch.allclose(step.adv_inputs, fgsm(False), atol=1e-6)
+    assert far_apart(step.adv_inputs, fgsm(True), atol=eps)  # the mode is seen
     purifier = trainer.modules["atop_purifier"]
     torch.manual_seed(3)
     terms = trainer.loss_terms(step, trainer.model)
@@ -67,9 +82,9 @@ def test_classification_term_uses_the_purified_adversarial_input():
     p = Purified(purifier, trainer.pm.get_plugin("atop").transform)
     rec = p(step.inputs)
     out = p(step.adv_inputs)
-    trainer.model.eval()
+    classifier.eval()
     assert terms["recon"].item() == pytest.approx(F.l1_loss(rec, step.inputs).item(), rel=1e-5)
-    assert terms["task"].item() == pytest.approx(0.05 * F.cross_entropy(trainer.model(out), step.labels).item(), rel=1e-5)
+    assert terms["task"].item() == pytest.approx(0.05 * F.cross_entropy(classifier(out), step.labels).item(), rel=1e-5)
 
 
 def test_eot_averages_gradients_over_transform_samples():

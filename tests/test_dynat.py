@@ -1,5 +1,11 @@
 """DYNAT: the guide learns only from its clean term, dynamic labels carry no gradient, Inner attacks them,
-evaluation uses the true labels, and the stacks compose."""
+evaluation uses the true labels, and the stacks compose.
+
+The label and loss tests run on BatchNorm target and guide networks with skewed running statistics, the expected
+side on copies (the guide in train mode, as the authors' code never puts it in eval mode); the conformance test of
+DYNAT's own adversary, with its negative case, is in test_fidelity.py."""
+
+import copy
 
 import pytest
 import torch
@@ -7,7 +13,7 @@ import torch.nn.functional as F
 import torchattacks
 
 from regdefense.step import Step
-from regdefense.testing import make_trainer
+from regdefense.testing import bn_trainer, far_apart, make_trainer
 
 
 def _batch_step(trainer, n=48):
@@ -29,19 +35,23 @@ class ConstantGuide(torch.nn.Module):
 
 
 def test_dynamic_labels_and_the_loss():
-    trainer = make_trainer(["pgd_at", "dynat"], ["pgd_at.steps=2", "dynat.target_weight=0.2"])
+    over = ["pgd_at.steps=2", "dynat.target_weight=0.2", "dynat.guide=digits_cnn_bn"]
+    trainer = bn_trainer(["pgd_at", "dynat"], over)
     guide, model = trainer.modules["dynat_guide"], trainer.model
-    step = _batch_step(trainer)
+    ref, ref_guide = copy.deepcopy(model).train(), copy.deepcopy(guide)
+    model.train()
+    step = _batch_step(trainer, 32)
     labels = step.stash["dynat"]
     assert labels.dtype == torch.long and not labels.requires_grad  # an argmax: no gradient
     with torch.no_grad():
-        guide.train()
-        assert torch.equal(labels, guide(step.inputs).argmax(1))
+        assert torch.equal(labels, ref_guide.train()(step.inputs).argmax(1))  # the guide in train mode, as theirs
+        assert far_apart(ref_guide(step.inputs), ref_guide.eval()(step.inputs), atol=1e-2)  # which the test sees
     assert torch.equal(step.targets, step.labels)  # without inner the attack keeps the true labels
     step.adv_inputs = trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=model)
     terms = trainer.loss_terms(step, model)
-    assert terms["task"].item() == pytest.approx(0.2 * F.cross_entropy(model(step.adv_inputs), labels).item(), rel=1e-5)
-    assert terms["guide"].item() == pytest.approx(F.cross_entropy(guide(step.inputs), step.labels).item(), rel=1e-5)
+    ref_guide.train()
+    assert terms["task"].item() == pytest.approx(0.2 * F.cross_entropy(ref(step.adv_inputs), labels).item(), rel=1e-5)
+    assert terms["guide"].item() == pytest.approx(F.cross_entropy(ref_guide(step.inputs), step.labels).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("stack", [["pgd_at", "dynat"], ["trades", "awp", "dynat"]])
@@ -64,16 +74,17 @@ def test_the_guide_gets_gradient_only_from_its_own_clean_term(stack):
 
 
 def test_inner_attacks_the_dynamic_labels():
-    trainer = make_trainer(["pgd_at", "dynat"], ["pgd_at.steps=3", "dynat.inner=true"])
+    trainer = bn_trainer(["pgd_at", "dynat"], ["pgd_at.steps=3", "dynat.inner=true"])
     trainer.modules["dynat_guide"] = ConstantGuide(trainer.modules["dynat_guide"])
-    step = _batch_step(trainer)
+    ref = copy.deepcopy(trainer.model)
+    step = _batch_step(trainer, 32)
     assert (step.targets == 3).all() and not (step.labels == 3).all()
     torch.manual_seed(7)
     adv = trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=trainer.model)
     torch.manual_seed(7)
     eps = trainer.eps
-    ref = torchattacks.PGD(trainer.model, eps=eps, alpha=2.5 * eps / 3, steps=3)(step.inputs, torch.full_like(step.labels, 3))
-    assert torch.allclose(adv, ref, atol=1e-6)
+    ref = torchattacks.PGD(ref, eps=eps, alpha=2.5 * eps / 3, steps=3)(step.inputs, torch.full_like(step.labels, 3))
+    assert torch.allclose(adv, ref, atol=1e-6)  # torchattacks runs the (BatchNorm) model in eval mode, as pgd_at
 
 
 def test_evaluation_uses_the_true_labels():

@@ -20,21 +20,17 @@ import torch.nn.functional as F
 from regdefense.errors import ConfigError, UserError
 from regdefense.parts import load_config
 from regdefense.step import Step
-from regdefense.testing import TINY, make_trainer
+from regdefense.testing import BN_MODEL, TINY, make_trainer, skew_bn
 from regdefense.trainer import Trainer
 from regdefense_baselines.gradalign import alignment
 from regdefense_baselines.zerograd import consensus, quantile_mask
 
-BN = ["model.name=digits_cnn_bn"]
+BN = BN_MODEL
 
 
 def _skew_bn(trainer):
-    """Running statistics no batch has (mean ±0.5, variance 0.5–2.5): eval-mode and train-mode forwards differ."""
-    g = torch.Generator().manual_seed(3)
-    for m in trainer.model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(0.5 * torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(0.5 + 2 * torch.rand(m.num_features, generator=g))
+    """Running statistics no batch has (:func:`regdefense.testing.skew_bn`): eval and train forwards differ."""
+    skew_bn(trainer.raw_model)
     return trainer
 
 

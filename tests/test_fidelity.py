@@ -3,6 +3,7 @@
 Each bug test fails on the code before the fix: it checks the quantity the bug changed, computed independently.
 """
 
+import copy
 import itertools
 import math
 
@@ -18,7 +19,7 @@ from regdefense.errors import PluginError
 from regdefense.evaluate import accuracy
 from regdefense.plugins import activate, call_order, catalogue
 from regdefense.step import Step
-from regdefense.testing import make_trainer
+from regdefense.testing import bn_trainer, far_apart, make_trainer
 from regdefense_baselines.mail import mail_weights
 
 # --- bug 1: FGSM-PGK's adaptive EMA in recipe order -------------------------------------------------------------
@@ -62,20 +63,47 @@ def test_mail_weights_carry_the_reference_factor_three():
         assert mail_weights(logits, y, bias, slope).tolist() == pytest.approx(expected, rel=1e-5)
 
 
-def test_mail_trades_robust_term_is_three_sigmoids_times_the_kl():
-    trainer = make_trainer(["trades", "mail"], ["mail.burn_in_epochs=0", "mail.bias=0", "mail.slope=2",
-                                                "trades.steps=2"])
+@pytest.mark.parametrize("flip", [None, "trades.attack_mode=train"], ids=["as_reference", "mode_flipped"])
+def test_mail_trades_robust_term_is_three_sigmoids_times_the_kl(flip):
+    """mail_loss.py, method trades, on the BatchNorm digits CNN with skewed running statistics: model.eval() for the
+    KL attack from x + 0.001·N(0, I), then model.train(), logits = f(x), logits_adv = f(x'), and
+    CE(logits, y) + β·(1/B)·Σ KL_i·3·sigmoid(s·(PM_i + b)) with PM from logits_adv (detached)."""
+    over = ["mail.burn_in_epochs=0", "mail.bias=0", "mail.slope=2", "trades.steps=2"] + ([flip] if flip else [])
+    trainer = bn_trainer(["trades", "mail"], over)
     x, y, idx = next(iter(trainer.train_loader))
     step, model = Step.from_batch((x[:32], y[:32], idx[:32]), trainer.device), trainer.model
+    ref = copy.deepcopy(model)
+    eps, alpha = trainer.eps, 2.5 * trainer.eps / 2
+    model.train()
+    torch.manual_seed(3)
     step.adv_inputs = trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=model)
+    torch.manual_seed(3)
+    x, y = step.inputs, step.labels
+    ref.eval()
+    x_adv = x + 0.001 * torch.randn_like(x)
+    for _ in range(2):
+        x_adv.requires_grad_()
+        loss_ce = F.kl_div(F.log_softmax(ref(x_adv), dim=1), F.softmax(ref(x), dim=1), reduction="sum")
+        (grad,) = torch.autograd.grad(loss_ce, [x_adv])
+        x_adv = torch.min(torch.max(x_adv.detach() + alpha * torch.sign(grad), x - eps), x + eps).clamp(0.0, 1.0)
+    ref.train()
+    if flip:
+        assert far_apart(step.adv_inputs, x_adv, atol=alpha / 2)  # the attack in train mode is seen
+        return
+    assert torch.allclose(step.adv_inputs, x_adv, atol=1e-6)
     terms = trainer.loss_terms(step, model)
-    zc, za = model(step.inputs).double(), model(step.adv_inputs).double()
-    pc, pa = zc.softmax(1), za.softmax(1)
-    kl = (pc * (pc.log() - pa.log())).sum(1)
-    p_y = pa.gather(1, step.labels[:, None]).squeeze(1)
-    p_other = pa.scatter(1, step.labels[:, None], -1).amax(1)
-    w = 3 * torch.sigmoid(2 * (p_other - p_y))
-    assert terms["robust"].item() == pytest.approx(6.0 * (w * kl).mean().item(), rel=2e-3)
+    logits, logits_adv = ref(x), ref(x_adv)
+    probs = logits_adv.softmax(1)
+    probs_gt = (probs * torch.eye(10)[y]).sum(1).detach()
+    top2 = probs.topk(2, largest=True)
+    gt_in_top2 = (top2[1] == y.view(-1, 1)).float().sum(1) == 1
+    pm = (torch.where(gt_in_top2, top2[0].sum(1) - probs_gt, top2[0][:, 0]) - probs_gt).detach()
+    norm_weight = ((pm + 0) * 2).sigmoid().detach() * 3
+    kl_each = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="none").sum(1)
+    loss_robust = (1.0 / len(x)) * torch.sum(kl_each * norm_weight)
+    assert terms["task"].item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert terms["robust"].item() == pytest.approx(6.0 * loss_robust.item(), rel=1e-3, abs=1e-6)
+    assert terms["robust"].item() > 1e-4
 
 
 # --- bug 3: C&W margins that ignore the true class wrongly ---------------------------------------------------------
@@ -316,24 +344,44 @@ def test_weights_without_an_objective_that_applies_them_are_refused():
 # --- deviations fixed against the reference code ---------------------------------------------------------------------
 
 
-def test_dynat_own_adversary_attacks_the_dynamic_labels_as_the_authors_code():
-    """dynat_loss: x' from x + 0.001·N(0, I), 10 sign steps of 0.007 on CE(f_t(x'), argmax f_g(x)), clipped."""
-    trainer = make_trainer(["dynat"], ["dynat.steps=4", "dynat.alpha=0.02"])
+@pytest.mark.parametrize("flip", [None, "dynat.guide_mode=eval"], ids=["as_reference", "mode_flipped"])
+def test_dynat_own_adversary_attacks_the_dynamic_labels_as_the_authors_code(flip):
+    """dynat.py's dynat_loss on BatchNorm networks with skewed running statistics: the target in eval mode, x' from
+    x + 0.001·N(0, I), sign steps on CE(f_t(x'), argmax f_g(x)) with the guide in train mode (never put in eval mode
+    by train_dynat_cifar100.py), clipped. ``guide_mode=eval`` gives other labels, so other examples."""
+    over = ["dynat.steps=3", "dynat.alpha=0.02", "dynat.guide=digits_cnn_bn"] + ([flip] if flip else [])
+    trainer = bn_trainer(["dynat"], over)
     x, y, idx = next(iter(trainer.train_loader))
     step = Step.from_batch((x[:32], y[:32], idx[:32]), trainer.device)
+    model, eps = trainer.model, trainer.eps
+    ref, ref_guide = copy.deepcopy(model), copy.deepcopy(trainer.modules["dynat_guide"])
+    model.train()
     trainer.hook.regdefense_batch_start(trainer=trainer, step=step)
-    labels, model, eps = step.stash["dynat"], trainer.model, trainer.eps
-    assert not torch.equal(labels, step.labels)  # an untrained guide: the labels differ from the truth
     torch.manual_seed(4)
     adv = trainer.hook.regdefense_make_adversarial(trainer=trainer, step=step, model=model)
     torch.manual_seed(4)
-    ref = step.inputs + 0.001 * torch.randn_like(step.inputs)
-    model.eval()
-    for _ in range(4):
-        ref.requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(ref), labels), ref)
-        ref = torch.min(torch.max(ref.detach() + 0.02 * g.sign(), step.inputs - eps), step.inputs + eps).clamp(0, 1)
-    assert torch.allclose(adv, ref, atol=1e-6)
+    x = step.inputs
+    ref.eval()
+    x_adv = x + 0.001 * torch.randn_like(x)
+    for _ in range(3):
+        x_adv.requires_grad_()
+        train_label = ref_guide.train()(x).argmax(dim=1)  # recomputed at every step, as theirs: the same labels
+        (g,) = torch.autograd.grad(F.cross_entropy(ref(x_adv), train_label), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + 0.02 * g.sign(), x - eps), x + eps).clamp(0, 1)
+    if flip:
+        assert far_apart(adv, x_adv, atol=0.01)  # the guide's mode is seen
+        return
+    assert not torch.equal(train_label, step.labels)  # an untrained guide: the labels differ from the truth
+    assert torch.allclose(adv, x_adv, atol=1e-6)
+    # the target's mode is fixed in code (eval, as theirs): the same restatement in train mode misses by far
+    torch.manual_seed(4)
+    ref.train()
+    x_tr = x + 0.001 * torch.randn_like(x)
+    for _ in range(3):
+        x_tr.requires_grad_()
+        (g,) = torch.autograd.grad(F.cross_entropy(ref(x_tr), train_label), x_tr)
+        x_tr = torch.min(torch.max(x_tr.detach() + 0.02 * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert far_apart(adv, x_tr, atol=0.01)
 
 
 def test_gairat_linear_lambda_follows_the_reference_over_the_whole_run():

@@ -1,12 +1,19 @@
 """ATWR, ATGR and EATR (seed 001): losses against independent computations, ATGR's double backprop against
-finite differences, EATR's adversarial examples within ε, and the clean-then-fine-tune flow."""
+finite differences, EATR's adversarial examples within ε, and the clean-then-fine-tune flow.
+
+The loss tests run on ``digits_cnn_bn`` with BatchNorm running statistics far from any batch's, and restate each loss
+on a copy of the model in train mode (the loop's), so a term computed in the other mode is seen. Seed 001 publishes no
+code and fixes no attack mode: the adversaries are pgd_at's (eval by default, tested in test_pgd_at.py) and
+torchattacks' through the adapter (eval, restated here for FGSM)."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from regdefense.step import Step
-from regdefense.testing import make_trainer
+from regdefense.testing import bn_trainer, far_apart, make_trainer
 from regdefense_regularized.penalties import input_gradient_penalty, weight_l2
 
 
@@ -22,14 +29,33 @@ def _adv_terms(trainer):
     return step, model, trainer.loss_terms(step, model)
 
 
-def test_atwr_loss_equals_its_formula():
-    trainer = make_trainer(["pgd_at", "atwr"], ["pgd_at.steps=2", "atwr.lambda1=0.7", "atwr.lambda2=0.005"])
+def _bn_adv_terms(stack, overrides):
+    """On the skewed BatchNorm model: the step, the model, a copy of it for the reference side (taken before the
+    attack, in train mode) and the loss terms computed in train mode."""
+    trainer = bn_trainer(stack, overrides)
+    ref = copy.deepcopy(trainer.model).train()
+    trainer.model.train()
     step, model, terms = _adv_terms(trainer)
+    return step, model, ref, terms
+
+
+def _same_grads(loss, model, expected, ref, atol=1e-5):
+    ours = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    theirs = torch.autograd.grad(expected, list(ref.parameters()), allow_unused=True)
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-4, atol=atol))
+
+
+def test_atwr_loss_equals_its_formula():
+    step, model, ref, terms = _bn_adv_terms(
+        ["pgd_at", "atwr"], ["pgd_at.steps=2", "atwr.lambda1=0.7", "atwr.lambda2=0.005"]
+    )
     x, xa, y = step.inputs, step.adv_inputs, step.labels
-    manual_w2 = sum((p ** 2).sum() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
-    expected = F.cross_entropy(model(x), y) + 0.7 * F.cross_entropy(model(xa), y) + 0.005 * manual_w2
+    manual_w2 = sum((p ** 2).sum() for n, p in ref.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    expected = F.cross_entropy(ref(x), y) + 0.7 * F.cross_entropy(ref(xa), y) + 0.005 * manual_w2
     assert sum(terms.values()).item() == pytest.approx(expected.item(), rel=1e-5)
     assert set(terms) == {"task", "clean", "weight_l2"}
+    _same_grads(sum(terms.values()), model, expected, ref)
     everything = sum((p ** 2).sum() for p in model.parameters())
     assert weight_l2(model, all_params=True).item() == pytest.approx(everything.item(), rel=1e-6)
     assert weight_l2(model).item() < everything.item()  # biases excluded by default
@@ -80,20 +106,22 @@ def test_atgr_penalty_gradient_in_the_weights_matches_finite_differences():
 
 
 def test_atgr_loss_equals_its_formula_and_logs_the_raw_penalty():
-    trainer = make_trainer(["pgd_at", "atgr"], ["pgd_at.steps=2", "atgr.beta2=0.5"])
-    step, model, terms = _adv_terms(trainer)
+    step, model, ref, terms = _bn_adv_terms(["pgd_at", "atgr"], ["pgd_at.steps=2", "atgr.beta2=0.5"])
     x, y = step.inputs, step.labels
     xa = step.adv_inputs.detach().requires_grad_(True)
-    ce_adv = F.cross_entropy(model(xa), y, reduction="none")
-    (g,) = torch.autograd.grad(ce_adv.sum(), xa)
+    ce_adv = F.cross_entropy(ref(xa), y, reduction="none")
+    (g,) = torch.autograd.grad(ce_adv.sum(), xa, create_graph=True)  # double backprop through train-mode BN
     raw = g.flatten(1).pow(2).sum(1).mean()
-    expected = F.cross_entropy(model(x), y) + ce_adv.mean() + 0.5 * raw
+    expected = F.cross_entropy(ref(x), y) + ce_adv.mean() + 0.5 * raw
     assert sum(terms.values()).item() == pytest.approx(expected.item(), rel=1e-5)
     assert step.logs["atgr_raw_penalty"].item() == pytest.approx(raw.item(), rel=1e-5)
+    _same_grads(sum(terms.values()), model, expected, ref)
 
 
 def test_eatr_examples_loss_and_batch_modes():
-    trainer = make_trainer(["eatr"], ["eatr.eps=0.1", "eatr.pgd_steps=3", "eatr.cw_steps=5"])
+    trainer = bn_trainer(["eatr"], ["eatr.eps=0.1", "eatr.pgd_steps=3", "eatr.cw_steps=5"])
+    ref = copy.deepcopy(trainer.model)
+    trainer.model.train()
     step, model, terms = _adv_terms(trainer)
     x, y = step.inputs, step.labels
     for k, adv in step.adv_inputs.items():
@@ -101,9 +129,18 @@ def test_eatr_examples_loss_and_batch_modes():
         if k != "cw":
             assert (adv - x).abs().max() <= 0.1 + 1e-6, k
     assert not torch.equal(step.adv_inputs["pgd"], x)
-    w2 = sum((p ** 2).sum() for p in model.parameters() if p.dim() > 1)
-    expected = F.cross_entropy(model(x), y) + sum(F.cross_entropy(model(step.adv_inputs[k]), y)
-                                                  for k in ("fgsm", "pgd", "bim", "cw")) + 0.001 * w2
+
+    def fgsm(train):  # torchattacks' FGSM (x + ε·sign ∇ mean CE, clamped) in the adapter's mode, eval
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(ref.train(train)(xr), y), xr)
+        return (x + 0.1 * g.sign()).clamp(0, 1)
+
+    assert torch.allclose(step.adv_inputs["fgsm"], fgsm(False), atol=1e-6)
+    assert far_apart(step.adv_inputs["fgsm"], fgsm(True), atol=0.1)  # the mode is seen
+    ref.train()
+    w2 = sum((p ** 2).sum() for p in ref.parameters() if p.dim() > 1)
+    expected = F.cross_entropy(ref(x), y) + sum(F.cross_entropy(ref(step.adv_inputs[k]), y)
+                                                for k in ("fgsm", "pgd", "bim", "cw")) + 0.001 * w2
     assert sum(terms.values()).item() == pytest.approx(expected.item(), rel=1e-5)
     assert {"clean", "fgsm", "pgd", "bim", "cw", "reg"} == set(terms)
     split = make_trainer(["eatr"], ["eatr.pgd_steps=2", "eatr.cw_steps=2", "eatr.batch=split"])
