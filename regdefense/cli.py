@@ -34,9 +34,9 @@ class _Group(click.Group):
                 sys.stderr.flush()
                 os._exit(err.exit_code)
             raise err from None
-        except KeyboardInterrupt:  # a second Ctrl-C, or one outside training and evaluation: 130, as shells expect
-            stopped = _UserFacing("interrupted")
-            stopped.exit_code = 130  # type: ignore[misc]
+        except KeyboardInterrupt as exc:  # a signal (safety.Interrupted says what was kept), or a bare Ctrl-C: 130
+            stopped = _UserFacing(" ".join(str(exc).split()) or "interrupted")
+            stopped.exit_code = getattr(exc, "exit_code", 130)  # type: ignore[misc]
             raise stopped from None
 
 

@@ -407,14 +407,33 @@ def evaluate(
                 trust_code=trust_code,
             ).model
     out = Path(out)
-    with FolderLock(out, "evaluation"), _signals_stop(out, target):  # one evaluation per folder (its progress)
+    _require_report_folder(out)
+    stage = {"resume": resume}  # what a signal's message can promise (see _signals_stop)
+    with FolderLock(out, "evaluation"), _signals_stop(out, target, stage):  # one evaluation per folder
         return _evaluate_chunks(
-            t, out, sur, suites, eps, seed, batch_size, checks, progress, check_samples, resume, chunk, certify
+            t, out, sur, suites, eps, seed, batch_size, checks, progress, check_samples, resume, chunk, certify, stage
+        )
+
+
+#: what an evaluation writes at the top of its folder; ``evaluations/`` is there from its first report on
+REPORT_FILES = ("report.json", "report.md", "examples.png", "robust_vs_eps.png", "evaluations.md", "evaluations.json")
+
+
+def _require_report_folder(out: Path) -> None:
+    """``--out`` may be new, a folder of ours (it has ``evaluations/``), or one where nothing would be overwritten;
+    a user's own report.md is never written over."""
+    if not out.is_dir() or (out / "evaluations").is_dir():
+        return
+    taken = [name for name in REPORT_FILES if (out / name).exists()]
+    if taken:
+        raise UserError(
+            f"--out {out} holds {', '.join(taken)} that no regdefense evaluation wrote there (no evaluations/ "
+            f"folder); choose another --out (nothing was changed)"
         )
 
 
 def _evaluate_chunks(
-    t, out, sur, suites, eps, seed, batch_size, checks, progress, check_samples, resume, chunk, certify
+    t, out, sur, suites, eps, seed, batch_size, checks, progress, check_samples, resume, chunk, certify, stage
 ) -> tuple[Report, dict[str, Path]]:
     size = chunk or t.count
     reports, files = [], []
@@ -453,6 +472,7 @@ def _evaluate_chunks(
     if weights.is_file():
         rep.meta["weights_sha256"] = ledger.fingerprint(weights)
     written = reporting.record(rep, out)  # the report first: whatever happens to the ledger, the numbers are kept
+    stage["report"] = written["json"]
     for f in files:  # the evaluation is complete and written: its progress is no longer needed
         f.unlink(missing_ok=True)
     if "weights_sha256" in rep.meta:
@@ -469,9 +489,10 @@ def _evaluate_chunks(
 
 
 @contextmanager
-def _signals_stop(out: Path, target: str | Path) -> Iterator[None]:
+def _signals_stop(out: Path, target: str | Path, stage: dict[str, Any]) -> Iterator[None]:
     """SIGTERM (a batch scheduler's pre-emption) and SIGINT stop the evaluation at once: the attacks' progress is
-    saved on the way out (see :func:`evaluate_model`) and the message says how to resume; exit status 143 / 130."""
+    saved on the way out (see :func:`evaluate_model`) and the message says what was kept and how to go on; exit status
+    143 / 130. ``stage`` says how far it got (``report``: written there, progress no longer kept)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -482,11 +503,14 @@ def _signals_stop(out: Path, target: str | Path) -> Iterator[None]:
             if Path(sys.argv[0]).name in ("regdefense", "__main__.py")
             else f"evaluate({str(target)!r}, ...) with the same arguments"
         )
-        raise Interrupted(
-            f"{signal.Signals(signum).name}: evaluation stopped; the finished batches are kept in {out}/progress*.pt "
-            f"and the same command resumes from them: {again}",
-            signum,
-        )
+        name = signal.Signals(signum).name
+        if "report" in stage:
+            kept = f"the report is written ({stage['report']}) but not yet in the best-known ledger"
+        elif stage["resume"]:
+            kept = f"the finished batches are kept in {out}/progress*.pt and the same command resumes from them"
+        else:
+            kept = "nothing is kept (--no-resume): the same command starts over"
+        raise Interrupted(f"{name}: evaluation stopped; {kept}: {again}", signum)
 
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

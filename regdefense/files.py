@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -98,7 +99,10 @@ def try_lock(path: str | os.PathLike, timeout: float = 0.0) -> int | None:
     """
     if fcntl is None:
         return -1
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)  # never through a link
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
     deadline, pause = time.monotonic() + timeout, 0.005
     while True:
         try:
@@ -150,7 +154,10 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             taken = try_lock(self.path)
         except OSError as exc:
-            raise WriteError(f"cannot write in {self.folder}: {why(exc)}; choose another folder") from None
+            raise WriteError(
+                f"cannot take the lock {self.path}: {why(exc)} (a link, a folder or an unwritable place where "
+                f"regdefense keeps its lock file); remove it or choose another folder"
+            ) from None
         if taken is None:
             raise FolderTaken(
                 f"{self.folder} is in use by another process ({_describe(self.path)}); wait for it to finish, stop "
@@ -165,8 +172,11 @@ class FolderLock:
                 "purpose": self.purpose,
                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
             }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            try:  # who holds it, for a second writer's message (best effort: a full disk still locks)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(holder).encode(), 0)
+            except OSError:
+                pass
         self._held[key] = (fd, 1)
         return self
 

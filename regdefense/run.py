@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,7 +28,7 @@ from regdefense.measure import accuracy
 from regdefense.parts import load_config
 from regdefense.restore import require_for_resume
 from regdefense.runtime import versions
-from regdefense.safety import Interrupted, write_error_log
+from regdefense.safety import TrainingInterrupted, write_error_log
 from regdefense.trainer import Trainer
 
 __all__ = ["RunResult", "check", "cost", "final_table", "load_config", "make_run_dir", "peak_host_bytes", "train"]
@@ -47,13 +48,16 @@ def _stack_label(cfg: RunConfig) -> str:
     return "+".join(cfg.defenses) or "clean"
 
 
-#: what a run writes in its folder: a folder holding only these (and the lock) is a run of ours
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "error.log", "checkpoints", "eval", ".lock")
+#: what a run writes before its first complete checkpoint (a folder holding only these, and ``config.json`` of ours,
+#: is a run killed early): the lock, the config, the metrics, an error log, and checkpoints' temporary files
+EARLY_FILES = ("config.json", "metrics.jsonl", "error.log", ".lock")
+_TEMPORARY = re.compile(r"^\.(config\.json|metrics\.jsonl|(last|best|epoch-\d+)\.pt)\..*\.tmp$")
 
 
 def _run_folder_state(path: Path) -> str:
-    """``new`` (absent or empty), ``run`` (a completed checkpoint), ``unfinished`` (ours, killed before its first
-    checkpoint was complete), or ``foreign`` (anything else: never written into)."""
+    """``new`` (absent or empty), ``run`` (a completed checkpoint), ``unfinished`` (a run of ours killed before its
+    first checkpoint was complete: only the files it writes by then, its config.json among them or none at all
+    but an error log), or ``foreign`` (anything else: never written into)."""
     if not path.exists():
         return "new"
     if not path.is_dir():
@@ -63,31 +67,36 @@ def _run_folder_state(path: Path) -> str:
         return "new"
     if (path / "checkpoints" / "last.pt").is_file():
         return "run"
-    if names <= set(RUN_FILES) and _is_our_config(path / "config.json"):
-        return "unfinished"
-    return "foreign"
+    extra = {n for n in names - set(EARLY_FILES) if not _TEMPORARY.match(n)}
+    if extra - {"checkpoints"}:
+        return "foreign"
+    if "checkpoints" in extra:
+        folder = path / "checkpoints"
+        if not folder.is_dir() or any(not _TEMPORARY.match(p.name) for p in folder.iterdir()):
+            return "foreign"  # a user's own files in checkpoints/ are never a run killed early
+    if "config.json" in names:
+        return "unfinished" if _is_our_config(path / "config.json") else "foreign"
+    return "unfinished" if names - {".lock"} <= {"error.log"} | {n for n in names if _TEMPORARY.match(n)} else "foreign"
 
 
 def _is_our_config(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (OSError, ValueError):
-        return not path.exists()  # killed before config.json was written: only our other files are there
-    return isinstance(data, dict) and "resolved" in data and "train" in data
+        return False
+    return isinstance(data, dict) and "resolved" in data and "versions" in data and "train" in data
 
 
 def _clear_unfinished(path: Path) -> None:
-    """Remove what a run killed before its first complete checkpoint left (temporary checkpoint files included)."""
-    import shutil
-
-    for name in RUN_FILES:
-        if name == ".lock":
-            continue
-        target = path / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+    """Remove what a run killed before its first complete checkpoint left (only the names it writes)."""
+    for p in path.iterdir():
+        if p.name in EARLY_FILES[:-1] or _TEMPORARY.match(p.name):
+            p.unlink()
+    folder = path / "checkpoints"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            p.unlink()  # temporary files only (checked by _run_folder_state)
+        folder.rmdir()
 
 
 def make_run_dir(cfg: RunConfig, out: str | Path | None = None, echo: Callable[[str], None] = print) -> Path:
@@ -112,8 +121,13 @@ def make_run_dir(cfg: RunConfig, out: str | Path | None = None, echo: Callable[[
     try:
         if path.exists() and not path.is_dir():
             raise UserError(f"--out {path} is a file, not a folder; choose another --out")
+        if _run_folder_state(path) == "foreign":  # said before anything is written there, the lock included
+            raise UserError(
+                f"--out {path} is a folder with other files in it, not a regdefense run; choose a new or empty "
+                f"folder (nothing in it was changed)"
+            )
         path.mkdir(parents=True, exist_ok=True)
-        FolderLock(path, "training").acquire()  # before looking inside: two starts cannot both find it empty
+        FolderLock(path, "training").acquire()  # then looked at again: two starts cannot both find it empty
         state = _run_folder_state(path)
         if state == "run":
             release_run_dir(path)
@@ -438,6 +452,8 @@ def _train(
             saved = json.loads((run_dir / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read {run_dir / 'config.json'} to resume: {exc}") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{run_dir / 'config.json'} is not a run's config (a JSON {type(saved).__name__})")
         saved = {k: v for k, v in saved.items() if k not in ("versions", "resolved")}
         payload = checkpoint.load(ckpt)
         require_for_resume(list(saved.get("defenses") or []), payload, run_dir)
@@ -488,7 +504,7 @@ def _train(
             if (run_dir / f).exists()
         }
         trainer.hook.regdefense_log_summary(trainer=trainer, summary=summary, files=files)
-    except Interrupted:
+    except TrainingInterrupted:
         raise  # not a failure: last.pt is written and the message says how to resume
     except Exception as exc:  # every failed run keeps why in RUN_DIR/error.log (the message names the defense)
         write_error_log(run_dir, exc)  # over the trainer's: the same failure, with the defense named on top

@@ -30,20 +30,29 @@ class NonFiniteLoss(UserError):
     """A loss term became NaN or infinite."""
 
 
-class Interrupted(UserError):
-    """Stopped by a signal after saving what can be resumed; exit status 128 + the signal (130 for Ctrl-C, 143 for
-    SIGTERM, as shells and batch schedulers expect)."""
+def _status(signum: int | None) -> int:
+    return 128 + int(signum) if signum is not None else 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped at once by a signal (an evaluation, or a second signal during training), after saving what can be
+    resumed. A KeyboardInterrupt, so that no ``except Exception`` on the way (a check runner, a defense's hook)
+    swallows it; the CLI prints its message and exits 128 + the signal (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = _status(signum)
+
+
+class TrainingInterrupted(UserError):
+    """The run was stopped by a signal after writing a checkpoint; the message says how to resume. Exit status as
+    :class:`Interrupted`'s."""
 
     exit_code = 130
 
     def __init__(self, message: str, signum: int | None = None) -> None:
         super().__init__(message)
-        if signum is not None:
-            self.exit_code = 128 + int(signum)
-
-
-class TrainingInterrupted(Interrupted):
-    """The run was stopped by a signal after writing a checkpoint; the message says how to resume."""
+        self.exit_code = _status(signum)
 
 
 class NonFiniteGuard:

@@ -225,7 +225,7 @@ class MetricsLog:
         path = tr.run_dir / "metrics.jsonl" if tr.run_dir is not None else None
         if path is None or not path.exists() or not tr.dist.is_main:
             return
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode(errors="replace").splitlines()  # a line cut short may not even be UTF-8
         kept, history = [], []
         for line in lines:
             try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -27,6 +28,8 @@ from torch import nn
 
 from regdefense.config import DataConfig
 from regdefense.data import load_data
+from regdefense.errors import UserError
+from regdefense.files import try_lock
 from regdefense.models import create_model, default_model
 from regdefense.paths import cache_dir
 from regdefense.runtime import resolve_device
@@ -128,19 +131,28 @@ def clean_surrogate(
             f"training {what} for the transfer check, about {_duration(seconds)}; cached in {run} "
             f"(--surrogate none skips it)"
         )
-        if run.exists():  # an earlier attempt stopped before its last checkpoint
-            shutil.rmtree(run)
-        from regdefense.run import train  # the training loop, only when a surrogate must be trained (module doc)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        held = try_lock(run.parent / f".{run.name}.lock", timeout=2 * seconds + 600)  # one trainer per surrogate
+        if held is None:
+            raise UserError(f"another evaluation has been training the surrogate in {run} for too long; try again")
+        try:
+            if not ckpt.exists():  # another evaluation may have trained it while this one waited
+                if run.exists():  # an earlier attempt stopped before its last checkpoint
+                    shutil.rmtree(run)
+                from regdefense.run import train  # the training loop, only when a surrogate must be trained
 
-        train(
-            defenses=[],
-            overrides={
-                "data": data,
-                "model": arch,
-                "train": {"epochs": epochs, "seed": seed, "progress": progress, "device": device},
-                "eval": {"val_samples": 32, "pgd_steps": 1},
-            },
-            out=run,
-            echo=(lambda m: say(f"surrogate: {m}")) if progress else (lambda _m: None),
-        )
+                train(
+                    defenses=[],
+                    overrides={
+                        "data": data,
+                        "model": arch,
+                        "train": {"epochs": epochs, "seed": seed, "progress": progress, "device": device},
+                        "eval": {"val_samples": 32, "pgd_steps": 1},
+                    },
+                    out=run,
+                    echo=(lambda m: say(f"surrogate: {m}")) if progress else (lambda _m: None),
+                )
+        finally:
+            if held >= 0:
+                os.close(held)
     return load_target(ckpt, device=device, n=1).model

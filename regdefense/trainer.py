@@ -34,7 +34,6 @@ from regdefense.plugins import adversarial_problem, answer_error, blame, loss_te
 from regdefense.runtime import resolve_device, seed_everything, versions
 from regdefense.safety import (
     Interrupt,
-    Interrupted,
     NonFiniteGuard,
     NonFiniteLoss,
     TrainingInterrupted,
@@ -174,7 +173,7 @@ class Trainer(Assembly):
         with self.interrupt.installed(self.pm):
             try:
                 return self._fit()
-            except (Interrupted, KeyboardInterrupt):
+            except (TrainingInterrupted, KeyboardInterrupt):  # Interrupted is a KeyboardInterrupt
                 raise
             except UserError as exc:  # refused (a defense's unusable result, NaN losses): why stays in error.log
                 self._write_traceback(exc)

@@ -28,7 +28,7 @@ from regdefense.files import FolderTaken, WriteError
 from regdefense.plugins import activate
 from regdefense.resume import EvalState
 from regdefense.run import load_config, locate_resume, train
-from regdefense.safety import Interrupted, NonFiniteLoss
+from regdefense.safety import Interrupted, NonFiniteLoss, TrainingInterrupted
 from regdefense.testing import tiny_config
 from regdefense.trainer import Trainer
 
@@ -73,7 +73,7 @@ def test_out_onto_a_users_folder_changes_nothing_and_says_why(tmp_path):
             train(None, overrides=TINY, out=out, echo=lambda _m: None)
     assert (mine / "config.json").read_text() == '{"my": "settings"}'
     assert (mine / "metrics.jsonl").read_text() == "my data\n"
-    assert sorted(p.name for p in mine.iterdir()) == [".lock", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "metrics.jsonl"]  # not even a lock file
     with pytest.raises(UserError, match="--out is empty"):
         train(None, overrides=TINY, out="", echo=lambda _m: None)
 
@@ -374,7 +374,7 @@ def test_sigterm_in_training_exits_143(tmp_path):
 
     cfg = tiny_config(["pgd_at"], ["train.epochs=2", "data.limit=128"])
     trainer = Trainer(cfg, pm=activate(["pgd_at", Term()], cfg.defense), run_dir=tmp_path)
-    with pytest.raises(Interrupted) as info:
+    with pytest.raises(TrainingInterrupted) as info:
         trainer.fit()
     assert info.value.exit_code == 143 and "Resume with" in str(info.value)
 
@@ -458,3 +458,78 @@ def test_two_concurrent_evaluations_of_the_same_weights_lose_no_ledger_entry(tmp
     assert len(attacks) == 4, attacks  # every attack of both evaluations
     report = json.loads((tmp_path / "eval1" / "report.json").read_text())
     assert report["meta"]["best_known"]["attacks"]  # each report has its best-known row
+
+
+# --- found by the hostile review of this change ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["checkpoints/mymodel.pt", "eval/report.md", "summary.json"])
+def test_a_users_folder_that_looks_half_like_a_run_is_never_cleared(tmp_path, layout):
+    """checkpoints/mymodel.pt without a config.json was taken for a run killed early, and deleted."""
+    mine = tmp_path / "mine"
+    (mine / layout).parent.mkdir(parents=True)
+    (mine / layout).write_text("the user's")
+    with pytest.raises(UserError, match="not a regdefense run"):
+        train(None, overrides=TINY, out=mine, echo=lambda _m: None)
+    assert (mine / layout).read_text() == "the user's" and not (mine / ".lock").exists()
+
+
+def test_a_kill_while_config_json_is_written_leaves_a_run_that_starts_again(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".config.json.abc123.tmp").write_text('{"half": ')  # write_atomic's temporary name, cut short
+    lines = []
+    train(None, overrides=TINY, out=out, echo=lines.append)
+    assert any("starting it again" in line for line in lines) and not list(out.glob(".config.json.*.tmp"))
+
+
+def test_a_lock_file_that_is_a_link_is_never_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    with pytest.raises(UserError, match=r"cannot take the lock .*\.lock"):
+        train(None, overrides=TINY, out=out, echo=lambda _m: None)
+    assert victim.read_text() == "precious"
+
+
+def test_a_signal_during_the_sanity_checks_stops_the_evaluation(tmp_path, tiny_run):
+    """The checks catch every Exception (a check must not lose the evaluation): a signal got swallowed there."""
+    from regdefense import checks
+
+    @checks.check("sends SIGINT", order=0)
+    def interrupt(ctx):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        return checks.result("sends SIGINT", True, "not stopped")
+
+    try:
+        with pytest.raises(Interrupted) as info:
+            evaluate(tiny_run, suites=["torchattacks:FGSM(eps=0.2)"], n=32, check_samples=32, surrogate=None,
+                     progress=False, out=tmp_path / "eval")
+    finally:
+        checks._CHECKS.pop("sends SIGINT")
+    assert info.value.exit_code == 130 and not (tmp_path / "eval" / "report.json").exists()
+
+
+def test_a_signal_after_the_report_says_the_report_is_written(tmp_path):
+    from regdefense.evaluate import _signals_stop
+
+    with pytest.raises(Interrupted, match=r"the report is written \(R.json\) but not yet in the best-known ledger"):
+        with _signals_stop(tmp_path, "RUN", {"resume": True, "report": "R.json"}):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    with pytest.raises(Interrupted, match=r"nothing is kept \(--no-resume\)"):
+        with _signals_stop(tmp_path, "RUN", {"resume": False}):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+
+
+def test_evaluate_never_writes_over_a_users_report(tmp_path, tiny_run):
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "report.md").write_text("my paper's report")
+    with pytest.raises(UserError, match="report.md that no regdefense evaluation wrote there"):
+        evaluate(tiny_run, suites=["quick"], n=32, checks=False, progress=False, out=paper)
+    assert (paper / "report.md").read_text() == "my paper's report"
