@@ -24,6 +24,7 @@ ADVISORIES = (
 )
 
 REMEDY = "pip install --upgrade 'requests>=2.32.4' 'idna>=3.7'"
+DETAILS = "python -m regdefense.advisories"
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -54,8 +55,9 @@ def warning() -> str | None:
     found = findings()
     if not found:
         return None
-    names = ", ".join(line.split(":")[0] for line in found)
-    return f"warning: {names} have published advisories; details and the one-line fix: python -m regdefense.advisories"
+    names = " and ".join(line.split(":")[0] for line in found)  # "requests 2.25.1 and idna 2.10"
+    verb = "has" if len(found) == 1 else "have"
+    return f"warning: {names} {verb} published advisories; details and the one-line fix: {DETAILS}"
 
 
 def main() -> int:

@@ -131,8 +131,9 @@ def clean_surrogate(
             f"training {what} for the transfer check, about {_duration(seconds)}; cached in {run} "
             f"(--surrogate none skips it)"
         )
-        run.parent.mkdir(parents=True, exist_ok=True)
-        held = try_lock(run.parent / f".{run.name}.lock", timeout=2 * seconds + 600)  # one trainer per surrogate
+        locks = run.parent.with_name("locks")  # beside the surrogates, not among them
+        locks.mkdir(parents=True, exist_ok=True)
+        held = try_lock(locks / f"surrogate-{run.name}.lock", timeout=2 * seconds + 600)  # one trainer at a time
         if held is None:
             raise UserError(f"another evaluation has been training the surrogate in {run} for too long; try again")
         try:

@@ -193,7 +193,7 @@ def test_kill_9_before_the_first_checkpoint_is_recognised_and_started_again(tmp_
     assert cut.returncode == -signal.SIGKILL and marker.exists()
     assert not (out / "checkpoints" / "last.pt").exists() and (out / "config.json").exists()
     (out / "checkpoints").mkdir(exist_ok=True)
-    (out / "checkpoints" / ".last.pt.tmp").write_bytes(b"regdefense-ckpt\n" + b"\0" * 40)  # a write cut short
+    (out / "checkpoints" / ".last.pt.k3j2x9.tmp").write_bytes(b"regdefense-ckpt\n" + b"\0" * 40)  # cut short
     with pytest.raises(UserError, match="stopped before its first complete checkpoint.*train --out"):
         locate_resume(out)
     lines = []
@@ -203,7 +203,7 @@ def test_kill_9_before_the_first_checkpoint_is_recognised_and_started_again(tmp_
     assert rows[0]["status"] == "ok", lines
     assert any("starting it again" in line for line in lines)
     assert checkpoint.load(out / "checkpoints" / "last.pt")["epoch"] == 2
-    assert not (out / "checkpoints" / ".last.pt.tmp").exists()
+    assert not list((out / "checkpoints").glob(".last.pt.*.tmp"))
 
 
 # --- item 11: non-finite weights are never written ---------------------------------------------------------------
@@ -264,7 +264,8 @@ def test_progress_that_is_a_list_starts_over_and_one_that_is_a_folder_is_refused
 
 def test_a_report_that_cannot_be_written_keeps_the_progress_and_says_where(tmp_path, tiny_run):
     out = tmp_path / "eval"
-    (out / "report.json").mkdir(parents=True)  # the report's own name is taken by a folder
+    (out / "evaluations").mkdir(parents=True)  # a folder of ours (an earlier evaluation's) ...
+    (out / "report.json").mkdir()  # ... whose report's own name is now taken by a folder
     with pytest.raises(WriteError, match=r"could not write the report .*report.json"):
         evaluate(tiny_run, suites=["quick"], n=32, checks=False, progress=False, out=out)
     saved = torch.load(out / "progress.pt", weights_only=True)  # every attack's points are kept for the rerun

@@ -382,8 +382,11 @@ def test_known_vulnerable_dependency_versions_are_found_offline_and_the_cli_says
     with pytest.raises(SystemExit):
         cli.main()
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == ["warning: requests, idna have published advisories; details and the one-line fix: "
+    assert err == ["warning: requests 2.25.1 has published advisories; details and the one-line fix: "
                    "python -m regdefense.advisories"]  # one short line, whatever the advisories say
+    installed.update(idna="2.10")
+    assert adv.warning() == ("warning: requests 2.25.1 and idna 2.10 have published advisories; details and the "
+                             "one-line fix: python -m regdefense.advisories")
 
 
 def _clf(model, loss=None, lr=0.05, optimizer=True):
