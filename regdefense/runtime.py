@@ -31,8 +31,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    # set either way: a run in a process where an earlier run asked for determinism (a notebook, the ART bridge, a
+    # test session) must not inherit it, or its kernels, and so its weights, depend on what ran before it
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
 

@@ -534,3 +534,18 @@ def test_evaluate_never_writes_over_a_users_report(tmp_path, tiny_run):
     with pytest.raises(UserError, match="report.md that no regdefense evaluation wrote there"):
         evaluate(tiny_run, suites=["quick"], n=32, checks=False, progress=False, out=paper)
     assert (paper / "report.md").read_text() == "my paper's report"
+
+
+def test_a_run_never_inherits_determinism_from_an_earlier_run_in_the_same_process():
+    """train.deterministic=true switched torch's deterministic algorithms on for the rest of the process: a later
+    run's kernels (and weights) then depended on what ran before it (a test session's order, a notebook)."""
+    from regdefense.runtime import seed_everything
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        seed_everything(0, True)
+        assert torch.are_deterministic_algorithms_enabled()
+        seed_everything(0, False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
