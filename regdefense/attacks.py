@@ -333,10 +333,16 @@ def _check_kwargs(spec: AttackSpec, cls: type, skip: tuple[str, ...]) -> None:
             raise ConfigError(f"attack {spec.library}:{spec.name} has no argument '{key}'; valid: {', '.join(valid)}")
 
 
+def step_size(eps: float, alpha: float | None, steps: int, factor: float = 2.5) -> float:
+    """The one step rule of the library: the declared step, else ``factor·ε/steps`` (2.5·ε/steps, Madry et al.'s for
+    PGD; single-step methods name their own factor). Defenses reach it through :mod:`regdefense.defense`."""
+    return alpha if alpha is not None else factor * eps / steps
+
+
 def pgd_spec(norm: str, eps: float, steps: int, alpha: float | None = None) -> str:
     """torchattacks' PGD (L∞) or PGDL2 with a random start, step ``alpha`` (default 2.5·ε/steps), as a spec string:
     the one PGD of the final table, the suites and the sanity checks."""
-    alpha = 2.5 * eps / steps if alpha is None else alpha
+    alpha = step_size(eps, alpha, steps)
     name = "PGD" if norm == "linf" else "PGDL2"
     return f"torchattacks:{name}(eps={eps!r}, alpha={alpha!r}, steps={steps}, random_start=True)"
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from regdefense._version import __version__
+from regdefense.datasets import DATASETS
 from regdefense.errors import UserError
 
 
@@ -102,7 +103,11 @@ def _fmt(v, pct: bool = False) -> str:
     metavar="SECTION.KEY=VALUE",
     help="Set a config value, e.g. -o train.epochs=5 -o pgd_at.steps=7.",
 )
-@click.option("--dataset", help="Dataset name or folder (shortcut for -o data.name=...).")
+@click.option(
+    "--dataset",
+    help=f"Dataset name ({', '.join(sorted(DATASETS.builtin()))}, or one a package registers: regdefense "
+    "datasets) or a folder (shortcut for -o data.name=...).",
+)
 @click.option("--model", help="Architecture (shortcut for -o model.name=...).")
 @click.option("--epochs", type=int, help="Shortcut for -o train.epochs=...")
 @click.option("--data-dir", help="Where torchvision datasets live (-o data.data_dir=...).")
@@ -498,10 +503,10 @@ def new_plugin(name: str, where: str) -> None:
 @cli.command()
 def models() -> None:
     """List the architectures of the model zoo."""
-    from regdefense.models import _REGISTRY, list_models
+    from regdefense.models import MODELS
 
-    for name in list_models():
-        doc = (_REGISTRY[name].__doc__ or "").strip().splitlines()
+    for name, factory in sorted(MODELS.all().items()):
+        doc = (factory.__doc__ or "").strip().splitlines()
         click.echo(f"{name:18s} {doc[0] if doc else ''}")
     click.echo(f"{'timm:NAME':18s} any timm architecture (`timm.list_models()`), e.g. timm:convnext_tiny")
     click.echo(
@@ -530,6 +535,18 @@ def main() -> None:
 
     warnings.showwarning = show
     cli(prog_name="regdefense")
+
+
+@cli.command()
+def datasets() -> None:
+    """List the named datasets: image shape, classes, default ε, augmentation and model (model.name=auto)."""
+    for name, spec in sorted(DATASETS.all().items()):
+        shape = "×".join(map(str, spec.shape))
+        click.echo(
+            f"{name:14s} {shape:9s} {spec.num_classes:4d} classes  ε {spec.default_eps:.4g}  augment "
+            f"{spec.augment:9s} model {spec.model or 'by image size'}" + (f"  ({spec.about})" if spec.about else "")
+        )
+    click.echo(f"{'FOLDER':14s} train.npz/test.npz, train/ and test/ image folders, or WebDataset shards")
 
 
 @cli.command()

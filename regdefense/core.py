@@ -16,7 +16,7 @@ from regdefense.hookspecs import hookimpl
 from regdefense.step import Step
 
 if TYPE_CHECKING:
-    from regdefense.trainer import Trainer
+    from regdefense.host import Host, TrainingHost
 
 
 class CorePlugin:
@@ -33,7 +33,7 @@ class CorePlugin:
         return step.inputs  # no attack: plain training
 
     @hookimpl(trylast=True)
-    def regdefense_compute_loss(self, trainer: Trainer, step: Step, model: nn.Module) -> dict[str, Tensor]:
+    def regdefense_compute_loss(self, trainer: TrainingHost, step: Step, model: nn.Module) -> dict[str, Tensor]:
         logits = model(step.adv_inputs)
         step.outputs["adv"] = logits
         return {
@@ -45,12 +45,12 @@ class CorePlugin:
         }
 
     @hookimpl(trylast=True)
-    def regdefense_forward_backward(self, trainer: Trainer, step: Step) -> Tensor:
+    def regdefense_forward_backward(self, trainer: TrainingHost, step: Step) -> Tensor:
         step.losses = trainer.loss_terms(step, trainer.model, "train")
         loss: Any = sum(step.losses.values())
         trainer.backward(loss)
         return loss.detach()
 
     @hookimpl(trylast=True)
-    def regdefense_eval_model(self, trainer: Trainer) -> nn.Module:
+    def regdefense_eval_model(self, trainer: Host) -> nn.Module:
         return trainer.model

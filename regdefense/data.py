@@ -20,44 +20,13 @@ from torch import Tensor
 
 from regdefense.augment import augment_batch, draw_augment
 from regdefense.config import DataConfig
+from regdefense.datasets import DATASETS, SPLIT_SEED, Split, default_eps, spec_of
 from regdefense.errors import DataError, unknown
 from regdefense.stream import STREAM_ABOVE, FileSplit, scan_folder, scan_shards
-
-#: default L∞ budget per dataset, in [0,1] pixel units
-DEFAULT_EPS = {
-    "digits": 0.2,
-    "mnist": 0.3,
-    "fashion_mnist": 0.1,
-    "cifar10": 8 / 255,
-    "cifar100": 8 / 255,
-    "svhn": 8 / 255,
-}
-TORCHVISION_SETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
-SPLIT_SEED = 0  # fixed: the digits test split and every validation split do not depend on the run seed
 
 
 class DataWarning(UserWarning):
     """The data loads, but something about it is probably not what the user meant (said out loud, not refused)."""
-
-
-@dataclass
-class Split:
-    x: Tensor  #: N×C×H×W, uint8 (0..255) or float (0..1)
-    y: Tensor  #: N, int64
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def floats(self, idx: Tensor | None = None) -> Tensor:
-        x = self.x if idx is None else self.x[idx]
-        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-    def subset(self, idx: Tensor) -> "Split":
-        return Split(self.x[idx], self.y[idx])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape)
 
 
 @dataclass
@@ -138,50 +107,6 @@ class BatchLoader:
 
 
 # --- sources ----------------------------------------------------------------------------------
-
-
-def _digits() -> tuple[Split, Split]:
-    """scikit-learn's 8×8 handwritten digits (1797 images, 16 grey levels), shipped inside the package."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_test = 360
-    return Split(x[order[n_test:]], y[order[n_test:]]), Split(x[order[:n_test]], y[order[:n_test]])
-
-
-def _torchvision(name: str, root: str, download: bool) -> tuple[Split, Split]:
-    import torchvision.datasets as tvd
-
-    def load(train: bool):
-        try:
-            if name == "svhn":
-                ds = tvd.SVHN(root, split="train" if train else "test", download=download)
-                return torch.as_tensor(ds.data), torch.as_tensor(ds.labels, dtype=torch.long)
-            cls = {
-                "mnist": tvd.MNIST,
-                "fashion_mnist": tvd.FashionMNIST,
-                "cifar10": tvd.CIFAR10,
-                "cifar100": tvd.CIFAR100,
-            }[name]
-            ds = cls(root, train=train, download=download)
-        except RuntimeError as exc:
-            if download:
-                raise DataError(f"could not download {name} into {root}: {exc}") from None
-            raise DataError(
-                f"{name} was not found under '{root}'; pass --download to fetch it (needs a network) "
-                f"or --data-dir to point at a copy"
-            ) from None
-        except OSError as exc:
-            raise DataError(f"could not get {name} into '{root}': {exc}") from None
-        data = torch.as_tensor(np.asarray(ds.data))
-        data = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
-        return data.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
-
-    (xtr, ytr), (xte, yte) = load(True), load(False)
-    return Split(xtr, ytr), Split(xte, yte)
 
 
 def _array_to_nchw(x: np.ndarray, where: str) -> Tensor:
@@ -311,17 +236,16 @@ def _folder(path: Path, cfg: DataConfig) -> tuple[Any, Any]:
 def load_data(cfg: DataConfig, seed: int = 0) -> Data:
     """Load the dataset ``cfg.name`` with its held-out validation split."""
     name = cfg.name
-    if name == "digits":
-        train, test = _digits()
-    elif name in TORCHVISION_SETS:
-        train, test = _torchvision(name, os.path.expanduser(cfg.data_dir), cfg.download)
+    spec = spec_of(name)
+    if spec is not None:
+        train, test = spec.load(cfg)
     elif os.sep in name or "/" in name or Path(name).exists():
         path = Path(name).expanduser()
         if not path.is_dir():
             raise DataError(f"dataset folder '{name}' does not exist")
         train, test = _folder(path, cfg)
     else:
-        raise DataError(unknown("dataset", name, ("digits",) + TORCHVISION_SETS) + ", or a folder path")
+        raise DataError(unknown("dataset", name, DATASETS.names()) + ", or a folder path")
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"dataset '{name}' has an empty train or test split")
     if train.shape[1:] != test.shape[1:]:
@@ -353,7 +277,7 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Data:
             "none, crop or crop_flip"
         )
     if augment == "auto":
-        augment = {"cifar10": "crop_flip", "cifar100": "crop_flip", "svhn": "crop"}.get(name, "none")
+        augment = spec.augment if spec is not None else "none"
     sample = train.sample(64) if isinstance(train, FileSplit) else train.floats(torch.arange(min(len(train), 2048)))
     mean = sample.mean(dim=(0, 2, 3)).tolist()
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
@@ -363,7 +287,7 @@ def load_data(cfg: DataConfig, seed: int = 0) -> Data:
         val=val,
         test=test,
         num_classes=num_classes,
-        default_eps=DEFAULT_EPS.get(name, 8 / 255),
+        default_eps=default_eps(name),
         augment=augment,
         mean=mean,
         std=std,

@@ -4,9 +4,12 @@ Every built-in defense derives from :class:`Defense`; third-party defenses may (
 may not — the loop reads a plain class's declarations through :func:`declared`, with this class's defaults. A
 defense still *acts* only through ``@hookimpl`` methods (:mod:`regdefense.hookspecs`).
 
-Attack budgets are declared once: a defense whose ``Config`` derives from :class:`Budget` gets the ε / step size /
-steps / norm / attack-mode fields with their help and validation, and :meth:`Budget.resolve` turns them into what
-an attack call takes (the defense's ε, ramped, or the run's current ε; ``alpha_factor·ε/steps`` by default).
+Attack budgets are declared once: a defense whose ``Config`` derives from :class:`Budget` (multi-step),
+:class:`SingleStepBudget` (FGSM-like), :class:`StepBudget` or :class:`Radius` (ε alone) gets those fields with their
+help and validation, and ``resolve`` turns them into what an attack call takes through the one ε rule
+(:func:`resolve_eps`: the defense's ε, ramped, or the run's current ε) and the one step rule (:func:`step_size`:
+``alpha_factor·ε/steps`` unless a step is given). A defense whose step means something else (DYNAT's, EATR's) uses
+the two functions directly.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from regdefense.attacks import kl_pgd, pgd
+from regdefense.attacks import kl_pgd, pgd, step_size  # noqa: F401  (step_size: the one step rule, re-exported for defenses)
 from regdefense.config import option
 from regdefense.contract import Key
 
@@ -80,6 +83,56 @@ def declared(plugin: Any, member: str) -> Any:
     return None if callable(default) else default
 
 
+def resolve_eps(trainer: Any, eps: float | None) -> float:
+    """The one ε rule of every defense: its own ε, ramped by the run's warm-up (``trainer.ramp``), else the run's
+    current ε (``trainer.eps``, already ramped)."""
+    return trainer.ramp(eps) if eps is not None else trainer.eps
+
+
+@dataclass
+class Radius:
+    """The budget block of a defense that needs only ε (a certified radius, a random point's radius)."""
+
+    eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
+
+    def resolve_eps(self, trainer: Any) -> float:
+        return resolve_eps(trainer, self.eps)
+
+    def resolved(self, trainer: Any) -> dict[str, Any]:
+        """What ``train --check`` shows: the values an attack of this batch would take."""
+        return {"eps": self.resolve_eps(trainer)}
+
+
+@dataclass
+class StepBudget(Radius):
+    """ε and one step size: ``alpha``, else ``alpha_factor·ε/steps`` (single-step methods: ``steps`` is 1)."""
+
+    alpha: float | None = option(None, "step size (none: alpha_factor·ε)", gt=0)
+
+    #: the default step size is ``alpha_factor·ε/steps``, ``steps`` being 1 unless a subclass declares the field
+    alpha_factor: ClassVar[float] = 1.0
+
+    def resolve(self, trainer: Any) -> tuple[float, float]:
+        """(ε, step size) for this batch."""
+        eps = self.resolve_eps(trainer)
+        return eps, step_size(eps, self.alpha, getattr(self, "steps", 1), self.alpha_factor)
+
+    def resolved(self, trainer: Any) -> dict[str, Any]:
+        eps, alpha = self.resolve(trainer)
+        return {"eps": eps, "alpha": alpha, "steps": getattr(self, "steps", 1)}
+
+
+@dataclass
+class SingleStepBudget(StepBudget):
+    """The budget block of single-step adversaries (FGSM and its relatives): ε, the step, the BN mode."""
+
+    attack_mode: Literal["eval", "train"] = option("eval", "BN/dropout mode during the attack")
+
+    @property
+    def train_mode(self) -> bool:
+        return self.attack_mode == "train"
+
+
 @dataclass
 class Budget:
     """The attack-budget block a defense's ``Config`` derives from (redeclare a field to change its default)."""
@@ -95,9 +148,12 @@ class Budget:
 
     def resolve(self, trainer: Any) -> tuple[float, float]:
         """(ε, step size) for this batch: the defense's own ε ramped by the warm-up, else the run's current ε."""
-        eps = trainer.ramp(self.eps) if self.eps is not None else trainer.eps
-        steps = self.steps
-        return eps, (self.alpha if self.alpha is not None else self.alpha_factor * eps / steps)
+        eps = resolve_eps(trainer, self.eps)
+        return eps, step_size(eps, self.alpha, self.steps, self.alpha_factor)
+
+    def resolved(self, trainer: Any) -> dict[str, Any]:
+        eps, alpha = self.resolve(trainer)
+        return {"eps": eps, "alpha": alpha, "steps": self.steps, "norm": self.attack_norm(trainer)}
 
     def attack_norm(self, trainer: Any) -> str:
         return self.norm or trainer.norm

@@ -35,8 +35,8 @@ import pluggy
 if TYPE_CHECKING:  # imports for annotations only, so this module stays cheap to import
     from torch import Tensor, nn
 
+    from regdefense.host import Host, TrainingHost
     from regdefense.step import Step
-    from regdefense.trainer import Trainer
 
 hookspec = pluggy.HookspecMarker("regdefense")
 #: marker for hook implementations (re-exported as ``regdefense.hookimpl``, where plugins import it)
@@ -55,7 +55,7 @@ EXCLUSIVE = (
 
 
 @hookspec
-def regdefense_add_modules(trainer: Trainer) -> dict[str, nn.Module] | None:
+def regdefense_add_modules(trainer: Host) -> dict[str, nn.Module] | None:
     """Add extra networks to the run (a DYNAT guide, an AToP purifier, a discriminator).
 
     Called once, after the model is built and before it and the optimizer are moved or built.
@@ -72,11 +72,14 @@ def regdefense_add_modules(trainer: Trainer) -> dict[str, nn.Module] | None:
 
 
 @hookspec
-def regdefense_fit_start(trainer: Trainer) -> None:
+def regdefense_fit_start(trainer: Host) -> None:
     """Prepare for training: build proxies, per-sample buffers, attack objects.
 
     Called once, after the model, extra modules and optimizer are on ``trainer.device`` and
     before the first epoch (also when a run resumes; ``load_state_dict`` runs after this hook).
+    Evaluation also calls it, when it rebuilds a stack from a checkpoint, on the defenses that
+    provide ``regdefense_eval_model`` (EMA, AToP) only, with a :class:`~regdefense.host.Host`: the
+    run's parts without optimizer, loader or run folder — which is why it is typed ``Host``.
 
     :param trainer: the trainer; ``trainer.train_size`` is the number of training samples and
         ``trainer.index_size`` the range of ``step.index`` (larger with ``data.extra``: extra sample
@@ -88,7 +91,7 @@ def regdefense_fit_start(trainer: Trainer) -> None:
 
 
 @hookspec(firstresult=True)
-def regdefense_batch_replays(trainer: Trainer) -> int | None:
+def regdefense_batch_replays(trainer: TrainingHost) -> int | None:
     """How many times the loop trains on each batch before it takes the next (Free-AT's minibatch replay m).
 
     Asked once, when the trainer is built. Each replay is a whole step on the same batch — ``batch_start``,
@@ -110,7 +113,7 @@ def regdefense_batch_replays(trainer: Trainer) -> int | None:
 
 
 @hookspec
-def regdefense_epoch_start(trainer: Trainer, epoch: int) -> None:
+def regdefense_epoch_start(trainer: TrainingHost, epoch: int) -> None:
     """Start of an epoch: ε ramps, warm-up switches, buffer resets.
 
     Not called again for an epoch resumed mid-way (after Ctrl-C): keep what it sets in the plugin's
@@ -128,7 +131,7 @@ def regdefense_epoch_start(trainer: Trainer, epoch: int) -> None:
 
 
 @hookspec
-def regdefense_batch_start(trainer: Trainer, step: Step) -> None:
+def regdefense_batch_start(trainer: TrainingHost, step: Step) -> None:
     """A batch is on the device; mutate ``step`` before the adversary runs.
 
     Dynamic-label defenses set ``step.targets`` here; ``step.labels`` must stay the truth.
@@ -142,7 +145,9 @@ def regdefense_batch_start(trainer: Trainer, step: Step) -> None:
 
 
 @hookspec(firstresult=True)
-def regdefense_make_adversarial(trainer: Trainer, step: Step, model: nn.Module) -> Tensor | dict[str, Tensor] | None:
+def regdefense_make_adversarial(
+    trainer: TrainingHost, step: Step, model: nn.Module
+) -> Tensor | dict[str, Tensor] | None:
     """Run the inner maximisation and return the adversarial inputs.
 
     Exclusive: at most one active defense may provide it. The ``core`` default returns the clean
@@ -161,7 +166,7 @@ def regdefense_make_adversarial(trainer: Trainer, step: Step, model: nn.Module) 
 
 
 @hookspec(firstresult=True)
-def regdefense_forward_backward(trainer: Trainer, step: Step) -> Tensor | None:
+def regdefense_forward_backward(trainer: TrainingHost, step: Step) -> Tensor | None:
     """Compute the loss and back-propagate it.
 
     Exclusive; the ``core`` default calls :meth:`Trainer.loss_terms` (which calls
@@ -178,7 +183,9 @@ def regdefense_forward_backward(trainer: Trainer, step: Step) -> Tensor | None:
 
 
 @hookspec(firstresult=True)
-def regdefense_compute_loss(trainer: Trainer, step: Step, model: nn.Module, phase: str) -> dict[str, Tensor] | None:
+def regdefense_compute_loss(
+    trainer: TrainingHost, step: Step, model: nn.Module, phase: str
+) -> dict[str, Tensor] | None:
     """Return the named loss terms of this batch; the host sums them.
 
     Exclusive: at most one active defense provides the objective; the ``core`` default is
@@ -200,7 +207,7 @@ def regdefense_compute_loss(trainer: Trainer, step: Step, model: nn.Module, phas
 
 
 @hookspec
-def regdefense_before_optimizer_step(trainer: Trainer, step: Step) -> None:
+def regdefense_before_optimizer_step(trainer: TrainingHost, step: Step) -> None:
     """Gradients are final (unscaled and clipped); the optimizer step comes next.
 
     :param trainer: the trainer.
@@ -212,7 +219,7 @@ def regdefense_before_optimizer_step(trainer: Trainer, step: Step) -> None:
 
 
 @hookspec
-def regdefense_batch_end(trainer: Trainer, step: Step) -> None:
+def regdefense_batch_end(trainer: TrainingHost, step: Step) -> None:
     """After the optimizer step: EMA updates, prior-buffer writes, per-sample statistics.
 
     :param trainer: the trainer; ``trainer.state.global_step`` not yet incremented.
@@ -227,7 +234,7 @@ def regdefense_batch_end(trainer: Trainer, step: Step) -> None:
 
 
 @hookspec(firstresult=True)
-def regdefense_eval_model(trainer: Trainer) -> nn.Module | None:
+def regdefense_eval_model(trainer: Host) -> nn.Module | None:
     """Return the network that evaluation should measure.
 
     Exclusive; the ``core`` default is ``trainer.model``. An EMA defense returns its averaged copy,
@@ -242,7 +249,7 @@ def regdefense_eval_model(trainer: Trainer) -> nn.Module | None:
 
 
 @hookspec
-def regdefense_epoch_end(trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+def regdefense_epoch_end(trainer: TrainingHost, epoch: int, metrics: dict[str, Any]) -> None:
     """After the held-out evaluation of an epoch: schedules, logging, early stopping.
 
     :param trainer: the trainer; set ``trainer.should_stop = True`` to end training after this epoch.
@@ -256,7 +263,7 @@ def regdefense_epoch_end(trainer: Trainer, epoch: int, metrics: dict[str, Any]) 
 
 
 @hookspec
-def regdefense_fit_end(trainer: Trainer) -> None:
+def regdefense_fit_end(trainer: TrainingHost) -> None:
     """Training is over (normally or after ``should_stop``): clean up.
 
     :param trainer: the trainer.
@@ -270,7 +277,7 @@ def regdefense_fit_end(trainer: Trainer) -> None:
 
 
 @hookspec
-def regdefense_log_metrics(trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+def regdefense_log_metrics(trainer: TrainingHost, epoch: int, metrics: dict[str, Any]) -> None:
     """An epoch's metrics, final: what ``metrics.jsonl`` receives, after every ``regdefense_epoch_end``.
 
     For experiment trackers (TensorBoard, W&B, MLflow, a third party's); a defense that wants to add a
@@ -287,7 +294,7 @@ def regdefense_log_metrics(trainer: Trainer, epoch: int, metrics: dict[str, Any]
 
 
 @hookspec
-def regdefense_log_summary(trainer: Trainer, summary: dict[str, Any], files: dict[str, Path]) -> None:
+def regdefense_log_summary(trainer: TrainingHost, summary: dict[str, Any], files: dict[str, Path]) -> None:
     """The run is over and measured: the final table, the cost and the plots; trackers finish here.
 
     Called once by :func:`regdefense.run.train` after ``summary.json`` is written (main process only).

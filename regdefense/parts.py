@@ -23,9 +23,10 @@ from regdefense import distributed
 from regdefense.attacks import model_mode
 from regdefense.config import RunConfig, load_toml, parse_overrides, resolve
 from regdefense.data import Data, check_data, load_data
+from regdefense.datasets import spec_of
 from regdefense.defense import declared
 from regdefense.errors import ConfigError, DataError, UserError, first_line
-from regdefense.models import KNOWN_DEFAULTS, create_model, default_model
+from regdefense.models import create_model, default_model
 from regdefense.plugins import activate, catalogue, config_classes
 from regdefense.runtime import resolve_device, seed_everything
 from regdefense.weights import read_weights
@@ -208,7 +209,7 @@ class Assembly:
         m = self.config.model
         c, h, w = self.data.input_shape
         name = self._auto_model() if m.name == "auto" else m.name
-        if m.name == "auto" and self.data.name not in KNOWN_DEFAULTS:
+        if m.name == "auto" and getattr(spec_of(self.data.name), "model", None) is None:
             self.echo(
                 f"model.name=auto: {name} for {c}×{h}×{w} images of '{self.data.name}' (set model.name to choose)"
             )

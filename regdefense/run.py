@@ -367,10 +367,25 @@ def check(
             f"  threat {cfg.threat.norm} eps={trainer.eps_full:.4g}",
             f"  train  {t.epochs} epochs x {len(trainer.train_loader)} batches of {t.batch_size} on {trainer.device}, "
             f"{t.optimizer} lr={t.lr:g} ({t.schedule})",
+            *budget_lines(trainer),
             *memory_lines(trainer),
             *[f"  never  {line}" for line in unreached(cfg)],
         ]
     )
+
+
+def budget_lines(trainer) -> list[str]:
+    """Each defense's attack budget at the full ε (a warm-up ramps ε, and with it the default step, during the run):
+    ε, the step size, steps and norm, as the one budget rule of :mod:`regdefense.defense` resolves the config."""
+    lines = []
+    for plugin in trainer.pm.get_plugins():
+        resolved = getattr(getattr(plugin, "config", None), "resolved", None)
+        if callable(resolved) and hasattr(plugin, "name"):
+            values = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in resolved(trainer).items()
+            )
+            lines.append(f"  budget {plugin.name}: {values}")
+    return lines
 
 
 def memory_lines(trainer) -> list[str]:

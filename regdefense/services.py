@@ -9,32 +9,44 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from regdefense import checkpoint
-from regdefense.attacks import pgd
+from regdefense.attacks import pgd, step_size
 from regdefense.defense import declared
 from regdefense.errors import CheckpointError, UserError
 from regdefense.files import write_atomic
+from regdefense.host import TrainingHost
 from regdefense.measure import accuracy
 from regdefense.plugins import providers
 from regdefense.restore import load_networks
 from regdefense.runtime import versions
 from regdefense.safety import NonFiniteLoss
 
-if TYPE_CHECKING:
-    from regdefense.trainer import Trainer
+
+class LoopHost(Protocol):
+    """What the loop's own services use of the trainer beyond a hook's :class:`~regdefense.host.TrainingHost`: the
+    non-finite guard and the stack's roles, which they checkpoint."""
+
+    guard: Any
+
+    @property
+    def roles(self) -> Any: ...
+
+
+class ServiceHost(TrainingHost, LoopHost, Protocol):
+    """The trainer as its services see it (``regdefense.trainer.Trainer`` implements it)."""
 
 
 class Validator:
     """Clean and PGD accuracy on the held-out split after each epoch; with single-step adversaries (or
     ``eval.co_guard=on``) also FGSM, flagging catastrophic overfitting when FGSM beats PGD by ``eval.co_threshold``."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: ServiceHost) -> None:
         self.trainer = trainer
 
     def robust_attack(self, steps: int | None = None):
@@ -42,7 +54,7 @@ class Validator:
         tr = self.trainer
         steps = steps or tr.config.eval.pgd_steps
         eps, norm = tr.eps_full, tr.norm
-        return lambda m, x, y: pgd(m, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm)
+        return lambda m, x, y: pgd(m, x, y, eps=eps, alpha=step_size(eps, None, steps), steps=steps, norm=norm)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Clean and PGD accuracy of ``model`` on (at most ``eval.val_samples`` of) the held-out split."""
@@ -84,7 +96,7 @@ class Validator:
 class Checkpointer:
     """Checkpoint payloads, ``last.pt`` / ``best.pt`` (best held-out metric) / ``epoch-N.pt``, and resuming."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: ServiceHost) -> None:
         self.trainer = trainer
         #: a checkpoint :meth:`resume_from` loaded, restored by the loop after ``fit_start``
         self.pending: dict[str, Any] | None = None
@@ -214,7 +226,7 @@ class Checkpointer:
 class MetricsLog:
     """One line per epoch in ``metrics.jsonl`` (rank 0) and the ``regdefense_log_metrics`` hook (the trackers)."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: ServiceHost) -> None:
         self.trainer = trainer
         self.history: list[dict[str, Any]] = []
 
@@ -263,7 +275,7 @@ class Progress:
     #: seconds between two refreshes of the bar's loss terms
     interval = 1.0
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: ServiceHost) -> None:
         self.trainer = trainer
         self.bar: Any = None
         self._shown = 0.0

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from regdefense.attacks import attack_kind, parse_spec, pgd_spec
+from regdefense.attacks import attack_kind, parse_spec, pgd_spec, step_size
 from regdefense.errors import ConfigError, unknown
 
 #: settings of the official AutoAttack "standard" version (Croce & Hein 2020, package `autoattack`),
@@ -354,7 +354,7 @@ def _suite_eot_pgd(r: SuiteRequest) -> Suite:
             SuiteAttack(
                 f"PGD-{steps} EOT-{eot}",
                 f"torchattacks:EOTPGD(eps={e!r}, "
-                f"alpha={2.5 * e / steps!r}, steps={steps}, eot_iter={eot}, random_start=True)",
+                f"alpha={step_size(e, None, steps)!r}, steps={steps}, eot_iter={eot}, random_start=True)",
                 eot=True,
             )
         ],

@@ -70,6 +70,16 @@ class TrainState:
     best_epoch: int = -1
 
 
+@dataclass
+class _Group:
+    """The accumulation group being summed (``train.accumulate`` batches per update): samples so far on this
+    process, whether a batch of it was non-finite, and its size on this process (each batch's share of the update)."""
+
+    n: int = 0
+    bad: bool = False
+    size: int = 1
+
+
 class Trainer(Assembly):
     """One run: a model, a defense stack (a pluggy manager), data, optimizer and schedule.
 
@@ -148,6 +158,7 @@ class Trainer(Assembly):
         self.should_stop = False
         self.guard = NonFiniteGuard(t.nonfinite)
         self._micro_weight = 1.0  #: this batch's share of an accumulation group (train.accumulate)
+        self._lr = 0.0  #: the learning rate the last update used (the epoch's metrics report it)
         self.interrupt = Interrupt(self.echo)
         self.validator = Validator(self)
         self.checkpoints = Checkpointer(self)
@@ -193,85 +204,114 @@ class Trainer(Assembly):
         sums: dict[str, Any] = {}
         if self.checkpoints.pending is not None:
             sums = self.checkpoints.restore(self.checkpoints.pending)
-        lr = self.optimizer.param_groups[0]["lr"]
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        group = _Group()
         for epoch in range(self.state.epoch, t.epochs):
-            self.state.epoch, start = epoch, self.state.batch
-            self.train_loader.set_epoch(epoch, start)
-            if start == 0:
-                hook.regdefense_epoch_start(trainer=self, epoch=epoch)
-                sums = {}
-            started = time.perf_counter()
-            self.model.train()
-            batches = self.progress.wrap(self.train_loader, epoch, start)
-            acc, n_batches = t.accumulate, len(self.train_loader)
-            for i, batch, final in self._replayed(batches, start):
-                self._ramp_eps(epoch + i / n_batches)
-                step = Step.from_batch(batch, self.device)
-                first, last = i % acc == 0, i % acc == acc - 1 or i == n_batches - 1
-                hook.regdefense_batch_start(trainer=self, step=step)
-                held = None if first else [p.grad for p in self._trainable()]  # an attack may write .grad
-                step.adv_inputs = self._adversarial(step)
-                if first:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    group_n, group_bad, group_size = 0, False, self._group_size(i, n_batches)
-                else:
-                    for p, g in zip(self._trainable(), held or []):
-                        p.grad = g
-                self._micro_weight = step.batch_size / group_size if acc > 1 else 1.0
-                hook.regdefense_forward_backward(trainer=self, step=step)
-                group_n += step.batch_size
-                skip = self._skip_nonfinite(step)  # train.nonfinite=skip and a NaN/Inf term: no update
-                group_bad = group_bad or skip
-                if last:
-                    self.dist.reduce_grads(self._trainable(), group_n)
-                    if not group_bad:
-                        self.scaler.unscale_(self.optimizer)
-                        if t.grad_clip:
-                            nn.utils.clip_grad_norm_(self._trainable(), t.grad_clip)
-                        hook.regdefense_before_optimizer_step(trainer=self, step=step)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                    else:
-                        self.optimizer.zero_grad(set_to_none=True)
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    if t.schedule_step == "iter":
-                        self.scheduler.step()
-                if not skip:
-                    hook.regdefense_batch_end(trainer=self, step=step)
-                    self._accumulate(sums, step)
-                    self.progress.batch(sums)
-                self.state.global_step += 1
-                self.state.batch = i + 1
-                if self.guard.every and self.state.global_step % self.guard.every == 0:
-                    self.guard.check(self._last_good())
-                if (
-                    last
-                    and final
-                    and self.state.batch < n_batches
-                    and self.interrupt.requested(self.dist, self.state.global_step)
-                ):
-                    self._stop_for_signal(sums)
-            self.state.batch = 0
-            self.guard.check(self._last_good())
-            if t.schedule_step == "epoch":
-                self.scheduler.step()
-            self.dist.average_buffers([self.raw_model, *self.modules.values()])
-            self.dist.check_in_sync({"model": self.raw_model, **self.modules})
-            metrics = self._train_metrics(epoch, sums, time.perf_counter() - started)
-            metrics["lr"] = lr  # the rate the epoch's last batch used
-            with keep_modes(self.raw_model, *self.modules.values()):  # an eval model may switch shared networks
-                metrics.update(self.validator.validate(self.eval_model()))
-            hook.regdefense_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
-            self.state.epoch = epoch + 1
-            self.metrics_log.append(metrics)
-            self.progress.epoch_end(metrics)
-            self.save_checkpoints(metrics)
+            sums, started = self.train_epoch(epoch, sums, group)
+            self.end_epoch(epoch, sums, started)
             if self.interrupt.requested(self.dist, 0) and self.state.epoch < t.epochs:
                 self._stop_for_signal({})
             if self.should_stop:
                 break
         hook.regdefense_fit_end(trainer=self)
         return self.history
+
+    def train_epoch(self, epoch: int, sums: dict[str, Any], group: _Group) -> tuple[dict[str, Any], float]:
+        """One pass over the training split, from ``state.batch`` when a run resumes mid-epoch (then ``sums`` holds
+        the running loss sums so far): each batch a :meth:`train_step`, then the bookkeeping (``batch_end``, sums,
+        counters, the periodic non-finite check, a signal at a group boundary). Returns the sums and the start time."""
+        self.state.epoch, start = epoch, self.state.batch
+        self.train_loader.set_epoch(epoch, start)
+        if start == 0:
+            self.hook.regdefense_epoch_start(trainer=self, epoch=epoch)
+            sums = {}
+        started = time.perf_counter()
+        self.model.train()
+        batches = self.progress.wrap(self.train_loader, epoch, start)
+        n_batches = len(self.train_loader)
+        for i, batch, final in self._replayed(batches, start):
+            self._ramp_eps(epoch + i / n_batches)
+            step = Step.from_batch(batch, self.device)
+            skip, last = self.train_step(step, i, n_batches, group)
+            if not skip:
+                self.hook.regdefense_batch_end(trainer=self, step=step)
+                self._accumulate(sums, step)
+                self.progress.batch(sums)
+            self.state.global_step += 1
+            self.state.batch = i + 1
+            if self.guard.every and self.state.global_step % self.guard.every == 0:
+                self.guard.check(self._last_good())
+            if (
+                last
+                and final
+                and self.state.batch < n_batches
+                and self.interrupt.requested(self.dist, self.state.global_step)
+            ):
+                self._stop_for_signal(sums)
+        return sums, started
+
+    def train_step(self, step: Step, i: int, n_batches: int, group: _Group) -> tuple[bool, bool]:
+        """Batch ``i``: ``batch_start``, the adversary, ``forward_backward`` into the accumulation ``group`` (gradients
+        of the group's earlier batches kept across the attack, which may write ``.grad``), the non-finite check, and
+        on the group's last batch the update. Returns (this batch skipped as non-finite, the group ended here)."""
+        acc = self.config.train.accumulate
+        first, last = i % acc == 0, i % acc == acc - 1 or i == n_batches - 1
+        self.hook.regdefense_batch_start(trainer=self, step=step)
+        held = None if first else [p.grad for p in self._trainable()]  # an attack may write .grad
+        step.adv_inputs = self._adversarial(step)
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+            group.n, group.bad, group.size = 0, False, self._group_size(i, n_batches)
+        else:
+            for p, g in zip(self._trainable(), held or []):
+                p.grad = g
+        self._micro_weight = step.batch_size / group.size if acc > 1 else 1.0
+        self.hook.regdefense_forward_backward(trainer=self, step=step)
+        group.n += step.batch_size
+        skip = self._skip_nonfinite(step)  # train.nonfinite=skip and a NaN/Inf term: no update
+        group.bad = group.bad or skip
+        if last:
+            self._update(step, group)
+        return skip, last
+
+    def _update(self, step: Step, group: _Group) -> None:
+        """The accumulation group's update: gradients all-reduced across processes, then (unless a batch of the
+        group was non-finite) unscale, clip, ``before_optimizer_step``, the optimizer step; a per-iteration
+        schedule steps either way."""
+        t = self.config.train
+        self.dist.reduce_grads(self._trainable(), group.n)
+        if not group.bad:
+            self.scaler.unscale_(self.optimizer)
+            if t.grad_clip:
+                nn.utils.clip_grad_norm_(self._trainable(), t.grad_clip)
+            self.hook.regdefense_before_optimizer_step(trainer=self, step=step)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        if t.schedule_step == "iter":
+            self.scheduler.step()
+
+    def end_epoch(self, epoch: int, sums: dict[str, Any], started: float) -> None:
+        """After the batches: the epoch schedule, buffers averaged and checked across processes, the epoch's
+        metrics with the held-out check of the evaluated model, ``epoch_end``, the log and the checkpoints."""
+        t = self.config.train
+        self.state.batch = 0
+        self.guard.check(self._last_good())
+        if t.schedule_step == "epoch":
+            self.scheduler.step()
+        self.dist.average_buffers([self.raw_model, *self.modules.values()])
+        self.dist.check_in_sync({"model": self.raw_model, **self.modules})
+        metrics = self._train_metrics(epoch, sums, time.perf_counter() - started)
+        metrics["lr"] = self._lr  # the rate the epoch's last batch used
+        with keep_modes(self.raw_model, *self.modules.values()):  # an eval model may switch shared networks
+            metrics.update(self.validator.validate(self.eval_model()))
+        self.hook.regdefense_epoch_end(trainer=self, epoch=epoch, metrics=metrics)
+        self.state.epoch = epoch + 1
+        self.metrics_log.append(metrics)
+        self.progress.epoch_end(metrics)
+        self.save_checkpoints(metrics)
 
     def _group_size(self, i: int, n_batches: int) -> int:
         """This process's samples in the accumulation group starting at batch ``i`` (its slice of each batch)."""
@@ -389,12 +429,6 @@ class Trainer(Assembly):
     def save_checkpoints(self, metrics: dict[str, Any]) -> None:
         """Write ``last.pt``, ``best.pt`` when the held-out metric improved, and ``epoch-N.pt`` if asked."""
         self.checkpoints.save(metrics)
-
-    def state_payload(
-        self, metrics: dict[str, Any] | None = None, partial: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Everything a resume needs; ``partial`` holds the running loss sums of a checkpoint written mid-epoch."""
-        return self.checkpoints.payload(metrics, partial)
 
     def resume_from(self, path: str | Path) -> None:
         """Load a checkpoint; :meth:`fit` restores it after ``fit_start`` and continues at its epoch."""

@@ -94,6 +94,8 @@ def digits_models(tmp_path_factory):
     from regdefense.trainer import Trainer
 
     out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same models with or without xdist: float sums depend on the thread count
     for name, stack, epochs, seed in (("pgd_at", ["pgd_at"], 30, 0), ("clean", [], 30, 0), ("surrogate", [], 10, 1)):
         cfg = load_config(defenses=stack, overrides=[f"train.epochs={epochs}", "train.progress=false", "train.device=cpu",
                                                      "eval.val_samples=32", "eval.pgd_steps=1", f"train.seed={seed}"])
@@ -101,4 +103,5 @@ def digits_models(tmp_path_factory):
         trainer.fit()
         out[name] = trainer.raw_model.eval()
         out["data"] = trainer.data
+    torch.set_num_threads(threads)
     return out

@@ -108,7 +108,8 @@ def _evaluate(model, digits_models):
     data = digits_models["data"]
     return evaluate_model(model.eval(), data.test.floats()[:N], data.test.y[:N], suites=["quick"],
                           default_eps=data.default_eps, num_classes=10, progress=False, check_samples=N_CHECK,
-                          surrogate=digits_models["surrogate"])
+                          surrogate=digits_models["surrogate"], adaptive="off")  # the checks alone (escalation:
+    # tests/test_escalation.py)
 
 
 def _masking_warnings(report):
@@ -142,9 +143,18 @@ def test_the_zoo_trips_the_check_made_for_it(zoo):
 
 @pytest.mark.parametrize("name", ["pgd_at", "clean"])
 def test_pgd_at_and_clean_models_get_no_masking_warning(zoo, name):
+    """No masking warning, and the checks' attacks lower the headline no further than a stronger white-box attack
+    does. Whether PGD-20 itself has converged depends on the trained model (on the one torch trains with one
+    thread, PGD-100 × 3 restarts finds 5 points less): that is the convergence check's finding, not masking, so the
+    headline check may warn for it; what it may not do is find points that only the transfer, BPDA, EOT or
+    black-box probes break (2 points of slack for the DLR loss, TOL_ADAPTIVE)."""
     report = zoo["reports"][name]
     assert not _masking_warnings(report), report.checks
-    assert next(c for c in report.checks if c["name"] == "headline vs the checks' attacks")["status"] == "pass"
+    checks = {c["name"]: c for c in report.checks}
+    strongest_white_box = checks["convergence (steps, restarts)"]["numbers"]["pgd100_x3"]
+    assert checks["headline vs the checks' attacks"]["numbers"]["with_checks"] >= strongest_white_box - 0.02
+    if checks["convergence (steps, restarts)"]["status"] == "pass":
+        assert checks["headline vs the checks' attacks"]["status"] == "pass"
 
 
 def test_bpda_view_straightens_only_the_non_differentiable_step(digits_models):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from regdefense import checkpoint, hookimpl, option
 from regdefense.attacks import model_mode, pgd
 from regdefense.contract import APPLIES_WEIGHTS, Key
-from regdefense.defense import Defense
+from regdefense.defense import Defense, step_size
 from regdefense.errors import ConfigError
 from regdefense_atop.networks import Discriminator, build_purifier
 from regdefense_atop.transforms import Defended, Purified, RandomTransform
@@ -117,7 +117,7 @@ class AToP(Defense):
             return step.inputs
         target = model if c.attack == "classifier" else Defended(self.purified(trainer), model)
         eps = trainer.eps
-        alpha = eps if c.attack_steps == 1 else 2.5 * eps / c.attack_steps
+        alpha = step_size(eps, None, c.attack_steps, 1.0 if c.attack_steps == 1 else 2.5)  # FGSM's step is ε
         with trainer.attack_autocast():
             return pgd(
                 target,

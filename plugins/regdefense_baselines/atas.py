@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from regdefense import buffers, hookimpl, option
 from regdefense.attacks import model_mode
 from regdefense.contract import adversary
-from regdefense.defense import Defense
+from regdefense.defense import Defense, resolve_eps
 from regdefense.errors import ConfigError
 
 
@@ -74,7 +74,7 @@ class ATAS(Defense):
         self.where = "device"
 
     def _eps(self, trainer) -> float:
-        return trainer.ramp(self.config.eps) if self.config.eps is not None else trainer.eps
+        return resolve_eps(trainer, self.config.eps)
 
     @hookimpl
     def regdefense_fit_start(self, trainer):

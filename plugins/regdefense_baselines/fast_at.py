@@ -8,13 +8,12 @@ method: the loop's catastrophic-overfitting guard compares FGSM and PGD accuracy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from regdefense import hookimpl, option
 from regdefense.attacks import pgd
 from regdefense.contract import PGD_GRAD, PGD_INFO, adversary
-from regdefense.defense import Defense
-from regdefense_baselines._common import budget
+from regdefense.defense import Defense, SingleStepBudget
 
 
 class FastAT(Defense):
@@ -26,7 +25,9 @@ class FastAT(Defense):
     norms = ("linf",)
 
     @dataclass
-    class Config:
+    class Config(SingleStepBudget):
+        alpha_factor: ClassVar[float] = 1.25
+
         eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
         alpha: float | None = option(None, "step size (none: 1.25·ε)", gt=0)
         attack_mode: Literal["eval", "train"] = option(
@@ -39,7 +40,7 @@ class FastAT(Defense):
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
-        eps, alpha = budget(trainer, c.eps, c.alpha, 1, alpha_factor=1.25)
+        eps, alpha = c.resolve(trainer)
         with trainer.attack_autocast():
             return pgd(
                 model,

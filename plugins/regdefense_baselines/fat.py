@@ -17,13 +17,13 @@ points still moving.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from regdefense import hookimpl, option
 from regdefense.attacks import early_stopped_pgd
 from regdefense.contract import PGD_INFO, adversary
-from regdefense.defense import Defense
+from regdefense.defense import Defense, StepBudget
 from regdefense.errors import ConfigError
-from regdefense_baselines._common import budget
 
 
 class FAT(Defense):
@@ -34,7 +34,9 @@ class FAT(Defense):
     norms = ("linf",)
 
     @dataclass
-    class Config:
+    class Config(StepBudget):
+        alpha_factor: ClassVar[float] = 2.5
+
         eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
         alpha: float | None = option(None, "step size (none: 2.5·ε/steps; the authors: 0.007 at ε 0.031)", gt=0)
         steps: int = option(10, "K: the most PGD steps", ge=1)
@@ -58,7 +60,7 @@ class FAT(Defense):
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
-        eps, alpha = budget(trainer, c.eps, c.alpha, c.steps)
+        eps, alpha = c.resolve(trainer)
         with trainer.attack_autocast():
             return early_stopped_pgd(
                 model,

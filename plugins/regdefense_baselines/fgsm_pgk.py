@@ -34,7 +34,7 @@ import torch
 from regdefense import buffers, hookimpl, option
 from regdefense.attacks import project
 from regdefense.contract import APPLIES_WEIGHTS, Key, adversary
-from regdefense.defense import Defense
+from regdefense.defense import Defense, StepBudget
 from regdefense.losses import smooth_one_hot, soft_ce
 
 
@@ -52,7 +52,7 @@ class FGSMPGK(Defense):
     norms = ("linf",)
 
     @dataclass
-    class Config:
+    class Config(StepBudget):
         eps: float | None = option(None, "perturbation budget (none: the run's threat.eps)", ge=0)
         alpha: float | None = option(None, "FGSM step from the prior (none: ε)", gt=0)
         smoothing: float = option(
@@ -75,8 +75,7 @@ class FGSMPGK(Defense):
         self.where = "device"  #: where the buffers live, decided at fit_start
 
     def _eps_alpha(self, trainer) -> tuple[float, float]:
-        eps = trainer.ramp(self.config.eps) if self.config.eps is not None else trainer.eps
-        return eps, self.config.alpha if self.config.alpha is not None else eps
+        return self.config.resolve(trainer)
 
     def _shape_dtype(self, trainer) -> tuple[tuple[int, ...], torch.dtype]:
         dtype = torch.float16 if self.config.precision == "float16" else torch.float32

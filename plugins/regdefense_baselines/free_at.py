@@ -18,7 +18,7 @@ import torch
 
 from regdefense import hookimpl, option
 from regdefense.contract import adversary
-from regdefense.defense import Defense
+from regdefense.defense import Defense, resolve_eps
 from regdefense.errors import ConfigError
 
 #: defenses whose backward is not the trained network's: Free-AT's δ would climb another network's loss
@@ -67,7 +67,7 @@ class FreeAT(Defense):
 
     @hookimpl
     def regdefense_batch_end(self, trainer, step):
-        adv, eps = self.adv, trainer.ramp(self.config.eps) if self.config.eps is not None else trainer.eps
+        adv, eps = self.adv, resolve_eps(trainer, self.config.eps)
         if adv is None or adv.grad is None or self.delta is None:
             return
         x, n = step.inputs, len(step.inputs)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from regdefense import hookimpl, option
 from regdefense.contract import PGD_GRAD, Key
-from regdefense.defense import Defense
+from regdefense.defense import Defense, resolve_eps
 
 
 def alignment(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class GradAlign(Defense):
         terms = yield
         if model is not trainer.model or "grad_init" not in step.info:
             return terms  # an evaluation forward, or no adversary step this batch
-        eps = trainer.ramp(self.config.eps) if self.config.eps is not None else trainer.eps
+        eps = resolve_eps(trainer, self.config.eps)
         x = step.inputs.detach()
         eta = torch.empty_like(x).uniform_(-eps, eps).requires_grad_(True)
         loss = F.cross_entropy(model(x + eta).float(), step.targets)

@@ -22,7 +22,7 @@ import torch
 from regdefense import hookimpl, option
 from regdefense.bounds import UnsupportedLayer, last_linear, trace, worst_case_logits
 from regdefense.contract import Key
-from regdefense.defense import Defense
+from regdefense.defense import Defense, resolve_eps
 from regdefense.errors import ConfigError
 
 
@@ -69,7 +69,7 @@ class IBP(Defense):
 
     @hookimpl
     def regdefense_compute_loss(self, trainer, step, model):
-        eps = trainer.ramp(self.config.eps) if self.config.eps is not None else trainer.eps
+        eps = resolve_eps(trainer, self.config.eps)
         done = trainer.state.global_step / max(1, trainer.steps_per_epoch)
         eps_t, kappa = self.schedule(done, eps)
         clean = model(step.inputs)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from regdefense import hookimpl, option
 from regdefense.attacks import model_mode
 from regdefense.contract import adversary
-from regdefense.defense import Defense
+from regdefense.defense import Defense, SingleStepBudget
 
 
 class NFGSM(Defense):
@@ -30,7 +30,7 @@ class NFGSM(Defense):
     norms = ("linf",)
 
     @dataclass
-    class Config:
+    class Config(SingleStepBudget):
         eps: float | None = option(None, "perturbation budget ε (none: the run's threat.eps)", ge=0)
         alpha: float | None = option(None, "step size (none: 1.0·ε, the paper's)", gt=0)
         noise: float = option(2.0, "k: the start is x + U(−k·ε, k·ε) (0: no noise)", ge=0)
@@ -44,8 +44,7 @@ class NFGSM(Defense):
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
-        eps = trainer.ramp(c.eps) if c.eps is not None else trainer.eps
-        alpha = c.alpha if c.alpha is not None else eps
+        eps, alpha = c.resolve(trainer)
         x, y = step.inputs.detach(), step.targets
         eta = torch.empty_like(x).uniform_(-c.noise * eps, c.noise * eps) if c.noise > 0 else torch.zeros_like(x)
         eta = (x + eta).clamp(0, 1) - x

@@ -16,7 +16,7 @@ reference's default, not its batched variant), and the model stays in train mode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from regdefense import hookimpl, option
 from regdefense.attacks import model_mode
 from regdefense.contract import adversary
-from regdefense.defense import Defense
+from regdefense.defense import Defense, SingleStepBudget
 from regdefense.errors import ConfigError
 
 
@@ -62,9 +62,7 @@ class _SingleStep(Defense):
     norms = ("linf",)
 
     def budget(self, trainer) -> tuple[float, float]:
-        c = self.config
-        eps = trainer.ramp(c.eps) if c.eps is not None else trainer.eps
-        return eps, (c.alpha if c.alpha is not None else 2.0 * eps)
+        return self.config.resolve(trainer)
 
 
 class ZeroGrad(_SingleStep):
@@ -73,7 +71,9 @@ class ZeroGrad(_SingleStep):
     name = "zerograd"
 
     @dataclass
-    class Config:
+    class Config(SingleStepBudget):
+        alpha_factor: ClassVar[float] = 2.0
+
         eps: float | None = option(None, "perturbation budget ε (none: the run's threat.eps)", ge=0)
         alpha: float | None = option(None, "step size (none: 2·ε, the authors' code)", gt=0)
         q: float = option(0.35, "quantile of |∇| below which coordinates are zeroed (0.35 for CIFAR-10)", ge=0, le=1)
@@ -96,7 +96,9 @@ class MultiGrad(_SingleStep):
     name = "multigrad"
 
     @dataclass
-    class Config:
+    class Config(SingleStepBudget):
+        alpha_factor: ClassVar[float] = 2.0
+
         eps: float | None = option(None, "perturbation budget ε (none: the run's threat.eps)", ge=0)
         alpha: float | None = option(None, "step size (none: 2·ε, the authors' code)", gt=0)
         samples: int = option(3, "random points whose gradient signs are compared", ge=1)

@@ -32,7 +32,7 @@ import torch
 from regdefense import hookimpl, option
 from regdefense.attacks import model_mode, pgd
 from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
-from regdefense.defense import Defense
+from regdefense.defense import Defense, resolve_eps
 from regdefense.models import default_model
 
 
@@ -90,7 +90,7 @@ class DYNAT(Defense):
     @hookimpl(trylast=True)
     def regdefense_make_adversarial(self, trainer, step, model):
         c = self.config
-        eps = trainer.ramp(c.eps) if c.eps is not None else trainer.eps
+        eps = resolve_eps(trainer, c.eps)
         labels = step.stash[self.name] if c.attack_labels == "dynamic" else step.labels
         with trainer.attack_autocast():
             return pgd(

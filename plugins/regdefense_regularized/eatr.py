@@ -18,7 +18,7 @@ import torch
 from regdefense import hookimpl, option
 from regdefense.attacks import resolve_attack
 from regdefense.contract import APPLIES_WEIGHTS
-from regdefense.defense import Defense
+from regdefense.defense import Defense, resolve_eps
 from regdefense_regularized.penalties import input_gradient_penalty, weight_l2
 
 ATTACKS = ("fgsm", "pgd", "bim", "cw")
@@ -81,7 +81,7 @@ class EATR(Defense):
 
     @hookimpl
     def regdefense_make_adversarial(self, trainer, step, model):
-        eps = trainer.ramp(self.config.eps) if self.config.eps is not None else trainer.eps
+        eps = resolve_eps(trainer, self.config.eps)
         attacks, x, y = self.attacks(eps), step.inputs, step.targets
         if self.config.batch == "all":
             return {k: attacks[k](model, x, y) for k in ATTACKS}

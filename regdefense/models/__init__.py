@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from regdefense.errors import ConfigError, unknown
+from regdefense.datasets import spec_of
+from regdefense.errors import ConfigError
 from regdefense.models import cifar, small, tv  # noqa: F401  (the zoo's architectures register themselves)
-from regdefense.models._registry import _REGISTRY, Normalize, register_model
+from regdefense.models._registry import MODELS, Normalize, register_model
 from regdefense.models.robustbench_zoo import architecture
 from regdefense.models.timm_models import create_timm
 
-__all__ = ["Normalize", "create_model", "default_model", "list_models", "register_model"]
+__all__ = ["MODELS", "Normalize", "create_model", "default_model", "list_models", "register_model"]
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def create_model(
@@ -62,18 +63,14 @@ def create_model(
         if normalize is not None:
             raise ConfigError("RobustBench zoo models normalise inside; set model.normalize=false")
         return architecture(name, num_classes=num_classes, pretrained=pretrained, dataset=dataset)
-    if name not in _REGISTRY:
-        raise ConfigError(
-            unknown("model", name, _REGISTRY) + ", timm:NAME for any timm model or robustbench:NAME for "
-            "a RobustBench zoo architecture"
-        )
+    factory = MODELS.get(name)  # an unknown name: one line listing the zoo
     if "weights" in kwargs:
         raise ConfigError(
             f"model.weights loads a local file into a timm model; '{name}' is not one (use --init for a "
             f"regdefense checkpoint)"
         )
     try:
-        net = _REGISTRY[name](
+        net = factory(
             in_channels=in_channels, num_classes=num_classes, image_size=image_size, pretrained=pretrained, **kwargs
         )
     except TypeError as exc:
@@ -83,13 +80,13 @@ def create_model(
     return net
 
 
-KNOWN_DEFAULTS = {"digits": "digits_cnn", "mnist": "small_cnn", "fashion_mnist": "small_cnn"}
-
-
 def default_model(dataset: str, image_size: int | None = None) -> str:
     """The architecture ``model.name = "auto"`` picks: the dataset's own (digits, MNIST), else one sized for its
     images — ``digits_cnn`` below 16 px, ``small_cnn`` below 32 px, ``resnet18`` from 32 px (an 11M-parameter CIFAR
     ResNet for 8×8 images, as a folder of them used to get, is not a sensible default)."""
-    if dataset in KNOWN_DEFAULTS or image_size is None:
-        return KNOWN_DEFAULTS.get(dataset, "resnet18")
+    spec = spec_of(dataset)
+    if spec is not None and spec.model is not None:
+        return spec.model
+    if image_size is None:
+        return "resnet18"
     return "digits_cnn" if image_size < 16 else "small_cnn" if image_size < 32 else "resnet18"

@@ -8,13 +8,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+from regdefense.errors import ConfigError
+from regdefense.registry import Registry
+
+#: architectures by name; a third party adds one under the ``regdefense.models`` entry-point group (a factory taking
+#: ``in_channels, num_classes, image_size, pretrained`` and its own options)
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "model",
+    "regdefense.models",
+    error=ConfigError,
+    hint=", timm:NAME for any timm model or robustbench:NAME for a RobustBench zoo architecture",
+)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a model factory under its function name."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
+    return MODELS.register(fn.__name__, fn)
 
 
 class Normalize(nn.Module):
