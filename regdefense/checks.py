@@ -244,9 +244,9 @@ def run_checks(
     device,
     surrogate: nn.Module | Callable[[], nn.Module] | None = None,
     progress: bool = False,
-) -> None:
+) -> CheckContext:
     """Run every registered check on the first ``n_check`` points; append results, warnings and the ε curve to
-    ``report``.
+    ``report``; return the context (the escalations, :mod:`regdefense.escalate`, go on from it).
 
     Each check's attack is kept per point in ``report.check_points`` (the ledger adds them), and a last check
     compares the suites' worst case with the worst case over the checks' attacks on the same points. A check that
@@ -286,6 +286,7 @@ def run_checks(
     report.checks = results
     report.check_points = {f"check: {k}": v for k, v in ctx.found.items()}
     report.warnings += [f"check '{c['name']}': {c['message']}" for c in results if c["status"] == "warn"]
+    return ctx
 
 
 # --- the built-in checks ----------------------------------------------------------------------

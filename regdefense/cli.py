@@ -457,7 +457,48 @@ def compare(runs, plot, as_json) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write the comparison bar chart here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
 @click.option("--quiet", is_flag=True, help="Only a line as each run starts and ends: no bars, no epoch lines.")
-def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_json, quiet) -> None:
+@click.option(
+    "--launcher",
+    type=click.Choice(["local", "submitit"]),
+    default="local",
+    show_default=True,
+    help="local: one run after another here; submitit: every run a job (Slurm, requeued on pre-emption).",
+)
+@click.option(
+    "--cluster",
+    type=click.Choice(["auto", "slurm", "local"]),
+    default="auto",
+    show_default=True,
+    help="For --launcher submitit: Slurm, local processes, or auto (Slurm where sbatch is found).",
+)
+@click.option("--partition", help="Slurm partition (default: the recipe's [slurm] partition).")
+@click.option("--gpus", type=click.IntRange(min=0), help="GPUs per run (default: the recipe's [slurm] gpus, or 0).")
+@click.option("--cpus", type=click.IntRange(min=1), help="CPUs per run.")
+@click.option("--mem", "mem_gb", type=click.FloatRange(min=0), help="Memory per run, GB.")
+@click.option("--time", "time_min", type=click.IntRange(min=1), help="Time limit per run, minutes (default 1440).")
+@click.option("--no-wait", is_flag=True, help="With submitit: submit and return; `sweep ... --status` reads later.")
+@click.option("--status", is_flag=True, help="Print the table of what has landed so far; run nothing.")
+def sweep(
+    recipes,
+    seeds,
+    overrides,
+    out,
+    attacks,
+    eval_n,
+    print_only,
+    plot,
+    as_json,
+    quiet,
+    launcher="local",
+    cluster="auto",
+    partition=None,
+    gpus=None,
+    cpus=None,
+    mem_gb=None,
+    time_min=None,
+    no_wait=False,
+    status=False,
+) -> None:
     """Run every RECIPE (a TOML run file) with every seed, then print mean ± std per recipe (`compare`)."""
     from regdefense import compare as cmp
     from regdefense import sweep as sw
@@ -472,9 +513,31 @@ def sweep(recipes, seeds, overrides, out, attacks, eval_n, print_only, plot, as_
         for job in jobs:
             click.echo(job.command(list(attacks), eval_n))
         return
-    rows = sw.run(
-        jobs, attacks=list(attacks), eval_n=eval_n, echo=lambda m: click.echo(m, err=as_json), progress=not quiet
-    )
+
+    def echo(message: str) -> None:
+        click.echo(message, err=as_json)
+
+    if status:
+        rows = [sw._row(job, cmp) for job in jobs]
+    elif launcher == "submitit":
+        from regdefense import cluster as cl
+
+        given = {"partition": partition, "gpus": gpus, "cpus": cpus, "mem_gb": mem_gb, "time_min": time_min}
+        submitted = cl.submit(
+            jobs,
+            folder=Path(out) / ".submitit",
+            given=given,
+            attacks=list(attacks),
+            eval_n=eval_n,
+            cluster=None if cluster == "auto" else cluster,
+            echo=echo,
+        )
+        if no_wait:
+            click.echo(f"submitted; the table as runs land: regdefense sweep ... --out {out} --status")
+            return
+        rows = cl.collect(submitted, echo=echo)
+    else:
+        rows = sw.run(jobs, attacks=list(attacks), eval_n=eval_n, echo=echo, progress=not quiet)
     groups = cmp.group(rows)
     lean = [{k: v for k, v in r.items() if k != "settings"} for r in rows]
     click.echo(json.dumps({"groups": groups, "runs": lean}, indent=2) if as_json else "\n" + cmp.table(groups, rows))
@@ -498,6 +561,18 @@ def new_plugin(name: str, where: str) -> None:
 
     root = write(name, where)
     click.echo(f'wrote {root}\nnext: cd {root} && pip install -e ".[test]" && python -m pytest')
+
+
+@cli.command()
+def datasets() -> None:
+    """List the named datasets: image shape, classes, default ε, augmentation and model (model.name=auto)."""
+    for name, spec in sorted(DATASETS.all().items()):
+        shape = "×".join(map(str, spec.shape))
+        click.echo(
+            f"{name:14s} {shape:9s} {spec.num_classes:4d} classes  ε {spec.default_eps:.4g}  augment "
+            f"{spec.augment:9s} model {spec.model or 'by image size'}" + (f"  ({spec.about})" if spec.about else "")
+        )
+    click.echo(f"{'FOLDER':14s} train.npz/test.npz, train/ and test/ image folders, or WebDataset shards")
 
 
 @cli.command()
@@ -535,18 +610,6 @@ def main() -> None:
 
     warnings.showwarning = show
     cli(prog_name="regdefense")
-
-
-@cli.command()
-def datasets() -> None:
-    """List the named datasets: image shape, classes, default ε, augmentation and model (model.name=auto)."""
-    for name, spec in sorted(DATASETS.all().items()):
-        shape = "×".join(map(str, spec.shape))
-        click.echo(
-            f"{name:14s} {shape:9s} {spec.num_classes:4d} classes  ε {spec.default_eps:.4g}  augment "
-            f"{spec.augment:9s} model {spec.model or 'by image size'}" + (f"  ({spec.about})" if spec.about else "")
-        )
-    click.echo(f"{'FOLDER':14s} train.npz/test.npz, train/ and test/ image folders, or WebDataset shards")
 
 
 @cli.command()
@@ -608,6 +671,22 @@ def datasets() -> None:
 )
 @click.option("--no-checks", is_flag=True, help="Skip the sanity checks.")
 @click.option(
+    "--adaptive",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="auto: each sanity check that warns runs the attack that answers it (transfer, decision-based, EOT, BPDA, "
+    "longer PGD) and the best-known number comes first; off: the checks only warn.",
+)
+@click.option(
+    "--adaptive-budget",
+    type=click.FloatRange(min=0),
+    default=600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time the escalations of --adaptive auto may take together.",
+)
+@click.option(
     "--surrogate",
     default="auto",
     show_default=True,
@@ -633,8 +712,51 @@ def datasets() -> None:
 )
 @click.option(
     "--certify",
-    type=click.Choice(["ibp"]),
-    help="Also report the verified accuracy by interval bound propagation (a certified lower bound).",
+    type=click.Choice(["ibp", "smoothing"]),
+    help="Also certify: ibp, the verified accuracy by interval bound propagation (L∞, a certified lower bound); "
+    "smoothing, randomized smoothing (Cohen et al. 2019): the Gaussian-smoothed classifier's prediction or abstention "
+    "and certified L2 radius per point, in a table (certified accuracy at --radii, abstain rate) and plot of its own, "
+    "never mixed with the empirical rows. Needs --sigma.",
+)
+@click.option(
+    "--sigma", type=float, help="--certify smoothing: the noise level σ (the one the model was trained with)."
+)
+@click.option(
+    "--n0", type=click.IntRange(min=1), default=100, show_default=True, help="--certify smoothing: selection draws."
+)
+@click.option(
+    "--n-samples",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="--certify smoothing: estimation draws per point (Cohen et al.'s 100 000: long work, see the ETA).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.001,
+    show_default=True,
+    help="--certify smoothing: failure probability of each point's certificate.",
+)
+@click.option(
+    "--mc-batch",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="--certify smoothing: noisy copies per forward pass (the noise depends on it: keep it to resume).",
+)
+@click.option(
+    "--radii",
+    metavar="R1,R2,...",
+    help="--certify smoothing: the L2 radii of the certified table (default 0,0.25,0.5,0.75,1; digits "
+    "0,0.1,0.25,0.5,0.75,1).",
+)
+@click.option(
+    "--shard",
+    metavar="K/N",
+    help="Evaluate only the K-th of N slices of the points and write a partial (for a job array; default --out "
+    "RUN_DIR/eval/shard-K-of-N); `regdefense merge` assembles the report. Under torchrun the ranks share the "
+    "points without it.",
 )
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing from OUT/progress.pt.")
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write the reports (default RUN_DIR/eval).")
@@ -654,6 +776,8 @@ def evaluate(
     device,
     batch_size,
     no_checks,
+    adaptive,
+    adaptive_budget,
     surrogate,
     surrogate_budget,
     surrogate_epochs,
@@ -663,10 +787,26 @@ def evaluate(
     as_json,
     quiet,
     trust_code,
+    shard=None,
+    sigma=None,
+    n0=100,
+    n_samples=100_000,
+    alpha=0.001,
+    mc_batch=1000,
+    radii=None,
 ) -> None:
     """Measure robustness of a run, checkpoint or model file; write report.json, report.md and plots."""
+    from regdefense import distributed
     from regdefense.evaluate import evaluate as run_eval
-    from regdefense.report import markdown
+    from regdefense.smoothing import Settings
+
+    smoothing = None
+    if certify == "smoothing" and sigma is not None:
+        try:
+            table = tuple(float(r) for r in radii.split(",")) if radii else None
+        except ValueError:
+            raise click.BadParameter(f"not a list of numbers: {radii!r}", param_hint="--radii") from None
+        smoothing = Settings(sigma, n0, n_samples, alpha, mc_batch, seed, table)
 
     report, files = run_eval(
         target,
@@ -682,6 +822,8 @@ def evaluate(
         device=device,
         batch_size=batch_size,
         checks=not no_checks,
+        adaptive=adaptive,
+        adaptive_budget=adaptive_budget,
         out=out,
         progress=not quiet and not as_json,
         resume=not no_resume,
@@ -690,11 +832,37 @@ def evaluate(
         surrogate_budget=surrogate_budget,
         certify=certify,
         trust_code=trust_code,
+        shard=shard,
+        smoothing=smoothing,
     )
+    if not files:
+        distributed.finish(wait=False)  # torchrun: rank 0 writes and prints the report
+    if "partial" in files:
+        click.echo(f"wrote {files['partial']} (shard {shard}); when every shard is done: regdefense merge FOLDER...")
+        return
+    _print_report(report, files, as_json)
+    distributed.finish(wait=False)
+
+
+@cli.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", type=click.Path(file_okay=False), help="Where to write the report (default: their parent).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+def merge(folders, out, as_json) -> None:
+    """Assemble the report of an evaluation run as `evaluate --shard K/N` jobs from their partials' FOLDERS."""
+    from regdefense.evaluate import merge_shards
+
+    report, files = merge_shards(list(folders), out)
+    _print_report(report, files, as_json)
+
+
+def _print_report(report, files, as_json: bool) -> None:
+    from regdefense.report import markdown
+
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         return
     click.echo(markdown(report).split("![")[0].rstrip())
-    latest = [str(p) for k, p in files.items() if k in ("json", "md", "eps_plot", "examples")]
+    latest = [str(p) for k, p in files.items() if k in ("json", "md", "eps_plot", "examples", "certified_plot")]
     click.echo("\nwrote " + ", ".join(latest))
     click.echo(f"this evaluation is kept in {files['evaluation']}; every evaluation here: {files['evaluations_md']}")

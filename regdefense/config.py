@@ -587,7 +587,7 @@ def resolve(
     :param config_classes: ``{defense name: Config dataclass}`` of the active stack.
     """
     raw = dict(raw)
-    allowed = set(SECTIONS) | {"defenses", "defense"}
+    allowed = set(SECTIONS) | {"defenses", "defense", "slurm"}  # [slurm]: a sweep's job resources (cluster.py)
     for key in raw:
         if key not in allowed:
             raise ConfigError(

@@ -180,14 +180,16 @@ def init(device_type: str | None = None) -> Dist:
     return Dist()
 
 
-def shutdown() -> None:
-    """Leave the process group, all processes together."""
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group, all processes together (``wait=False``: each when it is done, for work where no
+    collective follows, such as an evaluation's rank 0 running the checks while the others have finished)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
-def finish(code: int = 0) -> None:
+def finish(code: int = 0, wait: bool = True) -> None:
     """End a torchrun worker process now, after flushing its output.
 
     Gloo's worker threads can outlive ``destroy_process_group`` and abort the interpreter's own shutdown
@@ -198,7 +200,7 @@ def finish(code: int = 0) -> None:
         return
     import sys
 
-    shutdown()
+    shutdown(wait)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -15,27 +15,34 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.distributed import get_backend as dist_backend
 from tqdm.auto import tqdm
 
-from regdefense import ledger
+from regdefense import distributed, ledger, shards
 from regdefense import report as reporting
 from regdefense.attacks import resolve_attack
 from regdefense.bounds import UnsupportedLayer, last_linear, verified
 from regdefense.checks import run_checks
 from regdefense.config import check_linf_eps
 from regdefense.errors import UserError, first_line
+from regdefense.escalate import BUDGET_SECONDS as ESCALATION_BUDGET
+from regdefense.escalate import escalate
+from regdefense.escalate import headline as escalation_headline
 from regdefense.files import FolderLock, WriteError
 from regdefense.measure import NoInputGradient, ThreatModel, accuracy, attack_points, batch_seed, logits_of
 from regdefense.metrics import acc_drop, detection_score, per_point, summarise, wilson_interval
 from regdefense.results import Report, Row, merge
 from regdefense.resume import EvalState, digest, model_digest
 from regdefense.safety import Interrupted
+from regdefense.smoothing import Certified, Progress, Settings
+from regdefense.smoothing import certify as smooth_certify
+from regdefense.smoothing import summary as smooth_summary
 from regdefense.suites import build_suite
 from regdefense.surrogate import BUDGET_SECONDS, clean_surrogate
 from regdefense.targets import Target, _decode, load_target, select_points
@@ -86,6 +93,9 @@ def evaluate_model(
     surrogate: nn.Module | Callable[[], nn.Module] | None = None,
     first_index: int = 0,
     keep_progress: bool = False,
+    world: Any = None,
+    adaptive: str = "auto",
+    adaptive_budget: float = ESCALATION_BUDGET,
 ) -> Report:
     """Evaluate ``model`` on ``(x, y)`` (inputs in [0,1]) under the named suites or attack specs.
 
@@ -95,7 +105,14 @@ def evaluate_model(
         that returns one (called after the attacks, so that the numbers asked for come first).
     :param first_index: the position of ``x[0]`` in a larger evaluation (a chunk's offset; seeds batches).
     :param keep_progress: leave the progress file in place at the end (the chunks of one evaluation).
+    :param world: under torchrun, the :class:`~regdefense.distributed.Dist`: each attack's batches are split over the
+        ranks and gathered (:func:`regdefense.shards.attack_shared`), ``state_path`` is this rank's, and rank 0 alone
+        runs the checks.
+    :param adaptive: ``"auto"``: each check that warns runs the attack that answers it (:mod:`regdefense.escalate`),
+        within ``adaptive_budget`` seconds; ``"off"``: the checks only warn.
     """
+    if adaptive not in ("auto", "off"):
+        raise UserError(f"adaptive must be auto or off, got {adaptive!r}")
     if x.min() < 0 or x.max() > 1:
         raise UserError(f"evaluation inputs must lie in [0,1], found [{float(x.min()):g}, {float(x.max()):g}]")
     x, y = x.cpu().float(), y.cpu().long()
@@ -114,6 +131,8 @@ def evaluate_model(
     worst = clean_ok.clone()
     example_rows: dict[str, Tensor] = {}
     state = None
+    shared = world is not None and world.enabled
+    attack_fn = functools.partial(shards.attack_shared, world) if shared else attack_points
     if state_path is not None:
         state = EvalState(
             state_path,
@@ -125,7 +144,8 @@ def evaluate_model(
                 "default_eps": default_eps,
                 "norm": norm,
                 "seed": seed,
-            },
+            }
+            | ({"rank": world.rank, "world": world.world} if shared else {}),
         )
         if state.note and progress:
             print(state.note)
@@ -175,7 +195,7 @@ def evaluate_model(
                 idx = robust.nonzero().flatten() if a.group else torch.arange(n)
                 assert target is not None
                 try:
-                    adv_i, ok_i = attack_points(
+                    adv_i, ok_i = attack_fn(
                         target,
                         x[idx],
                         y[idx],
@@ -287,8 +307,8 @@ def evaluate_model(
     report.examples = {"clean": x[:8].clone(), "labels": y[:8].clone(), **example_rows}
     report.clean_points = clean_ok.clone()
     report.clean_scores = clean_scores
-    if checks:
-        run_checks(
+    if checks and (not shared or world.is_main):
+        ctx = run_checks(
             report,
             model,
             x,
@@ -303,6 +323,8 @@ def evaluate_model(
             progress=progress,
             **kw,
         )
+        if adaptive == "auto":
+            escalate(report, ctx, budget=adaptive_budget, progress=progress)
     if state is not None and not keep_progress:
         state.finish()
     return report
@@ -338,6 +360,10 @@ def evaluate(
     chunk: int | None = None,
     certify: str | None = None,
     trust_code: bool = False,
+    shard: str | None = None,
+    smoothing: Settings | None = None,
+    adaptive: str = "auto",
+    adaptive_budget: float = ESCALATION_BUDGET,
 ) -> tuple[Report, dict[str, Path]]:
     """Evaluate a run, checkpoint or model file and write the report files.
 
@@ -355,14 +381,34 @@ def evaluate(
         when its estimated cost is over ``surrogate_budget`` seconds), ``"train"`` (the same whatever it costs), a run
         directory or checkpoint of such a model, a module, or None to skip the check. It is trained after the attacks.
     :param certify: ``"ibp"``: also the verified accuracy by interval bound propagation (a certified lower bound on
-        robustness, beside the empirical rows; a model with layers IBP cannot bound gets a warning instead).
+        robustness, beside the empirical rows; a model with layers IBP cannot bound gets a warning instead);
+        ``"smoothing"``: also certify the Gaussian-smoothed classifier with the settings ``smoothing`` (a table, plot
+        and ledger entry of its own, never mixed with the empirical rows; see :mod:`regdefense.smoothing`).
     :param trust_code: load a ``.pt2`` or TorchScript program (code, not data: refused without it).
+    :param shard: ``"K/N"``: evaluate only the K-th of N contiguous slices of the points (whole batches) and write a
+        partial to ``out/partial.pt`` (default ``out``: ``.../eval/shard-K-of-N``); ``regdefense merge`` assembles the
+        report (see :mod:`regdefense.shards`). Under torchrun (``WORLD_SIZE`` > 1) the ranks share the work without
+        it and rank 0 writes the report; the other ranks return theirs with no files.
+    :param adaptive: ``"auto"`` (default): each sanity check that warns runs the attack that answers it, within
+        ``adaptive_budget`` seconds (:mod:`regdefense.escalate`); ``"off"``: the checks only warn, as before.
     :return: the report and the paths written.
     """
-    if certify not in (None, "ibp"):
-        raise UserError(f"unknown certification '{certify}'; valid: ibp")
+    if adaptive not in ("auto", "off"):
+        raise UserError(f"--adaptive must be auto or off, got {adaptive!r}")
+    if certify not in (None, "ibp", "smoothing"):
+        raise UserError(f"unknown certification '{certify}'; valid: ibp, smoothing")
+    if certify == "smoothing" and smoothing is None:
+        raise UserError("--certify smoothing needs the noise level: give --sigma (the σ the model was trained with)")
     if eps is not None and eps < 0:
         raise UserError(f"--eps must be >= 0, got {eps}")
+    part = shards.parse_shard(shard) if shard is not None else None
+    world = distributed.init("cpu" if device == "cpu" else None) if distributed.launched() else None
+    if part and world is not None:
+        raise UserError("--shard splits an evaluation into separate jobs; under torchrun the ranks share it already")
+    if part and certify:
+        raise UserError("--certify needs every point in one process: run it without --shard")
+    if world is not None and dist_backend() == "nccl":
+        world.device = torch.device("cuda", torch.cuda.current_device())
     t = load_target(
         target,
         which=which,
@@ -382,6 +428,8 @@ def evaluate(
             out = Path("eval") / str(target).replace(":", "-").replace("/", "--")
         else:
             out = Path(target) / "eval" if Path(target).is_dir() else Path(target).with_suffix("").parent / "eval"
+        if part:
+            out = Path(out) / f"shard-{part[0]}-of-{part[1]}"
     sur: Any = None
     if checks and surrogate is not None:
         if isinstance(surrogate, nn.Module):
@@ -409,14 +457,43 @@ def evaluate(
     out = Path(out)
     _require_report_folder(out)
     stage = {"resume": resume}  # what a signal's message can promise (see _signals_stop)
-    with FolderLock(out, "evaluation"), _signals_stop(out, target, stage):  # one evaluation per folder
+    main = world is None or world.is_main  # under torchrun, rank 0 holds the folder and writes the report
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "evaluation") if main else nullcontext(), _signals_stop(out, target, stage):
         return _evaluate_chunks(
-            t, out, sur, suites, eps, seed, batch_size, checks, progress, check_samples, resume, chunk, certify, stage
+            t,
+            out,
+            sur,
+            suites,
+            eps,
+            seed,
+            batch_size,
+            checks,
+            progress and main,
+            check_samples,
+            resume,
+            chunk,
+            certify,
+            stage,
+            world=world,
+            part=part,
+            subset=subset,
+            smoothing=smoothing if certify == "smoothing" else None,
+            adaptive=adaptive,
+            adaptive_budget=adaptive_budget,
         )
 
 
 #: what an evaluation writes at the top of its folder; ``evaluations/`` is there from its first report on
-REPORT_FILES = ("report.json", "report.md", "examples.png", "robust_vs_eps.png", "evaluations.md", "evaluations.json")
+REPORT_FILES = (
+    "report.json",
+    "report.md",
+    "examples.png",
+    "robust_vs_eps.png",
+    "certified_vs_radius.png",
+    "evaluations.md",
+    "evaluations.json",
+)
 
 
 def _require_report_folder(out: Path) -> None:
@@ -433,13 +510,42 @@ def _require_report_folder(out: Path) -> None:
 
 
 def _evaluate_chunks(
-    t, out, sur, suites, eps, seed, batch_size, checks, progress, check_samples, resume, chunk, certify, stage
+    t,
+    out,
+    sur,
+    suites,
+    eps,
+    seed,
+    batch_size,
+    checks,
+    progress,
+    check_samples,
+    resume,
+    chunk,
+    certify,
+    stage,
+    world=None,
+    part=None,
+    subset=None,
+    smoothing=None,
+    adaptive="auto",
+    adaptive_budget=ESCALATION_BUDGET,
 ) -> tuple[Report, dict[str, Path]]:
-    size = chunk or t.count
+    lo, hi = shards.split_batches(t.count, batch_size, part[1])[part[0] - 1] if part else (0, t.count)
+    if hi <= lo:
+        batches = -(-t.count // batch_size)
+        raise UserError(
+            f"--shard {part[0]}/{part[1]} has no points: {t.count} points are {batches} batches of {batch_size}, so "
+            f"at most {batches} shards; use fewer shards or a smaller --batch-size"
+        )
+    size = chunk or max(hi - lo, 1)
+    ranks = [f".rank{r}" for r in range(world.world)] if world is not None and world.enabled else [""]
     reports, files = [], []
-    for k, start in enumerate(range(0, t.count, size)):
-        x, y = (t.x, t.y) if k == 0 else _decode(t.split, start, min(start + size, t.count))
-        files.append(out / (f"progress-{k}.pt" if chunk else "progress.pt"))
+    for k, start in enumerate(range(lo, hi, size)):
+        stop = min(start + size, hi)
+        x, y = (t.x[start:stop], t.y[start:stop]) if stop <= len(t.x) else _decode(t.split, start, stop)
+        files += [out / (f"progress-{k}{r}.pt" if chunk else f"progress{r}.pt") for r in ranks]
+        own = files[-len(ranks) + (world.rank if len(ranks) > 1 else 0)]
         torch.manual_seed(seed)
         reports.append(
             evaluate_model(
@@ -454,23 +560,82 @@ def _evaluate_chunks(
                 seed=seed,
                 batch_size=batch_size,
                 device=t.device,
-                checks=checks and k == 0,
+                checks=checks and start == 0,
                 progress=progress,
                 meta=t.meta,
                 check_samples=check_samples,
                 surrogate=sur,
                 first_index=start,
-                state_path=files[-1] if resume else None,
+                state_path=own if resume else None,
                 keep_progress=True,
+                world=world,
+                adaptive=adaptive,
+                adaptive_budget=adaptive_budget,
             )
         )
         del x, y
-    rep = merge(reports)
+    rep = _merged(reports)
+    if world is not None and not world.is_main:
+        return rep, {}  # rank 0 writes the report, the ledger entry, and removes every rank's progress
+    if part:
+        return rep, _write_partial(rep, t, out, files, part, (lo, hi), suites, eps, seed, batch_size, subset)
     if certify == "ibp":
         _add_certified(rep, t)
+    if smoothing is not None:
+        _add_smoothing(rep, t, out, smoothing, (lo, hi, size), files if resume else None, progress)
     weights = Path(str(t.meta.get("target", "")))
     if weights.is_file():
         rep.meta["weights_sha256"] = ledger.fingerprint(weights)
+    return _write_report(rep, out, files, stage)
+
+
+def _write_partial(rep, t, out, files, part, span, suites, eps, seed, batch_size, subset) -> dict[str, Path]:
+    """A shard's partial: its report per point, and what every shard of the evaluation must share."""
+    weights = Path(str(t.meta.get("target", "")))
+    if weights.is_file():
+        rep.meta["weights_sha256"] = ledger.fingerprint(weights)
+    key = {
+        "weights": model_digest(t.model),
+        "eps": [eps, rep.meta["eps"]],
+        "norm": rep.meta["norm"],
+        "suites": list(suites or ["quick"]),
+        "seed": seed,
+        "points": [str(t.meta.get("dataset", "")), subset, t.count],
+        "batch_size": batch_size,
+        "shard": list(part),
+        "span": list(span),
+        "count": t.count,
+    }
+    path = shards.save_partial(rep, out, key)
+    for f in files:  # the shard is complete and written: its progress is no longer needed
+        f.unlink(missing_ok=True)
+    return {"partial": path}
+
+
+def merge_shards(folders: list[str | Path], out: str | Path | None = None) -> tuple[Report, dict[str, Path]]:
+    """The report of an evaluation run as ``--shard K/N`` jobs: the partials in ``folders`` merged
+    (:func:`regdefense.shards.combine`), written to ``out`` (default: the first partial's parent folder) with one
+    best-known ledger entry, as :func:`evaluate` writes it."""
+    rep = shards.combine(list(folders))
+    if "headline" in rep.meta:  # computed on the first shard's points: again, on all of them
+        rep.meta["headline"] = escalation_headline(rep)
+    out = Path(out) if out is not None else Path(folders[0]).resolve().parent
+    _require_report_folder(out)
+    with FolderLock(out, "evaluation"):
+        return _write_report(rep, out, [], {"resume": False})
+
+
+def _merged(reports: list[Report]) -> Report:
+    """The chunks' reports as one, with the top line's numbers recomputed over every point (each chunk computed its
+    own on its points)."""
+    rep = merge(reports)
+    if len(reports) > 1 and "headline" in rep.meta:
+        rep.meta["headline"] = escalation_headline(rep)
+    return rep
+
+
+def _write_report(rep: Report, out: Path, files: list[Path], stage: dict[str, Any]) -> tuple[Report, dict[str, Path]]:
+    """Write a finished evaluation: the report first, then the progress is dropped, then the ledger entry."""
     written = reporting.record(rep, out)  # the report first: whatever happens to the ledger, the numbers are kept
     stage["report"] = written["json"]
     for f in files:  # the evaluation is complete and written: its progress is no longer needed
@@ -478,6 +643,7 @@ def _evaluate_chunks(
     if "weights_sha256" in rep.meta:
         try:
             _add_best_known(rep, out)
+            _record_smoothing(rep, out)
         except ledger.LedgerError as exc:
             rep.warnings.append(f"no best-known row: {exc}")
             reporting.rewrite(rep, written)
@@ -553,6 +719,52 @@ def _add_certified(rep: Report, t: Target) -> None:
         "n": row.n,
         "eps": rep.meta["eps"],
     }
+
+
+def _add_smoothing(rep: Report, t: Target, out: Path, s: Settings, span, files: list[Path] | None, progress: bool):
+    """Certify the evaluated points with randomized smoothing, chunk by chunk (each point's noise seeded by its index
+    in the evaluation), resuming from ``out/smoothing*.pt`` (added to ``files``: removed once the report is written);
+    the table goes to ``meta["smoothing"]``, the per-point certificates to the ledger (:func:`_record_smoothing`)."""
+    lo, hi, size = span
+    parts, labels = [], []
+    for k, start in enumerate(range(lo, hi, size)):
+        stop = min(start + size, hi)
+        x, y = (t.x[start:stop], t.y[start:stop]) if stop <= len(t.x) else _decode(t.split, start, stop)
+        state = None
+        if files is not None:
+            files.append(out / (f"smoothing-{k}.pt" if size < hi - lo else "smoothing.pt"))
+            key = {"points": digest(x, y), "weights": model_digest(t.model), "first": start} | s.key()
+            state = Progress(files[-1], key)
+            if state.note and progress:
+                print(state.note)
+        parts.append(
+            smooth_certify(
+                t.model,
+                x,
+                s,
+                num_classes=t.num_classes,
+                first_index=start,
+                device=t.device,
+                progress=progress,
+                state=state,
+            )
+        )
+        labels.append(y.cpu())
+    result, y_all = Certified.cat(parts), torch.cat(labels)
+    rep.meta["smoothing"] = smooth_summary(result, y_all, s, str(t.meta.get("dataset", "")))
+    rep.certified_points = {"smoothing": (result, y_all, s)}
+
+
+def _record_smoothing(rep: Report, out: Path) -> None:
+    """Randomized smoothing's certificates in the weights' ledgers, as an entry of their own kind (``certified``,
+    keyed by σ, n0, n, α), never merged into the empirical best-known entry."""
+    if not rep.certified_points or "smoothing" not in rep.certified_points:
+        return
+    result, y, s = rep.certified_points["smoothing"]
+    ok = result.prediction == y
+    radius = torch.where(ok, result.radius, torch.full_like(result.radius, -1.0))  # -1: abstained or wrong
+    paths = [ledger.weights_ledger(rep.meta["weights_sha256"]), out / "ledger.json"]
+    ledger.record_certified(paths, rep.meta, "smoothing", s.key(), s.label(), radius, notes=rep.warnings)
 
 
 def _verdict_row(label: str, suite: str, kind: str, ok: Tensor, clean: float) -> Row:

@@ -151,10 +151,14 @@ def _read(path: Path, notes: list[str] | None = None) -> dict[str, Any]:
 
 def _merge_entry(mine: dict[str, Any], entry: dict[str, Any]) -> None:
     mine["attacks"] += [a for a in entry["attacks"] if a not in mine["attacks"]]
+    if "kind" in entry:
+        mine["kind"] = entry["kind"]
     for i, p in entry["points"].items():
         q = mine["points"].setdefault(i, {"broken_by": None})
         if q["broken_by"] is None:
             q["broken_by"] = p["broken_by"]
+        if "radius" in p:  # a certified entry: the smallest radius any of its certifications gave
+            q["radius"] = min(q.get("radius", p["radius"]), p["radius"])
 
 
 def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
@@ -240,6 +244,51 @@ def record(
                 p = points.setdefault(str(i), {"broken_by": None})
                 if not ok and p["broken_by"] is None:
                     p["broken_by"] = label
+        data["format"] = FORMAT
+        for path in paths:
+            _write(path, data)
+    return entry
+
+
+def record_certified(
+    ledger_path: list[Path],
+    meta: dict[str, Any],
+    method: str,
+    settings: dict[str, Any],
+    label: str,
+    radius: Tensor,
+    *,
+    notes: list[str] | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Add a certification's per-point radii to the ledger as an entry of its own kind (``"kind": "certified"``,
+    keyed by the weights, data, architecture, ``method`` and its ``settings``), never the empirical entry of
+    :func:`record`: per point the smallest radius any such certification gave (−1: abstained or wrong, then
+    ``broken_by`` names it), so a repeated certification can only lower it. Locking and copies as :func:`record`."""
+    paths: list[Path] = []
+    for path in ledger_path:
+        if all(Path(path).resolve() != p.resolve() for p in paths):
+            paths.append(Path(path))
+    setting = ",".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    key = f"{meta['weights_sha256']}|{meta['dataset']}|certified={method}|{setting}"
+    key += f"|arch={meta['model']}" if meta.get("model") else ""
+    with contextlib.ExitStack() as held:
+        for path in sorted(paths, key=lambda p: str(p.resolve())):
+            held.enter_context(_lock(path, LOCK_TIMEOUT if timeout is None else timeout))
+        data = _empty()
+        for path in paths:
+            _merge(data, _read(path, notes))
+        entry = data["entries"].setdefault(key, {"kind": "certified", "attacks": [], "points": {}})
+        entry["kind"] = "certified"
+        _merge_entry(
+            entry,
+            {
+                "attacks": [label],
+                "points": {
+                    str(i): {"broken_by": None if r >= 0 else label, "radius": r} for i, r in enumerate(radius.tolist())
+                },
+            },
+        )
         data["format"] = FORMAT
         for path in paths:
             _write(path, data)

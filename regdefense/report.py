@@ -13,6 +13,8 @@ import torch
 from regdefense.files import WriteError, save_png, why, write_atomic
 from regdefense.metrics import psnr
 from regdefense.results import Report
+from regdefense.smoothing import markdown as smoothing_table
+from regdefense.smoothing import plot as plot_certified
 
 
 def _pct(v) -> str:
@@ -28,6 +30,7 @@ def markdown(report: Report) -> str:
     )
     for name, proto in report.protocols.items():
         lines.append(f"- `{name}`: {proto}")
+    lines += _headline_lines(report)
     lo, hi = report.clean_ci
     lines += [
         "",
@@ -60,6 +63,8 @@ def markdown(report: Report) -> str:
         "`ledger.json`); `report.json` names the attack that broke each point.",
         "",
     ]
+    if "smoothing" in m:  # certificates of the smoothed classifier: a table of their own, never a row above
+        lines += smoothing_table(m["smoothing"])
     if report.checks:
         lines += [
             f"## Sanity checks (on {m.get('checks_on', '?')} points)",
@@ -71,6 +76,7 @@ def markdown(report: Report) -> str:
             status = "PASS" if c["status"] == "pass" else ("**WARN**" if c["status"] == "warn" else "skip")
             lines.append(f"| {c['name']} | {status} | {c['message']} |")
         lines.append("")
+    lines += _escalation_lines(report)
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     lines += [
@@ -79,7 +85,60 @@ def markdown(report: Report) -> str:
         "![clean and adversarial examples](examples.png)",
         "",
     ]
+    if "smoothing" in m:
+        lines += ["![certified accuracy against L2 radius](certified_vs_radius.png)", ""]
     return "\n".join(lines)
+
+
+def _headline_lines(report: Report) -> list[str]:
+    """The top line of an evaluation with ``--adaptive auto``: the best-known number (the ledger's when there is one,
+    else this evaluation's suites + checks + escalations), with the suites alone and the official AutoAttack beside."""
+    h = report.meta.get("headline")
+    if not h:
+        return []
+    best = report.meta.get("best_known", {}).get("robust", h["best_known"])
+    where = "ledger: every attack on these weights" if "best_known" in report.meta else "suites + checks + escalations"
+    aa = "not run" if h.get("autoattack") is None else f"{_pct(h['autoattack'])} %"
+    r = h.get("randomized")
+    if r:  # a randomized model: one pass is a draw; the majority vote of several is the number
+        return [
+            "",
+            f"**Randomized model: {_pct(r['majority'])} % by majority vote of {r['passes']} passes** under "
+            f"EOT-PGD-20 (EOT-{r['eot']}, {r['n']} points; the headline) — expected per-pass accuracy "
+            f"{_pct(r['per_pass'])} %; the union of single-pass failures over every attack, {_pct(best)} % ({where}), "
+            f"counts lucky draws; suites only {_pct(h['suites'])} %, official AutoAttack {aa}",
+        ]
+    return [
+        "",
+        f"**Best known robust accuracy: {_pct(best)} %** ({where}) — suites only {_pct(h['suites'])} %, "
+        f"official AutoAttack {aa}",
+    ]
+
+
+def _escalation_lines(report: Report) -> list[str]:
+    """What each escalation ran, why, what it found and how long it took."""
+    if not report.escalations:
+        return []
+    lines = [
+        f"## Escalations (on {report.meta.get('checks_on', '?')} points)",
+        "",
+        "| escalation | answers | attacks | broke | best known before → after % | s | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in report.escalations:
+        notes = [e.get("note", "")]
+        if "budget" in e:
+            notes.append(f"final budget {e['budget']}")
+        if "eot" in e:
+            notes.append(
+                f"EOT-{e['eot']}: expected per-pass accuracy {_pct(e['per_pass'])} %, majority vote of "
+                f"{e['passes']} passes {_pct(e['majority'])} % (the headline: majority vote)"
+            )
+        lines.append(
+            f"| {e['name']} | {'; '.join(e['answers'])} | {', '.join(e['attacks']) or '–'} | {e['broke']} | "
+            f"{_pct(e['before'])} → {_pct(e['after'])} | {e['seconds']:.1f} | {'; '.join(n for n in notes if n)} |"
+        )
+    return lines + [""]
 
 
 def eps_floor(report: Report) -> dict[str, float] | None:
@@ -172,7 +231,7 @@ def record(report: Report, out: Path) -> dict[str, Path]:
     except OSError as exc:
         raise WriteError(f"could not write the report into {history}: {why(exc)}") from None
     write(report, own)
-    files = write(report, out)
+    files = write(report, out, plots=own)
     files["evaluation"] = own
     files.update(summarize(out))
     return files
@@ -180,8 +239,8 @@ def record(report: Report, out: Path) -> dict[str, Path]:
 
 def rewrite(report: Report, files: dict[str, Path]) -> None:
     """Write an evaluation :func:`record` wrote again, in place (its best-known row added after the ledger)."""
-    write(report, files["evaluation"])
-    write(report, files["json"].parent)
+    write(report, files["evaluation"], plots=False)
+    write(report, files["json"].parent, plots=False)
     summarize(files["json"].parent)
 
 
@@ -244,15 +303,29 @@ def summarize(out: Path) -> dict[str, Path]:
     return files
 
 
-def write(report: Report, out: Path) -> dict[str, Path]:
-    """Write report.json, report.md, robust_vs_eps.png and examples.png into ``out``."""
+def write(report: Report, out: Path, plots: Path | bool = True) -> dict[str, Path]:
+    """Write report.json, report.md, robust_vs_eps.png and examples.png into ``out``. ``plots``: True draws the
+    figures, a folder copies the ones already drawn there (drawing is most of a small evaluation's writing time), False
+    leaves them as they are (a rewrite: no figure depends on the best-known row)."""
     files = {"json": out / "report.json", "md": out / "report.md"}
     write_atomic(files["json"], json.dumps(report.to_dict(), indent=2, default=str), "the report")
     write_atomic(files["md"], markdown(report), "the report")
-    if report.eps_curve:
-        files["eps_plot"] = out / "robust_vs_eps.png"
-        plot_eps_curve(report, files["eps_plot"])
-    if report.examples:
-        files["examples"] = out / "examples.png"
-        plot_examples(report, files["examples"])
+    figures = [
+        ("eps_plot", "robust_vs_eps.png", bool(report.eps_curve), lambda f: plot_eps_curve(report, f)),
+        ("examples", "examples.png", bool(report.examples), lambda f: plot_examples(report, f)),
+        (
+            "certified_plot",
+            "certified_vs_radius.png",
+            "smoothing" in report.meta,
+            lambda f: plot_certified(report.meta["smoothing"], f),
+        ),
+    ]
+    for key, name, present, draw in figures:
+        if not present:
+            continue
+        files[key] = out / name
+        if isinstance(plots, Path):
+            write_atomic(files[key], (plots / name).read_bytes(), "the plot")
+        elif plots:
+            draw(files[key])
     return files

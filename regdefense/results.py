@@ -53,6 +53,10 @@ class Report:
     #: the checks' attacks, per point of the first ``meta["checks_on"]`` points (the ledger records them)
     check_points: dict[str, Tensor] = field(default_factory=dict, repr=False)
     clean_scores: Tensor | None = field(default=None, repr=False)  #: per-point clean detection scores (not in JSON)
+    #: what each escalation ran, answered, found and cost (:mod:`regdefense.escalate`; empty with ``adaptive="off"``)
+    escalations: list[dict[str, Any]] = field(default_factory=list)
+    #: per-point certificates of a certification that has its own ledger kind (randomized smoothing; not in JSON)
+    certified_points: Any = field(default=None, repr=False)
 
     @property
     def worst_case(self) -> float:
@@ -73,7 +77,7 @@ class Report:
             "checks": self.checks,
             "warnings": self.warnings,
             "robust_vs_eps": self.eps_curve,
-        }
+        } | ({"escalations": self.escalations} if self.escalations else {})
 
 
 def merge(reports: list[Report]) -> Report:
@@ -91,6 +95,8 @@ def merge(reports: list[Report]) -> Report:
     scores = cat([r.clean_scores for r in reports])
     n, clean = len(clean_ok), float(clean_ok.float().mean())
     rows = []
+    if any(len(r.rows) != len(first.rows) for r in reports):
+        raise ValueError(f"chunk reports disagree on their rows: {[len(r.rows) for r in reports]}")
     for j, row in enumerate(first.rows):
         parts = [r.rows[j] for r in reports]
         if any((p.label, p.kind) != (row.label, row.kind) for p in parts):
@@ -111,6 +117,7 @@ def merge(reports: list[Report]) -> Report:
                 norms=m.get("norms", row.norms),
                 auroc=m.get("auroc", row.auroc),
                 seconds=sum(p.seconds for p in parts),
+                outside=sum(p.outside for p in parts),
                 points=ok,
                 per_point=pp,
                 mask=mask,

@@ -51,8 +51,23 @@ def atas_code(e):  # ATAS.py: MultiStepLR at [24, 28] x len(loader) iterations, 
     return _stage(e, 0.1, [(24, 0.1), (28, 0.01)])
 
 
+def cohen_code(e):  # locuslab/smoothing train.py: StepLR(30, 0.1), scheduler.step(epoch) before each 0-based epoch
+    return _stage(e, 0.1, [(30, 0.1), (60, 0.01)])
+
+
+def salman_code(e):  # smoothing-adversarial train_pgd.py, the README's command: StepLR(50, 0.1), step(epoch) first
+    return _stage(e, 0.1, [(50, 0.1), (100, 0.01)])
+
+
+def macer_code(e):  # RuntianZ/macer main.py: MultiStepLR([200, 400]) stepped before each 1-based epoch: 200 is decayed
+    return _stage(e + 1, 0.01, [(200, 0.1), (400, 0.01)])
+
+
 #: recipe -> (epochs, lr per 0-based epoch, {defense: 0-based epoch it switches on})
 REFERENCE = {
+    "cifar10/gaussian_aug.toml": (90, cohen_code, {}),
+    "cifar10/smoothadv.toml": (150, salman_code, {}),
+    "cifar10/macer.toml": (440, macer_code, {}),
     "cifar10/atas.toml": (30, atas_code, {}),
     "cifar10/trades.toml": (76, trades_code, {}),
     "cifar10/mart.toml": (76, trades_code, {}),
