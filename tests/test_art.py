@@ -30,6 +30,7 @@ def _robust(clf, eps=0.2):
     return float((clf.predict(adv.generate(XT)).argmax(1) == YT).mean())
 
 
+@pytest.mark.slow  # minutes of CPU: deselected by default, `python -m pytest -m slow` runs it
 def test_regdefense_trainer_matches_or_beats_arts_madry_trainer():
     from art.defences.trainer import AdversarialTrainerMadryPGD
 

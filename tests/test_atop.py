@@ -124,7 +124,8 @@ def test_pretrain_then_finetune_and_adaptive_evaluation(tmp_path):
 
     start = checkpoint.load(pre.run_dir / "checkpoints" / "best.pt")["modules"]["atop_purifier"]
     assert start.keys() == checkpoint.load(fine.run_dir / "checkpoints" / "best.pt")["modules"]["atop_purifier"].keys()
-    report, _ = evaluate(fine.run_dir, suites=["bpda-pgd", "eot-pgd"], n=16, check_samples=16, progress=False)
+    report, _ = evaluate(fine.run_dir, suites=["bpda-pgd", "eot-pgd"], n=16, check_samples=16, progress=False,
+                         adaptive="off")
     labels = {r.label for r in report.rows}
     assert {"BPDA-PGD-20", "PGD-20 EOT-20"} <= labels
     assert report.meta["stack"] == ["atop"]

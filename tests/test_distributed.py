@@ -75,6 +75,7 @@ def test_drifting_weights_are_caught_at_the_epoch_end(tmp_path):
     assert r["error"] is not None and "drifted apart" in r["error"] and "model" in r["error"]
 
 
+@pytest.mark.slow  # minutes of CPU: deselected by default, `python -m pytest -m slow` runs it
 def test_a_two_process_cli_run_on_the_default_data_matches_one_process(tmp_path):
     """``torchrun --nproc-per-node 2 -m regdefense train`` vs ``regdefense train``: the default PGD-AT run."""
     args = ["-m", "regdefense", "train", "--quiet", "--json", "--epochs", "15"]
@@ -99,6 +100,7 @@ def test_one_process_is_not_distributed():
     assert buf[2] == 1 and buf[5] == 2
 
 
+@pytest.mark.slow  # minutes of CPU: deselected by default, `python -m pytest -m slow` runs it
 def test_the_gpu_benchmark_runs_its_smoke_setting_on_the_cpu(tmp_path):
     """benchmarks/gpu.py must not rot while no GPU is lent: its fp32 row on a tiny CPU setting."""
     root = Path(__file__).resolve().parent.parent

@@ -21,6 +21,7 @@ from regdefense.suites import build_suite
 def _eval(model, data, suites=("quick",), n=200, **kw):
     x, y = data.test.floats()[:n], data.test.y[:n]
     kw.setdefault("checks", False)
+    kw.setdefault("adaptive", "off")  # these tests are about the checks; the escalations have tests/test_escalation.py
     return evaluate_model(model, x, y, suites=list(suites), default_eps=0.2, num_classes=10, progress=False, **kw)
 
 

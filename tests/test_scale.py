@@ -225,16 +225,18 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_a_submitit_sweep_runs_each_run_as_a_job_requeues_a_preempted_one_and_compare_reads_all(tmp_path):
-    """Submitit's local executor (real processes, no Slurm): one recipe × 2 seeds (each job a process: 2 recipes
-    would double the cost, not the coverage); the seed-0 job is pre-empted (submitit's USR2, as Slurm sends it) after
-    its first checkpoint, requeued, and resumes from last.pt; `compare` and `sweep --status` read both runs."""
+    """Submitit's local executor (real processes, no Slurm): 2 recipes × 2 seeds, four jobs; the first job is
+    pre-empted (submitit's USR2, as Slurm sends it) after its first checkpoint, requeued, and resumes from last.pt;
+    `compare` and `sweep --status` read all four runs. Marked slow (deselected by default): four processes."""
     from regdefense import cluster, sweep
 
     recipe = tmp_path / "r" / "pgd_at.toml"
     recipe.parent.mkdir()
     recipe.write_text(RECIPE.format(defenses='["pgd_at"]', epochs=3))
+    clean = tmp_path / "r" / "clean.toml"
+    clean.write_text(RECIPE.format(defenses="[]", epochs=2))
     out = tmp_path / "sweep"
-    jobs = sweep.plan([str(recipe)], [0, 1], out)
+    jobs = sweep.plan([str(recipe), str(clean)], [0, 1], out)
     assert cluster.Resources.of(str(recipe), {"gpus": 2}).parameters() == {
         "timeout_min": 10,
         "nodes": 1,
@@ -253,7 +255,7 @@ def test_a_submitit_sweep_runs_each_run_as_a_job_requeues_a_preempted_one_and_co
     assert len(task) == 1
     os.kill(task[0], signal.SIGUSR2)  # submitit's pre-emption / time-out signal
     rows = cluster.collect(submitted, echo=lambda m: None)
-    assert [r["status"] for r in rows] == ["ok"] * 2, rows
+    assert [r["status"] for r in rows] == ["ok"] * 4, rows
     log = victim.stdout() + (victim.stderr() or "")
     assert "Requeued job" in log and "resuming" in log, log[-2000:]
     epochs = [json.loads(line).get("epoch") for line in (victim_job.out / "metrics.jsonl").read_text().splitlines()]
@@ -262,11 +264,11 @@ def test_a_submitit_sweep_runs_each_run_as_a_job_requeues_a_preempted_one_and_co
     compared = CliRunner().invoke(cli, ["compare", *[str(j.out) for j in jobs], "--json"])
     assert compared.exit_code == 0, compared.output
     runs = json.loads(compared.output)["runs"]
-    assert len(runs) == 2 and all(r["status"] == "ok" for r in runs)
+    assert len(runs) == 4 and all(r["status"] == "ok" for r in runs)
     status = CliRunner().invoke(
-        cli, ["sweep", str(recipe), "--seeds", "0", "1", "--out", str(out), "--status", "--json"]
+        cli, ["sweep", str(recipe), str(clean), "--seeds", "0", "1", "--out", str(out), "--status", "--json"]
     )
-    assert status.exit_code == 0 and len(json.loads(status.output)["runs"]) == 2
+    assert status.exit_code == 0 and len(json.loads(status.output)["runs"]) == 4
 
 
 # --- training on two nodes ---------------------------------------------------------------------
