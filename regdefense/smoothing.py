@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from regdefense.attacks import model_mode
 from regdefense.errors import UserError
 from regdefense.files import WriteError, save_png, write_atomic
 from regdefense.metrics import wilson_interval
@@ -145,7 +146,7 @@ def sample_counts(
     model: nn.Module, x: Tensor, num: int, sigma: float, num_classes: int, batch: int, generator: torch.Generator
 ) -> Tensor:
     """Class counts of f(x + N(0, σ²I)) over ``num`` draws, ``batch`` at a time (x: one input, C×H×W)."""
-    counts = torch.zeros(num_classes, dtype=torch.long)
+    counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)  # summed on the device: one copy per point
     left = num
     with torch.no_grad():
         while left > 0:
@@ -153,21 +154,8 @@ def sample_counts(
             left -= b
             noise = torch.randn((b, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
             pred = model(x.unsqueeze(0) + sigma * noise).argmax(1)
-            counts += torch.bincount(pred.cpu(), minlength=num_classes)[:num_classes]
-    return counts
-
-
-class _Eval:
-    """The model in eval mode for the duration (Cohen et al. call ``base_classifier.eval()``), restored after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was = model, model.training
-
-    def __enter__(self) -> nn.Module:
-        return self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was)
+            counts += torch.bincount(pred, minlength=num_classes)[:num_classes]
+    return counts.cpu()
 
 
 def predict(
@@ -184,7 +172,7 @@ def predict(
     from scipy.stats import binomtest
 
     out = torch.full((len(x),), ABSTAIN, dtype=torch.long)
-    with _Eval(model):
+    with model_mode(model, False):  # Cohen et al.: base_classifier.eval(); every mode restored after
         for i in range(len(x)):
             gen = torch.Generator(device=device).manual_seed(point_seed(s.seed, first_index + i))
             counts = sample_counts(model, x[i].to(device), s.n, s.sigma, num_classes, s.batch, gen)
@@ -263,7 +251,7 @@ def certify(
     )
     parts = [done]
     try:
-        with _Eval(model):
+        with model_mode(model, False):  # Cohen et al.: base_classifier.eval(); every mode restored after
             for i in range(start, len(x)):
                 t0 = time.perf_counter()
                 xi = x[i].to(device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.defense import Defense
+from regdefense.defense import Defense, step_size
 from regdefense.errors import ConfigError
 from regdefense.plugins import providers
 
@@ -73,7 +73,7 @@ def smooth_pgd(model, x, y, noise, eps: float, steps: int) -> torch.Tensor:
     −log mean_j softmax(f(x' + noise[:, j]))_y (noise: B × m × C × H × W). Runs in the model's current mode."""
     b, m = noise.shape[:2]
     delta = torch.zeros_like(x)
-    lr = 2 * eps / steps
+    lr = step_size(eps, None, steps, 2.0)  # Salman et al.: 2ε/T
     for _ in range(steps):
         delta.requires_grad_(True)
         logits = model(((x + delta).unsqueeze(1) + noise).flatten(0, 1))
