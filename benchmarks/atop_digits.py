@@ -17,10 +17,10 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "digits"
 
 
 def main() -> None:
-    from regdefense.config import DataConfig
-    from regdefense.data import load_data
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.base.config import DataConfig
+    from regdefense.data.sources import load_data
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/atop")

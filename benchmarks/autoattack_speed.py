@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from regdefense.evaluate import evaluate_model, load_target
-from regdefense.run import train
+from regdefense.evaluation.runner import evaluate_model, load_target
+from regdefense.training.run import train
 
 
 def main() -> None:

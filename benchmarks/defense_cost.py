@@ -14,9 +14,9 @@ import statistics
 
 import torch
 
-from regdefense.plugins import activate
-from regdefense.run import load_config
-from regdefense.trainer import Trainer
+from regdefense.host.discovery import activate
+from regdefense.training.run import load_config
+from regdefense.training.loop import Trainer
 
 STACKS = [["pgd_at"], [], ["fast_at"], ["fgsm_pgk"], ["fgsm_pgk", "ema"], ["trades"], ["mart"], ["lbgat"],
           ["pgd_at", "awp"], ["trades", "awp"], ["pgd_at", "gairat"], ["pgd_at", "mail"], ["trades", "mail"],

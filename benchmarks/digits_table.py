@@ -21,8 +21,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "digits"
 
 
 def measure(recipe: Path, seed: int, workdir: Path, autoattack: bool, overrides: tuple[str, ...] = ()) -> dict:
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     result = train(str(recipe), overrides=[f"train.seed={seed}", "train.progress=false", *overrides],
                    out=workdir / f"{recipe.stem}-{seed}", echo=lambda s: None)

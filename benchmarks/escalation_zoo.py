@@ -197,9 +197,9 @@ def reference(name: str, masked: nn.Module, net: nn.Module, x, y, eps: float) ->
 
 
 def _train() -> dict[str, nn.Module]:
-    from regdefense.plugins import activate
-    from regdefense.run import load_config
-    from regdefense.trainer import Trainer
+    from regdefense.host.discovery import activate
+    from regdefense.training.run import load_config
+    from regdefense.training.loop import Trainer
 
     out = {}
     torch.set_num_threads(1)
@@ -221,8 +221,8 @@ def main() -> None:
     ap.add_argument("--out", default="escalation_zoo.json")
     ap.add_argument("--off", action="store_true", help="also run each model with --adaptive off (its time)")
     args = ap.parse_args()
-    from regdefense.data import load_data
-    from regdefense.config import DataConfig
+    from regdefense.data.sources import load_data
+    from regdefense.base.config import DataConfig
 
     models = torch.load(args.models, weights_only=False) if args.models else _train()
     net = models["clean"].eval()

@@ -28,8 +28,8 @@ METHODS = ("fast_at", "fgsm_pgk", "n_fgsm", "gradalign", "zerograd", "multigrad"
 
 
 def measure(method: str, eps: float, seed: int, n: int, workdir: Path) -> dict:
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     overrides = [f"threat.eps={eps}", f"train.seed={seed}", "train.progress=false", "eval.co_guard=on"]
     if method == "gradalign":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from regdefense import checkpoint
+from regdefense.base import checkpoint
 
 TRAIN = ["-o", "train.epochs=6", "-o", "data.limit=480", "-o", "train.deterministic=true", "-o",
          "data.augment=crop_flip", "-o", "eval.test_samples=64", "-o", "eval.val_samples=32", "--quiet"]

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from regdefense.data import Data, Split
-from regdefense.plugins import activate
-from regdefense.run import load_config
-from regdefense.trainer import Trainer
+from regdefense.data.sources import Data, Split
+from regdefense.host.discovery import activate
+from regdefense.training.run import load_config
+from regdefense.training.loop import Trainer
 
 MODES = {  # name: (train.amp, train.channels_last, train.compile)
     "fp32": ("off", False, False),

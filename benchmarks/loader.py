@@ -47,16 +47,16 @@ def make_folder(root: Path, n: int, side: int, classes: int = 10, fmt: str = "jp
 
 def peak_rss_mib() -> float:
     """This process's peak resident set (VmHWM: unlike ru_maxrss it is not inherited across fork + exec)."""
-    from regdefense.run import peak_host_bytes
+    from regdefense.training.run import peak_host_bytes
 
     return peak_host_bytes() / 2 ** 20
 
 
 def rss(root: str, stream: str) -> dict:
     """Peak RSS (MiB) of loading ``root`` and iterating one training epoch, in this process."""
-    from regdefense.config import DataConfig
-    from regdefense.data import BatchLoader, Split, load_data
-    from regdefense.stream import StreamLoader
+    from regdefense.base.config import DataConfig
+    from regdefense.data.sources import BatchLoader, Split, load_data
+    from regdefense.data.stream import StreamLoader
 
     before = peak_rss_mib()
     data = load_data(DataConfig(name=root, stream=stream, val_fraction=0))
@@ -76,9 +76,9 @@ def rss_subprocess(root: Path, stream: str) -> dict:
 
 
 def loader_speed(root: Path, workers: int, seconds: float = 8.0) -> float:
-    from regdefense.config import DataConfig
-    from regdefense.data import load_data
-    from regdefense.stream import StreamLoader
+    from regdefense.base.config import DataConfig
+    from regdefense.data.sources import load_data
+    from regdefense.data.stream import StreamLoader
 
     data = load_data(DataConfig(name=str(root), stream="on", image_size=224, val_fraction=0, augment="imagenet"))
     loader = StreamLoader(data.train, 32, seed=0, augment="imagenet", workers=workers)
@@ -94,10 +94,10 @@ def loader_speed(root: Path, workers: int, seconds: float = 8.0) -> float:
 def step_speed(batch: int = 8, steps: int = 3) -> float:
     """Images/s a PGD-2 training step of ResNet-50 at 224 px consumes here (after one warm-up step)."""
     from regdefense import hookimpl
-    from regdefense.data import Data, Split
-    from regdefense.plugins import activate
-    from regdefense.run import load_config
-    from regdefense.trainer import Trainer
+    from regdefense.data.sources import Data, Split
+    from regdefense.host.discovery import activate
+    from regdefense.training.run import load_config
+    from regdefense.training.loop import Trainer
 
     x = torch.randint(0, 256, (batch * (steps + 1), 3, 224, 224), dtype=torch.uint8)
     y = torch.randint(0, 1000, (len(x),))

@@ -17,8 +17,8 @@ ATTACKS = ("FGSM", "BIM", "PGD-100", "C&W")
 
 
 def main() -> None:
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/paper001")

@@ -50,8 +50,8 @@ attack_mode = "eval"
 
 
 def make_data(out: Path, labelled: int) -> tuple[Path, Path, np.ndarray]:
-    from regdefense.config import DataConfig
-    from regdefense.data import load_data
+    from regdefense.base.config import DataConfig
+    from regdefense.data.sources import load_data
 
     data = load_data(DataConfig(val_fraction=0.0))
     to_u8 = lambda x: (x[:, 0].numpy() * 255).round().astype(np.uint8)  # noqa: E731
@@ -91,8 +91,8 @@ def main() -> None:
         data=folder, epochs=args.epochs,
         extra=f'extra = ["{unlabelled}"]\nextra_fraction = {args.fraction}\nteacher = "{teacher}"\n'))
 
-    from regdefense.config import DataConfig
-    from regdefense.extra import load_extra
+    from regdefense.base.config import DataConfig
+    from regdefense.training.extra import load_extra
 
     extra = load_extra(DataConfig(extra=[str(unlabelled)], teacher=str(teacher)), (1, 8, 8), 10, device="cpu")
     agree = float((extra.labels.numpy() == truth).mean())

@@ -56,8 +56,8 @@ def main() -> None:
     stand_in = _statsmodels_stand_in()
     from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
 
-    from regdefense.smoothing import RADII, Settings, certify
-    from regdefense.targets import load_target
+    from regdefense.evaluation.smoothing import RADII, Settings, certify
+    from regdefense.evaluation.targets import load_target
 
     t = load_target(args.target, which="last", n=args.n, device="cpu")
     model: nn.Module = t.model.eval()

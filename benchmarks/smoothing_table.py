@@ -17,9 +17,9 @@ import argparse
 import time
 from pathlib import Path
 
-from regdefense.evaluate import evaluate
-from regdefense.run import train
-from regdefense.smoothing import Settings
+from regdefense.evaluation.runner import evaluate
+from regdefense.training.run import train
+from regdefense.evaluation.smoothing import Settings
 
 RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 CHEAP = "torchattacks:FGSM(eps=0.0)"  # the empirical part of a certification run: nothing, quickly

@@ -22,11 +22,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from regdefense.attacks import model_mode
-from regdefense.data import BatchLoader
-from regdefense.plugins import activate
-from regdefense.run import load_config
-from regdefense.trainer import Trainer
+from regdefense.attacks.adapter import model_mode
+from regdefense.data.sources import BatchLoader
+from regdefense.host.discovery import activate
+from regdefense.training.run import load_config
+from regdefense.training.loop import Trainer
 
 
 def make_trainer(args) -> Trainer:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from regdefense import checkpoint
-from regdefense.run import train
+from regdefense.base import checkpoint
+from regdefense.training.run import train
 
 RUNS = {  # label -> (recipe file or None for the default run, its defenses)
     "default (pgd_at)": None,

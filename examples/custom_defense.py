@@ -12,10 +12,10 @@ import argparse
 from dataclasses import dataclass
 
 from regdefense import hookimpl, option
-from regdefense.defense import Defense
-from regdefense.plugins import activate
-from regdefense.run import load_config
-from regdefense.trainer import Trainer
+from regdefense.host.defense import Defense
+from regdefense.host.discovery import activate
+from regdefense.training.run import load_config
+from regdefense.training.loop import Trainer
 
 
 class WeightPenalty(Defense):

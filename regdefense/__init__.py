@@ -11,22 +11,26 @@ The Python API: :func:`train`, :func:`load_model` (the evaluated model of a run,
 
 from __future__ import annotations
 
+from regdefense import _moved
 from regdefense._version import __version__
-from regdefense.config import RunConfig, option  # light: stdlib only
-from regdefense.errors import UserError
-from regdefense.hookspecs import hookimpl  # light: pluggy only
+from regdefense.base.config import RunConfig  # light: stdlib only
+from regdefense.base.errors import UserError
+from regdefense.base.fields import option
+from regdefense.host.hookspecs import hookimpl  # light: pluggy only
+
+_moved.install()  # old module names (before the subpackages) import with a DeprecationWarning
 
 _LAZY = {
-    "Trainer": "regdefense.trainer",
-    "Step": "regdefense.step",
-    "train": "regdefense.run",
-    "load_model": "regdefense.restore",
-    "Defense": "regdefense.defense",
-    "activate": "regdefense.plugins",
-    "catalogue": "regdefense.plugins",
+    "Trainer": "regdefense.training.loop",
+    "Step": "regdefense.host.step",
+    "train": "regdefense.training.run",
+    "load_model": "regdefense.training.restore",
+    "Defense": "regdefense.host.defense",
+    "activate": "regdefense.host.discovery",
+    "catalogue": "regdefense.host.discovery",
     "create_model": "regdefense.models",
-    "resolve_attack": "regdefense.attacks",
-    "pgd": "regdefense.attacks",
+    "resolve_attack": "regdefense.attacks.adapter",
+    "pgd": "regdefense.attacks.adapter",
 }
 
 __all__ = ["__version__", "hookimpl", "option", "RunConfig", "UserError", *_LAZY]

@@ -11,8 +11,8 @@ from typing import Any
 import click
 
 from regdefense._version import __version__
-from regdefense.datasets import DATASETS
-from regdefense.errors import UserError
+from regdefense.base.errors import UserError
+from regdefense.data.registry import DATASETS
 
 
 class _UserFacing(click.ClickException):
@@ -44,13 +44,55 @@ class _Group(click.Group):
 def _print_version(ctx: click.Context, _param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from regdefense.plugins import catalogue
+    from regdefense.host.discovery import catalogue
 
     click.echo(f"regdefense {__version__}")
     dists = sorted({(i.dist, i.version) for i in catalogue().values()})
     for dist, version in dists:
         click.echo(f"  {dist} {version}")
     ctx.exit()
+
+
+# --- options several commands share, declared once --------------------------------------------------------------
+
+
+def json_option(help: str = "Machine-readable output."):
+    """``--json``: the command's result as JSON on stdout."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def quiet_option(help: str = "No progress bars."):
+    return click.option("--quiet", is_flag=True, help=help)
+
+
+def out_option(help: str, **kw):
+    """``--out FOLDER``: where the command writes."""
+    return click.option("--out", type=click.Path(file_okay=False), help=help, **kw)
+
+
+def checkpoint_option(fn):
+    """``--checkpoint best|last``: which checkpoint of a run directory."""
+    return click.option(
+        "--checkpoint",
+        "which",
+        type=click.Choice(["best", "last"]),
+        default="best",
+        show_default=True,
+        help="Which checkpoint of a run directory.",
+    )(fn)
+
+
+def seed_option(help: str, **kw):
+    return click.option("--seed", type=click.IntRange(0, 2**32 - 1), help=help, **kw)
+
+
+def device_option(help: str = "auto, cpu, cuda, cuda:N.", **kw):
+    return click.option("--device", help=help, **kw)
+
+
+def n_option(dest: str, help: str):
+    """``--n N``: only the first N test points."""
+    return click.option("--n", dest, type=click.IntRange(min=1), help=help)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,9 +161,9 @@ def _fmt(v, pct: bool = False) -> str:
     help="Start torchvision or timm (timm:NAME) architectures from ImageNet weights; offline, give a timm "
     "model a local file with -o model.weights=FILE.",
 )
-@click.option("--device", help="auto, cpu, cuda, cuda:N (-o train.device=...).")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Random seed (-o train.seed=...).")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: a new one under runs/).")
+@device_option("auto, cpu, cuda, cuda:N (-o train.device=...).")
+@seed_option("Random seed (-o train.seed=...).")
+@out_option("Run directory (default: a new one under runs/).")
 @click.option("--resume", type=click.Path(), help="Continue the run in RUN_DIR (or from a checkpoint file).")
 @click.option(
     "--init",
@@ -138,8 +180,8 @@ def _fmt(v, pct: bool = False) -> str:
     help="Log to an experiment tracker: tensorboard, wandb, mlflow or an installed tracker plugin "
     "(repeatable; -o train.log=[...]).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the final table as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@json_option("Print the final table as JSON.")
+@quiet_option()
 @click.option(
     "--check",
     is_flag=True,
@@ -167,8 +209,8 @@ def train(
     check,
 ) -> None:
     """Train a defense stack; with no arguments, PGD-AT on the embedded digits."""
-    from regdefense import distributed
-    from regdefense.run import train as run_train
+    from regdefense.base import distributed
+    from regdefense.training.run import train as run_train
 
     overrides = list(overrides)
     for key, value in (
@@ -193,8 +235,8 @@ def train(
         stack = [] if list(defenses) == ["none"] else list(defenses)
     echo = (lambda s: click.echo(s, err=True)) if as_json else click.echo
     if check:
-        from regdefense.run import check as run_check
-        from regdefense.run import check_out
+        from regdefense.training.run import check as run_check
+        from regdefense.training.run import check_out
 
         summary = run_check(config_file, stack, overrides)
         click.echo(summary + ("\n" + check_out(out) if out is not None else ""))
@@ -246,13 +288,13 @@ def train(
 
 
 @cli.group(cls=_Group, invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option()
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List installed defenses (built-in and third-party)."""
     if ctx.invoked_subcommand is not None:
         return
-    from regdefense.plugins import catalogue
+    from regdefense.host.discovery import catalogue
 
     infos = [i.to_dict() for i in catalogue().values()]
     if as_json:
@@ -275,7 +317,7 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         for i in infos
     ]
     click.echo(_table(rows, [("name", "defense"), ("dist", "distribution"), ("status", "status"), ("hooks", "hooks")]))
-    from regdefense.tracking import available, missing
+    from regdefense.host.tracking import available, missing
 
     usable, unusable = [], []
     for n, ep in sorted(available().items()):
@@ -291,15 +333,15 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
 
 @plugins.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option()
 def plugins_show(name: str, as_json: bool) -> None:
     """Show a defense: its description, config fields (type, default, help) and hooks."""
     import inspect
 
-    from regdefense import contract
-    from regdefense.config import describe
-    from regdefense.hookspecs import EXCLUSIVE
-    from regdefense.plugins import get
+    from regdefense.base.fields import describe
+    from regdefense.host import contract
+    from regdefense.host.discovery import get
+    from regdefense.host.hookspecs import EXCLUSIVE
 
     info = get(name)
     assert info.cls is not None  # get() refuses a broken defense
@@ -343,18 +385,11 @@ def plugins_show(name: str, as_json: bool) -> None:
     "program (deprecated by torch; + config.json), or RobustBench's model-info JSON from the run's AutoAttack "
     "evaluation.",
 )
-@click.option(
-    "--checkpoint",
-    "which",
-    type=click.Choice(["best", "last"]),
-    default="best",
-    show_default=True,
-    help="Which checkpoint of a run directory.",
-)
-@click.option("--out", type=click.Path(file_okay=False), help="Where to write (default RUN_DIR/export).")
+@checkpoint_option
+@out_option("Where to write (default RUN_DIR/export).")
 def export(run, fmt, which, out) -> None:
     """Write a run's evaluated model as safetensors, a torch.export program or TorchScript, with a config.json."""
-    from regdefense.export import export as run_export
+    from regdefense.interop.export import export as run_export
 
     files = run_export(run, fmt=fmt, out=out, which=which)
     click.echo("wrote " + ", ".join(str(p) for p in files.values()))
@@ -363,14 +398,7 @@ def export(run, fmt, which, out) -> None:
 @cli.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("repo")
-@click.option(
-    "--checkpoint",
-    "which",
-    type=click.Choice(["best", "last"]),
-    default="best",
-    show_default=True,
-    help="Which checkpoint of the run.",
-)
+@checkpoint_option
 @click.option("--private", is_flag=True, help="Create the repository private.")
 @click.option("--revision", help="Branch to push to (default main).")
 @click.option("--token", help="Hugging Face token (default: the one `hf auth login` saved, or HF_TOKEN).")
@@ -382,7 +410,7 @@ def export(run, fmt, which, out) -> None:
 )
 def push(run, repo, which, private, revision, token, to_cache) -> None:
     """Upload a run to the Hugging Face Hub as REPO (ORG/NAME): safetensors weights, config.json and a model card."""
-    from regdefense.hub import push as hub_push
+    from regdefense.interop.hub import push as hub_push
 
     result = hub_push(run, repo, which=which, private=private, revision=revision, token=token, to_cache=to_cache)
     click.echo(f"{'cached' if to_cache else 'pushed'} {result['repo']}@{result['revision']}: {result['where']}")
@@ -392,11 +420,11 @@ def push(run, repo, which, private, revision, token, to_cache) -> None:
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a bar chart (mean ± std per recipe) here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
+@json_option("Print the groups and runs as JSON.")
 def compare(runs, plot, as_json) -> None:
     """Mean ± std of clean, PGD and AutoAttack accuracy and cost per recipe over existing run directories (a folder
     that is no run, such as a sweep's, is searched for runs)."""
-    from regdefense import compare as cmp
+    from regdefense.sweeps import compare as cmp
 
     rows = [cmp.read_run(r) for r in cmp.find_runs(list(runs))]
     cmp.split_recipes(rows)
@@ -433,13 +461,7 @@ def compare(runs, plot, as_json) -> None:
     metavar="SECTION.KEY=VALUE",
     help="Applied to every run (e.g. -o train.device=cuda).",
 )
-@click.option(
-    "--out",
-    default="runs/sweep",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Runs go to OUT/<recipe>/seed<k>.",
-)
+@out_option("Runs go to OUT/<recipe>/seed<k>.", default="runs/sweep", show_default=True)
 @click.option(
     "--attacks",
     "attacks",
@@ -447,7 +469,7 @@ def compare(runs, plot, as_json) -> None:
     metavar="SUITE",
     help="Also evaluate each run with these suites (e.g. autoattack) for the table's AutoAttack column.",
 )
-@click.option("--n", "eval_n", type=click.IntRange(min=1), help="Evaluate only the first N test points.")
+@n_option("eval_n", "Evaluate only the first N test points.")
 @click.option(
     "--print",
     "print_only",
@@ -455,8 +477,8 @@ def compare(runs, plot, as_json) -> None:
     help="Print the commands (one run per line) instead of running them: for a cluster's job array.",
 )
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write the comparison bar chart here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the groups and runs as JSON.")
-@click.option("--quiet", is_flag=True, help="Only a line as each run starts and ends: no bars, no epoch lines.")
+@json_option("Print the groups and runs as JSON.")
+@quiet_option("Only a line as each run starts and ends: no bars, no epoch lines.")
 @click.option(
     "--launcher",
     type=click.Choice(["local", "submitit"]),
@@ -500,8 +522,8 @@ def sweep(
     status=False,
 ) -> None:
     """Run every RECIPE (a TOML run file) with every seed, then print mean ± std per recipe (`compare`)."""
-    from regdefense import compare as cmp
-    from regdefense import sweep as sw
+    from regdefense.sweeps import compare as cmp
+    from regdefense.sweeps import sweep as sw
 
     # `--seeds 0 1 2`: click gives the option its first value and the rest to RECIPES; they are seeds, not files
     more = [r for r in recipes if r.isdigit() and not Path(r).exists()] if seeds else []
@@ -520,7 +542,7 @@ def sweep(
     if status:
         rows = [sw._row(job, cmp) for job in jobs]
     elif launcher == "submitit":
-        from regdefense import cluster as cl
+        from regdefense.sweeps import cluster as cl
 
         given = {"partition": partition, "gpus": gpus, "cpus": cpus, "mem_gb": mem_gb, "time_min": time_min}
         submitted = cl.submit(
@@ -557,7 +579,7 @@ def sweep(
 )
 def new_plugin(name: str, where: str) -> None:
     """Write a defense plugin package that installs and passes its own test (pyproject, module, test, README)."""
-    from regdefense.template import new_plugin as write
+    from regdefense.host.template import new_plugin as write
 
     root = write(name, where)
     click.echo(f'wrote {root}\nnext: cd {root} && pip install -e ".[test]" && python -m pytest')
@@ -594,7 +616,7 @@ def main() -> None:
     import warnings
 
     from regdefense.advisories import warning
-    from regdefense.plugins import ContractWarning
+    from regdefense.host.discovery import ContractWarning
 
     advisory = warning()  # known-vulnerable dependency versions (torchattacks' requests pin): one line, every command
     if advisory and not os.environ.get("REGDEFENSE_NO_ADVISORY_WARNING"):
@@ -624,7 +646,7 @@ def main() -> None:
     "'torchattacks:PGD(eps=0.1, alpha=0.01, steps=50)' or 'art:HopSkipJump'. Repeat for several.",
 )
 @click.option("--eps", type=float, help="Perturbation budget (default: the run's threat ε; paper-001: 0.1).")
-@click.option("--n", "n", type=click.IntRange(min=1), help="Evaluate the first N test points.")
+@n_option("n", "Evaluate the first N test points.")
 @click.option(
     "--chunk",
     type=click.IntRange(min=1),
@@ -638,17 +660,8 @@ def main() -> None:
     help="Evaluate a fixed subset of a streamed image-folder test split: robustbench (RobustBench's 5 000 "
     "ImageNet validation images, from the robustbench package) or a file of CLASS/FILE lines.",
 )
-@click.option(
-    "--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for the attacks' randomness."
-)
-@click.option(
-    "--checkpoint",
-    "which",
-    type=click.Choice(["best", "last"]),
-    default="best",
-    show_default=True,
-    help="Which checkpoint of a run directory.",
-)
+@seed_option("Seed for the attacks' randomness.", default=0, show_default=True)
+@checkpoint_option
 @click.option(
     "--arch",
     help="For a user's own model file: an architecture name (a state_dict or RobustBench-format checkpoint), "
@@ -661,7 +674,7 @@ def main() -> None:
     "data, and are refused without this flag. Only for files from a source you trust.",
 )
 @click.option("--dataset", help="Evaluate on this dataset's test split (default: the run's; digits for model files).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@device_option(default="auto", show_default=True)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -759,9 +772,9 @@ def main() -> None:
     "points without it.",
 )
 @click.option("--no-resume", is_flag=True, help="Start over instead of continuing from OUT/progress.pt.")
-@click.option("--out", type=click.Path(file_okay=False), help="Where to write the reports (default RUN_DIR/eval).")
-@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@out_option("Where to write the reports (default RUN_DIR/eval).")
+@json_option("Print report.json to stdout.")
+@quiet_option()
 def evaluate(
     target,
     suites,
@@ -796,9 +809,9 @@ def evaluate(
     radii=None,
 ) -> None:
     """Measure robustness of a run, checkpoint or model file; write report.json, report.md and plots."""
-    from regdefense import distributed
-    from regdefense.evaluate import evaluate as run_eval
-    from regdefense.smoothing import Settings
+    from regdefense.base import distributed
+    from regdefense.evaluation.runner import evaluate as run_eval
+    from regdefense.evaluation.smoothing import Settings
 
     smoothing = None
     if certify == "smoothing" and sigma is not None:
@@ -846,18 +859,18 @@ def evaluate(
 
 @cli.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--out", type=click.Path(file_okay=False), help="Where to write the report (default: their parent).")
-@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@out_option("Where to write the report (default: their parent).")
+@json_option("Print report.json to stdout.")
 def merge(folders, out, as_json) -> None:
     """Assemble the report of an evaluation run as `evaluate --shard K/N` jobs from their partials' FOLDERS."""
-    from regdefense.evaluate import merge_shards
+    from regdefense.evaluation.runner import merge_shards
 
     report, files = merge_shards(list(folders), out)
     _print_report(report, files, as_json)
 
 
 def _print_report(report, files, as_json: bool) -> None:
-    from regdefense.report import markdown
+    from regdefense.evaluation.report import markdown
 
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from regdefense.config import RunConfig
-from regdefense.parts import load_config
-from regdefense.plugins import activate
-from regdefense.trainer import Trainer
+from regdefense.base.config import RunConfig
+from regdefense.host.discovery import activate
+from regdefense.training.assembly import load_config
+from regdefense.training.loop import Trainer
 
 TINY = [
     "train.epochs=1",

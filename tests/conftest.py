@@ -89,9 +89,9 @@ def digits_models(tmp_path_factory):
     together), a clean 'surrogate' of another seed trained 10 epochs (the transfer check's), with the data. (At 20
     epochs the PGD-AT model's PGD-20 accuracy was 3.5 points above PGD-100 × 3 restarts under torch 2.14, which the
     convergence check rightly flags.)"""
-    from regdefense.plugins import activate
-    from regdefense.run import load_config
-    from regdefense.trainer import Trainer
+    from regdefense.host.discovery import activate
+    from regdefense.training.run import load_config
+    from regdefense.training.loop import Trainer
 
     out = {}
     threads = torch.get_num_threads()

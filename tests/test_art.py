@@ -9,9 +9,9 @@ from torch import nn
 from art.attacks.evasion import ProjectedGradientDescent
 from art.estimators.classification import PyTorchClassifier
 
-from regdefense.art import PurifierPreprocessor, RegDefenseTrainer, to_art_classifier
-from regdefense.config import DataConfig
-from regdefense.data import load_data
+from regdefense.interop.art import PurifierPreprocessor, RegDefenseTrainer, to_art_classifier
+from regdefense.base.config import DataConfig
+from regdefense.data.sources import load_data
 from regdefense.models import create_model
 
 DATA = load_data(DataConfig(val_fraction=0.0))
@@ -100,7 +100,7 @@ def test_preprocessing_and_clip_range_are_honoured():
 
 
 def test_to_art_classifier_and_purifier_preprocessor(tmp_path):
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     common = ["train.epochs=1", "data.limit=128", "eval.pgd_steps=1", "eval.test_samples=16", "train.progress=false",
               "train.optimizer=adam", "train.lr=0.001"]
@@ -120,7 +120,7 @@ def test_to_art_classifier_and_purifier_preprocessor(tmp_path):
 
 
 def test_art_black_box_attack_in_evaluate(digits_models):
-    from regdefense.evaluate import evaluate_model
+    from regdefense.evaluation.runner import evaluate_model
 
     x, y = DATA.test.floats()[:24], DATA.test.y[:24]
     report = evaluate_model(digits_models["clean"], x, y, suites=["art:HopSkipJump(max_iter=2, max_eval=50, "

@@ -60,7 +60,7 @@ def test_classification_term_uses_the_purified_adversarial_input():
     is CE of the classifier in eval mode on the purified adversarial input. A train-mode FGSM would differ."""
     trainer = bn_trainer(["atop"], ["atop.ce_start_epoch=0", "atop.recon_target=clean"])
     x, y, idx = next(iter(trainer.train_loader))
-    from regdefense.step import Step
+    from regdefense.host.step import Step
 
     step = Step.from_batch((x[:16], y[:16], idx[:16]), trainer.device)
     classifier = copy.deepcopy(trainer.model)
@@ -112,15 +112,15 @@ def test_eot_averages_gradients_over_transform_samples():
 
 
 def test_pretrain_then_finetune_and_adaptive_evaluation(tmp_path):
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     common = ["train.epochs=1", "data.limit=128", "eval.pgd_steps=1", "eval.test_samples=16", "train.progress=false",
               "train.optimizer=adam", "train.lr=0.001"]
     pre = train(defenses=["atop"], overrides=common + ["atop.phase=pretrain"], out=tmp_path / "pre", echo=lambda s: None)
     fine = train(defenses=["atop"], overrides=common + [f"atop.purifier_init={pre.run_dir}", "atop.ce_start_epoch=0"],
                  out=tmp_path / "fine", echo=lambda s: None)
-    from regdefense import checkpoint
+    from regdefense.base import checkpoint
 
     start = checkpoint.load(pre.run_dir / "checkpoints" / "best.pt")["modules"]["atop_purifier"]
     assert start.keys() == checkpoint.load(fine.run_dir / "checkpoints" / "best.pt")["modules"]["atop_purifier"].keys()

@@ -5,8 +5,8 @@ import torch
 import torchattacks
 from torch import nn
 
-from regdefense.attacks import model_mode, parse_spec, pgd, resolve_attack
-from regdefense.errors import ConfigError
+from regdefense.attacks.adapter import model_mode, parse_spec, pgd, resolve_attack
+from regdefense.base.errors import ConfigError
 
 
 def _model():

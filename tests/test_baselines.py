@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regdefense.attacks import pgd
-from regdefense.errors import PluginError
-from regdefense.losses import kl
-from regdefense.plugins import activate
-from regdefense.step import Step
+from regdefense.attacks.adapter import pgd
+from regdefense.base.errors import PluginError
+from regdefense.host.losses import kl
+from regdefense.host.discovery import activate
+from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, far_apart, make_trainer, skew_bn
 from regdefense_baselines.awp import perturbable
 from regdefense_baselines.gairat import gair_weights

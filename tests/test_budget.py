@@ -1,4 +1,4 @@
-"""One threat budget: every defense that attacks resolves ε and its step through the one rule of regdefense.defense,
+"""One threat budget: every defense that attacks resolves ε and its step through the one rule of regdefense.host.defense,
 and `train --check` shows what each resolves to."""
 
 import dataclasses
@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from regdefense.cli import cli
-from regdefense.defense import Budget, Radius, SingleStepBudget, StepBudget
-from regdefense.plugins import catalogue
+from regdefense.host.defense import Budget, Radius, SingleStepBudget, StepBudget
+from regdefense.host.discovery import catalogue
 
 
 class _Trainer:

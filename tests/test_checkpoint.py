@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from regdefense import checkpoint
-from regdefense.errors import CheckpointError
+from regdefense.base import checkpoint
+from regdefense.base.errors import CheckpointError
 
 
 class _Evil:
@@ -100,7 +100,7 @@ def test_a_full_disk_during_a_write_keeps_the_previous_checkpoint(tmp_path, monk
 
 _WRITER = """
 import sys, torch
-from regdefense import checkpoint
+from regdefense.base import checkpoint
 path, n = sys.argv[1], 0
 while True:
     n += 1

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from regdefense.config import coerce, parse_overrides, safe_eval
-from regdefense.errors import ConfigError
-from regdefense.run import load_config
+from regdefense.base.config import parse_overrides
+from regdefense.base.fields import coerce, safe_eval
+from regdefense.base.errors import ConfigError
+from regdefense.training.run import load_config
 
 
 def test_defaults_are_pgd_at_on_digits():
@@ -71,7 +72,7 @@ def test_value_parsing():
 
 def test_every_defense_config_survives_the_saved_json():
     """config.json and checkpoints store the config as JSON; reading it back must give the same config."""
-    from regdefense.plugins import catalogue
+    from regdefense.host.discovery import catalogue
 
     for name, info in catalogue().items():
         if info.error:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from regdefense.run import load_config
-from regdefense.schedule import build_scheduler
+from regdefense.training.run import load_config
+from regdefense.training.schedule import build_scheduler
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

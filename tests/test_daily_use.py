@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import pytest
 
 from regdefense import hookimpl, option
-from regdefense.defense import Defense
-from regdefense.errors import UserError
-from regdefense.run import train
+from regdefense.host.defense import Defense
+from regdefense.base.errors import UserError
+from regdefense.training.run import train
 from regdefense.testing import TINY, make_trainer
 
 
@@ -48,7 +48,7 @@ EPOCH_LINE = r"epoch {k}/2  loss [0-9.e+-]+ \(robust [0-9.e+-]+, task [0-9.e+-]+
 def test_training_shows_the_running_loss_and_one_line_per_epoch(tmp_path, capsys, monkeypatch):
     import re
 
-    from regdefense.services import Progress
+    from regdefense.training.services import Progress
 
     monkeypatch.setattr(Progress, "interval", 0.0)  # refresh the loss terms at every batch
     lines = []
@@ -72,7 +72,7 @@ def test_every_check_shows_a_bar_and_quiet_shows_none(capsys):
 
     import torch
 
-    from regdefense.evaluate import evaluate_model
+    from regdefense.evaluation.runner import evaluate_model
     from regdefense.testing import tiny_config  # noqa: F401  (the same tiny digits as the trainer tests)
 
     torch.manual_seed(0)
@@ -103,8 +103,8 @@ def _folder_dataset(root, n=48, size=10):
 
 
 def test_the_surrogate_states_its_cost_and_is_not_trained_over_the_budget(tmp_path, capsys, monkeypatch):
-    import regdefense.surrogate as sg
-    from regdefense.evaluate import evaluate
+    import regdefense.evaluation.surrogate as sg
+    from regdefense.evaluation.runner import evaluate
 
     monkeypatch.setenv("REGDEFENSE_CACHE", str(tmp_path / "cache"))
     data = _folder_dataset(tmp_path / "data", size=16)
@@ -132,8 +132,8 @@ def test_a_folder_datasets_surrogate_lands_in_the_cache_never_beside_the_data(tm
     import os
     import stat
 
-    from regdefense.evaluate import evaluate
-    from regdefense.surrogate import surrogate_dir
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.evaluation.surrogate import surrogate_dir
 
     monkeypatch.setenv("REGDEFENSE_CACHE", str(tmp_path / "cache"))
     data = _folder_dataset(tmp_path / "ro" / "data") if (tmp_path / "ro").mkdir() is None else None
@@ -160,7 +160,7 @@ def test_a_folder_datasets_surrogate_lands_in_the_cache_never_beside_the_data(tm
 
 
 def test_evaluations_accumulate_and_the_best_known_row_sees_every_out_folder(tmp_path):
-    from regdefense.evaluate import evaluate
+    from regdefense.evaluation.runner import evaluate
 
     run = train(defenses=["none"], overrides=TINY, out=tmp_path / "run", echo=lambda _m: None).run_dir
     kw = {"n": 40, "checks": False, "progress": False}
@@ -245,7 +245,7 @@ def test_resume_names_the_distribution_of_a_defense_that_is_not_installed(tmp_pa
 def test_train_check_refuses_the_trackers_the_run_would_refuse(monkeypatch):
     import importlib.util
 
-    from regdefense.run import check
+    from regdefense.training.run import check
 
     with pytest.raises(UserError, match="unknown tracker 'csv'"):
         check(defenses=["pgd_at"], overrides=TINY + ['train.log=["csv"]'])
@@ -263,7 +263,7 @@ def test_train_check_refuses_the_trackers_the_run_would_refuse(monkeypatch):
 def test_compare_survives_real_folders(tmp_path):
     from click.testing import CliRunner
 
-    from regdefense import compare as cmp
+    from regdefense.sweeps import compare as cmp
     from regdefense.cli import cli
 
     sweep = tmp_path / "sweep"
@@ -301,7 +301,7 @@ def test_compare_survives_real_folders(tmp_path):
 def test_the_eps_curve_ends_at_the_documented_very_large_eps():
     import torch
 
-    from regdefense.evaluate import evaluate_model
+    from regdefense.evaluation.runner import evaluate_model
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from regdefense.config import DataConfig
-from regdefense.data import BatchLoader, augment_batch, draw_augment, load_data
-from regdefense.errors import DataError
+from regdefense.base.config import DataConfig
+from regdefense.data.sources import BatchLoader, augment_batch, draw_augment, load_data
+from regdefense.base.errors import DataError
 
 
 def test_digits_are_embedded_with_a_fixed_split():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from regdefense import distributed
+from regdefense.base import distributed
 
 WORKER = Path(__file__).parent / "workers" / "ddp_worker.py"
 

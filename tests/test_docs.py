@@ -5,8 +5,8 @@ import inspect
 import re
 from pathlib import Path
 
-import regdefense.hookspecs as hookspecs
-from regdefense.plugins import catalogue
+import regdefense.host.hookspecs as hookspecs
+from regdefense.host.discovery import catalogue
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -84,7 +84,7 @@ def test_the_budget_example_of_writing_plugins_trains_with_its_declared_defaults
 
 
 def test_every_recipe_resolves_and_every_defense_has_a_page():
-    from regdefense.run import load_config
+    from regdefense.training.run import load_config
 
     recipes = sorted((DOCS.parent / "recipes").rglob("*.toml"))
     assert len(recipes) >= 20
@@ -124,8 +124,9 @@ def test_architecture_places_every_module_and_counts_its_registries_right():
     above a table of four (issue 33 item 10)."""
     text = (DOCS / "architecture.md").read_text()
     picture = text.split("```")[1]
-    modules = sorted(p.stem for p in (DOCS.parent / "regdefense").glob("*.py") if p.stem != "__init__")
-    assert [m for m in modules if not re.search(rf"(?<![\w.]){re.escape(m)}(?![\w])", picture)] == []
+    modules = sorted(p.stem for p in (DOCS.parent / "regdefense").rglob("*.py") if p.stem != "__init__")
+    packages = sorted(p.parent.name + "/" for p in (DOCS.parent / "regdefense").glob("*/__init__.py"))
+    assert [m for m in modules + packages if not re.search(rf"(?<![\w.]){re.escape(m)}(?![\w])", picture)] == []
     assert "plugins/" in text
     section = text.split("## Open registries")[1].split("\n\n```")[0]
     rows = [line for line in section.splitlines() if line.startswith("| `regdefense")]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from regdefense.step import Step
+from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, far_apart, make_trainer
 
 
@@ -107,7 +107,7 @@ def test_awp_probe_uses_the_base_objective_with_true_labels():
     model = trainer.model
     assert set(probe) == {"task", "robust"}
     assert probe["task"].item() == pytest.approx(F.cross_entropy(model(step.inputs), step.labels).item(), rel=1e-5)
-    from regdefense.losses import kl
+    from regdefense.host.losses import kl
 
     assert probe["robust"].item() == pytest.approx(6 * kl(model(step.inputs), model(step.adv_inputs)).mean().item(),
                                                    rel=1e-4)
@@ -122,7 +122,7 @@ def test_awp_probe_uses_the_base_objective_with_true_labels():
     (["dynat"], []),
 ])
 def test_stacks_train_and_the_guide_is_checkpointed(stack, extra, tmp_path):
-    from regdefense import checkpoint
+    from regdefense.base import checkpoint
 
     ov = ["train.epochs=2", "awp.warmup_epochs=1", "trades.steps=2", "dynat.steps=2"] + extra
     trainer = make_trainer(stack, [o for o in ov if o.split(".")[0] in stack + ["train"]], run_dir=tmp_path)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from regdefense import escalate as esc
-from regdefense.checks import CheckContext, result
-from regdefense.evaluate import evaluate_model
-from regdefense.metrics import wilson_interval
-from regdefense.report import markdown
-from regdefense.results import Report, Row
+from regdefense.evaluation import escalate as esc
+from regdefense.evaluation.checks import CheckContext, result
+from regdefense.evaluation.runner import evaluate_model
+from regdefense.evaluation.metrics import wilson_interval
+from regdefense.evaluation.report import markdown
+from regdefense.evaluation.results import Report, Row
 
 N = 40
 MARGIN = 2 / N  # two points of the 40
@@ -142,7 +142,7 @@ def test_an_honest_model_gets_no_masking_escalation_and_the_same_numbers(digits_
 
 
 def test_adaptive_takes_auto_or_off(digits_models):
-    from regdefense.errors import UserError
+    from regdefense.base.errors import UserError
 
     data = digits_models["data"]
     with pytest.raises(UserError, match="auto or off"):

@@ -10,12 +10,12 @@ import torch
 import torchattacks
 from torch import nn
 
-from regdefense.attacks import resolve_attack
-from regdefense.checks import input_gradient_norms
-from regdefense.errors import ConfigError
-from regdefense.evaluate import evaluate_model
-from regdefense.metrics import auroc, psnr, wilson_interval
-from regdefense.suites import build_suite
+from regdefense.attacks.adapter import resolve_attack
+from regdefense.evaluation.checks import input_gradient_norms
+from regdefense.base.errors import ConfigError
+from regdefense.evaluation.runner import evaluate_model
+from regdefense.evaluation.metrics import auroc, psnr, wilson_interval
+from regdefense.evaluation.suites import build_suite
 
 
 def _eval(model, data, suites=("quick",), n=200, **kw):
@@ -65,7 +65,7 @@ def test_accuracy_acc_drop_and_worst_case_match_direct_computation(digits_models
     x, y = data.test.floats()[:200], data.test.y[:200]
     with torch.no_grad():
         clean_ok = model(x).argmax(1) == y
-    from regdefense.evaluate import batch_seed
+    from regdefense.evaluation.runner import batch_seed
 
     torch.manual_seed(batch_seed(3, 0))  # one batch of 200: seeded by the evaluation seed and its first index
     pgd = torchattacks.PGD(model, eps=0.2, alpha=0.025, steps=20, random_start=True)(x, y)
@@ -152,7 +152,7 @@ def test_paper_suites_and_specs():
     assert [a.label for a in p2.attacks][:6] == ["PGD-10", "PGD-20", "PGD-50", "PGD-100", "CW-Linf-20", "APGD"]
     apgd = resolve_attack(p2.attacks[5].spec)._build(nn.Linear(2, 2), torch.rand(1, 2))
     assert (apgd.loss, apgd.steps, apgd.eps) == ("ce", 100, 8 / 255) and not p2.attacks[5].group
-    assert resolve_attack(p2.attacks[4].spec).cls.__module__ == "regdefense.attack_fixes"
+    assert resolve_attack(p2.attacks[4].spec).cls.__module__ == "regdefense.attacks.fixes"
     assert [a.label for a in p2.attacks if a.group] == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
     one = build_suite("art:HopSkipJump(max_iter=2)", eps=None, default_eps=0.2, norm="linf", num_classes=10)
     assert one.attacks[0].spec == "art:HopSkipJump(max_iter=2)"
@@ -161,13 +161,13 @@ def test_paper_suites_and_specs():
 
 
 def test_cascade_attacks_only_still_robust_points(digits_models, monkeypatch):
-    import regdefense.attacks as attacks
-    import regdefense.suites as suites
+    import regdefense.attacks.adapter as attacks
+    import regdefense.evaluation.suites as suites
 
     model, data = digits_models["pgd_at"], digits_models["data"]
     two = suites.Suite("two", [suites.SuiteAttack("FGSM", "torchattacks:FGSM(eps=0.2)", group="G"),
                                suites.SuiteAttack("PGD", "torchattacks:PGD(eps=0.2, alpha=0.025, steps=10)", group="G")])
-    monkeypatch.setitem(suites._SUITES, "two", lambda request: two)  # a suite registered like a built-in
+    monkeypatch.setitem(suites.SUITES._builtin, "two", lambda request: two)  # a suite registered like a built-in
     seen, real = [], attacks.LibraryAttack.__call__
 
     def spy(self, m, x, y):
@@ -217,7 +217,7 @@ def test_pgd_at_model_passes_every_check(digits_models):
     assert set(status.values()) == {"pass"} and len(status) == 10, report.checks
     assert not report.warnings
     assert report.eps_curve[0]["acc"] == report.clean or report.eps_curve[0]["eps"] == 0
-    from regdefense.report import eps_floor
+    from regdefense.evaluation.report import eps_floor
 
     assert eps_floor(report) is None  # a PGD-AT model's sweep reaches zero: nothing to mark
     accs = [p["acc"] for p in report.eps_curve]
@@ -232,7 +232,7 @@ def test_gradient_masking_model_trips_its_checks(digits_models):
     assert _check(report, "input gradients")["status"] == "warn"
     assert _check(report, "black-box vs white-box")["status"] == "warn"
     assert any("input gradients" in w for w in report.warnings)
-    from regdefense.report import eps_floor
+    from regdefense.evaluation.report import eps_floor
 
     floor = eps_floor(report)  # the ε-sweep plot marks where accuracy fails to reach zero
     assert floor is not None and floor["eps"] == max(p["eps"] for p in report.eps_curve) and floor["acc"] > 0.1
@@ -269,7 +269,7 @@ def test_collapsed_model_is_flagged(digits_models):
 
 
 def test_evaluate_command_writes_reports_for_a_run(tmp_path, digits_models):
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     result = train(defenses=["pgd_at"], overrides=["train.epochs=1", "data.limit=128", "pgd_at.steps=1",
                                                    "eval.pgd_steps=1", "eval.test_samples=16", "train.progress=false"],
@@ -303,7 +303,7 @@ def test_evaluate_a_users_own_state_dict_and_bad_inputs(tmp_path, digits_models)
 def test_torchscript_model_file(tmp_path, digits_models):
     path = tmp_path / "m.ts"
     torch.jit.script(digits_models["clean"]).save(str(path))
-    from regdefense.evaluate import evaluate
+    from regdefense.evaluation.runner import evaluate
     report, files = evaluate(path, arch="torchscript", n=32, checks=False, progress=False, out=tmp_path / "ev",
                              trust_code=True)  # TorchScript is code: as `regdefense evaluate --trust-code`
     assert report.clean > 0.8 and files["md"].exists()
@@ -311,8 +311,8 @@ def test_torchscript_model_file(tmp_path, digits_models):
 
 def test_evaluating_a_run_whose_defense_has_state(tmp_path):
     """fgsm_pgk's buffers and ema's copy must be rebuilt (fit_start) before the checkpoint is loaded into them."""
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     result = train(defenses=["fgsm_pgk", "ema"], overrides=["train.epochs=1", "data.limit=128", "eval.pgd_steps=1",
                                                             "eval.test_samples=16", "train.progress=false"],
@@ -322,8 +322,8 @@ def test_evaluating_a_run_whose_defense_has_state(tmp_path):
 
 
 def test_the_best_known_ledger_only_lowers_the_headline_and_names_the_breaking_attack(tmp_path):
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     run = train(overrides=["train.epochs=3", "train.progress=false", "train.device=cpu", "eval.val_samples=32",
                            "eval.pgd_steps=1"], out=tmp_path / "run", echo=lambda s: None).run_dir
@@ -351,7 +351,7 @@ def test_the_best_known_ledger_only_lowers_the_headline_and_names_the_breaking_a
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(digits_models, tmp_path, monkeypatch):
-    import regdefense.attacks as attacks
+    import regdefense.attacks.adapter as attacks
 
     model, data = digits_models["pgd_at"], digits_models["data"]
     kw = {"suites": ["quick", "torchattacks:PGD(eps=0.2, alpha=0.05, steps=5, random_start=True)"], "n": 96,
@@ -403,8 +403,8 @@ def test_a_corrupt_progress_file_starts_over(digits_models, tmp_path, capsys):
 
 def test_an_evaluation_in_chunks_equals_the_whole(tmp_path):
     """Chunks are decoded, attacked and merged: per-point results, accuracies and every metric match one pass."""
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     run = train(overrides=["train.epochs=2", "train.progress=false", "train.device=cpu", "eval.val_samples=32",
                            "eval.pgd_steps=1"], out=tmp_path / "run", echo=lambda s: None).run_dir

@@ -7,13 +7,13 @@ import torch
 from click.testing import CliRunner
 
 from regdefense.cli import cli
-from regdefense.errors import UserError
-from regdefense.export import export, load
+from regdefense.base.errors import UserError
+from regdefense.interop.export import export, load
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     out = tmp_path_factory.mktemp("export") / "run"
     return train(defenses=["pgd_at", "ema"], overrides=["train.epochs=2", "train.progress=false", "train.device=cpu",
@@ -23,7 +23,7 @@ def run(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch-export", "torchscript"])
 def test_an_export_reloads_to_the_same_logits(run, tmp_path, fmt):
-    from regdefense.evaluate import load_target
+    from regdefense.evaluation.runner import load_target
 
     files = export(run, fmt=fmt, out=tmp_path / fmt)
     info = json.loads(files["config"].read_text())
@@ -50,7 +50,7 @@ def test_an_export_reloads_to_the_same_logits(run, tmp_path, fmt):
 def test_evaluate_completes_on_a_torch_export_and_a_torchscript_model(run, tmp_path, what):
     import warnings
 
-    from regdefense.evaluate import evaluate
+    from regdefense.evaluation.runner import evaluate
 
     fmt = "torchscript" if what == "torchscript" else "torch-export"
     with warnings.catch_warnings():
@@ -79,7 +79,7 @@ class Detached(torch.nn.Module):
 
 
 def test_autoattack_on_a_model_without_input_gradients_reports_rows_that_did_not_run(run):
-    from regdefense.evaluate import evaluate_model, load_target
+    from regdefense.evaluation.runner import evaluate_model, load_target
 
     t = load_target(run, n=8, device="cpu")
     report = evaluate_model(Detached(t.model), t.x, t.y, suites=["autoattack"], eps=t.default_eps, progress=False,
@@ -102,8 +102,8 @@ def test_summary_json_says_what_the_run_cost(run):
     summary = json.loads((run / "summary.json").read_text())
     cost = summary["cost"]
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    from regdefense.data import load_data
-    from regdefense.config import DataConfig
+    from regdefense.data.sources import load_data
+    from regdefense.base.config import DataConfig
 
     n_train = len(load_data(DataConfig()).train)  # the default digits' training split after the held-out part
     expected = len(history) * n_train / sum(h["epoch_seconds"] for h in history)
@@ -120,7 +120,7 @@ def test_robustbench_model_info_from_the_official_autoattack_evaluation(run, tmp
     import re
     from pathlib import Path
 
-    from regdefense.evaluate import evaluate
+    from regdefense.evaluation.runner import evaluate
 
     # RobustBench's documented model-info fields, read from its leaderboard generator's source (importing the
     # package needs setuptools' pkg_resources, which a fresh virtual environment may not have)
@@ -144,7 +144,7 @@ def test_robustbench_model_info_from_the_official_autoattack_evaluation(run, tmp
 def test_compare_groups_seeds_by_recipe_and_shows_failed_runs(run, tmp_path):
     import statistics
 
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     common = ["train.epochs=1", "train.progress=false", "train.device=cpu", "eval.val_samples=32", "eval.pgd_steps=1",
               "data.limit=200"]
@@ -181,8 +181,8 @@ def test_compare_groups_seeds_by_recipe_and_shows_failed_runs(run, tmp_path):
 def test_art_attacks_a_torch_export(run, tmp_path):
     from art.attacks.evasion import ProjectedGradientDescent
 
-    from regdefense.art import to_art_classifier
-    from regdefense.evaluate import load_target
+    from regdefense.interop.art import to_art_classifier
+    from regdefense.evaluation.runner import load_target
 
     export(run, fmt="torch-export", out=tmp_path / "pt2")
     classifier = to_art_classifier(tmp_path / "pt2", trust_code=True)

@@ -7,15 +7,15 @@ import torch
 from test_reliability import EXACT, SignalAt, _weights
 from test_stream import folder, shards  # noqa: F401  (fixtures)
 
-from regdefense import checkpoint
-from regdefense.config import DataConfig
-from regdefense.data import Split, load_data
-from regdefense.errors import DataError
-from regdefense.extra import Extra, MixedLoader, load_extra
-from regdefense.plugins import activate
-from regdefense.safety import TrainingInterrupted
+from regdefense.base import checkpoint
+from regdefense.base.config import DataConfig
+from regdefense.data.sources import Split, load_data
+from regdefense.base.errors import DataError
+from regdefense.training.extra import Extra, MixedLoader, load_extra
+from regdefense.host.discovery import activate
+from regdefense.base.safety import TrainingInterrupted
 from regdefense.testing import tiny_config
-from regdefense.trainer import Trainer
+from regdefense.training.loop import Trainer
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_every_batch_holds_the_requested_share_and_an_epoch_is_one_pass_over_the
 
 
 def test_pseudo_labels_are_computed_once_cached_and_filtered_by_confidence(sources, tmp_path, monkeypatch):
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     monkeypatch.setenv("REGDEFENSE_CACHE", str(tmp_path / "cache"))
     labelled, unlabelled, truth = sources
@@ -62,7 +62,7 @@ def test_pseudo_labels_are_computed_once_cached_and_filtered_by_confidence(sourc
     assert first.info["pseudo_labelled"] == 200 and len(first) == 500
     assert torch.equal(first.labels[:300], torch.from_numpy(np.load(labelled)["y"]))  # given labels are kept
     # the teacher's own predictions, computed independently
-    from regdefense.evaluate import load_target
+    from regdefense.evaluation.runner import load_target
 
     model = load_target(teacher, n=1, device="cpu").model
     with torch.no_grad():
@@ -102,7 +102,7 @@ EXTRA = ["data.extra_fraction=0.5", "fgsm_pgk.buffers=host"]
 def test_fgsm_pgk_buffers_index_extra_samples_and_a_mid_epoch_resume_is_bit_identical(sources, tmp_path):
     labelled, _, _ = sources
     over = [*EXACT, *EXTRA, f'data.extra=["{labelled}"]']
-    from regdefense.run import check
+    from regdefense.training.run import check
 
     cfg = tiny_config(["fgsm_pgk"], over)
     assert "extra  300 samples from 1 source(s) (0 pseudo-labelled), 0.5 of each batch; 9 batches" in check(cfg)
@@ -142,10 +142,10 @@ def test_extra_keeps_its_origin_per_source():
 
 
 def test_the_swish_wideresnets_and_the_cosinew_schedule_of_the_extra_data_recipes():
-    from regdefense.config import TrainConfig
+    from regdefense.base.config import TrainConfig
     from regdefense.models import create_model
-    from regdefense.run import load_config
-    from regdefense.schedule import build_scheduler
+    from regdefense.training.run import load_config
+    from regdefense.training.schedule import build_scheduler
 
     relu = create_model("wideresnet", in_channels=3, num_classes=10, image_size=32, depth=10, widen=1)
     silu = create_model("wideresnet", in_channels=3, num_classes=10, image_size=32, depth=10, widen=1,
@@ -170,7 +170,7 @@ def test_the_swish_wideresnets_and_the_cosinew_schedule_of_the_extra_data_recipe
 
 
 def test_extra_images_stream_from_webdataset_shards_and_class_folders(shards, folder):
-    from regdefense.stream import scan_folder, scan_shards
+    from regdefense.data.stream import scan_folder, scan_shards
 
     extra = load_extra(DataConfig(extra=[str(shards / "train"), str(folder / "train")]), (3, 16, 16), 3)
     assert len(extra) == 180 and not extra.pseudo.any()

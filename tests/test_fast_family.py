@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regdefense.errors import ConfigError, UserError
-from regdefense.parts import load_config
-from regdefense.step import Step
+from regdefense.base.errors import ConfigError, UserError
+from regdefense.training.assembly import load_config
+from regdefense.host.step import Step
 from regdefense.testing import BN_MODEL, TINY, make_trainer, skew_bn
-from regdefense.trainer import Trainer
+from regdefense.training.loop import Trainer
 from regdefense_baselines.gradalign import alignment
 from regdefense_baselines.zerograd import consensus, quantile_mask
 
@@ -329,7 +329,7 @@ def test_atas_warm_up_step_and_reset_epochs_follow_the_reference(monkeypatch):
 
 @pytest.fixture(scope="module")
 def clean_helper(tmp_path_factory):
-    from regdefense.run import train
+    from regdefense.training.run import train
     from regdefense.testing import TINY
 
     return train(
@@ -371,7 +371,7 @@ def _hat_one_batch(stack, overrides):
 
 
 def _helper_labels(helper_dir, x_adv):
-    from regdefense.restore import load_model
+    from regdefense.training.restore import load_model
 
     with torch.no_grad():  # ctx_noparamgrad_and_eval(hr_model)
         return load_model(helper_dir).eval()(x_adv).argmax(dim=1)

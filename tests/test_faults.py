@@ -20,17 +20,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from regdefense import checkpoint, hookimpl
+from regdefense import hookimpl
+from regdefense.base import checkpoint
 from regdefense.cli import cli
-from regdefense.errors import ConfigError, UserError
-from regdefense.evaluate import evaluate, evaluate_model
-from regdefense.files import FolderTaken, WriteError
-from regdefense.plugins import activate
-from regdefense.resume import EvalState
-from regdefense.run import load_config, locate_resume, train
-from regdefense.safety import Interrupted, NonFiniteLoss, TrainingInterrupted
+from regdefense.base.errors import ConfigError, UserError
+from regdefense.evaluation.runner import evaluate, evaluate_model
+from regdefense.base.files import FolderTaken, WriteError
+from regdefense.host.discovery import activate
+from regdefense.evaluation.resume import EvalState
+from regdefense.training.run import load_config, locate_resume, train
+from regdefense.base.safety import Interrupted, NonFiniteLoss, TrainingInterrupted
 from regdefense.testing import tiny_config
-from regdefense.trainer import Trainer
+from regdefense.training.loop import Trainer
 
 TINY = ["train.epochs=2", "data.limit=128", "pgd_at.steps=1", "eval.pgd_steps=1", "eval.test_samples=32",
         "eval.val_samples=32", "train.progress=false"]
@@ -82,7 +83,7 @@ def test_out_onto_a_users_folder_changes_nothing_and_says_why(tmp_path):
 
 HOLD = """
 import sys, time
-from regdefense.files import FolderLock
+from regdefense.base.files import FolderLock
 FolderLock(sys.argv[1], "training").acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -181,7 +182,7 @@ def test_kill_9_between_the_metrics_line_and_the_checkpoint_resumes_without_dupl
 
 
 def test_kill_9_before_the_first_checkpoint_is_recognised_and_started_again(tmp_path, killer):
-    from regdefense import sweep
+    from regdefense.sweeps import sweep
 
     marker = tmp_path / "killed"
     recipe = tmp_path / "recipes" / "kill.toml"
@@ -277,7 +278,7 @@ def test_a_report_that_cannot_be_written_keeps_the_progress_and_says_where(tmp_p
 
 def test_a_corrupt_ledger_is_moved_aside_and_an_unwritable_one_still_leaves_the_report(tmp_path, tiny_run,
                                                                                         monkeypatch):
-    from regdefense import ledger
+    from regdefense.evaluation import ledger
 
     ledgers = tmp_path / "ledgers"
     monkeypatch.setenv("REGDEFENSE_LEDGER", str(ledgers))
@@ -354,12 +355,12 @@ def test_sigterm_to_evaluate_exits_143_and_the_same_command_resumes(tmp_path, ti
 
 
 def test_ctrl_c_outside_training_and_evaluation_exits_130_not_aborted(monkeypatch):
-    import regdefense.run
+    import regdefense.training.run
 
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(regdefense.run, "check", interrupted)
+    monkeypatch.setattr(regdefense.training.run, "check", interrupted)
     result = CliRunner().invoke(cli, ["train", "--check"])
     assert result.exit_code == 130 and "Aborted" not in result.output
 
@@ -497,7 +498,7 @@ def test_a_lock_file_that_is_a_link_is_never_followed(tmp_path):
 
 def test_a_signal_during_the_sanity_checks_stops_the_evaluation(tmp_path, tiny_run):
     """The checks catch every Exception (a check must not lose the evaluation): a signal got swallowed there."""
-    from regdefense import checks
+    from regdefense.evaluation import checks
 
     @checks.check("sends SIGINT", order=0)
     def interrupt(ctx):
@@ -510,12 +511,12 @@ def test_a_signal_during_the_sanity_checks_stops_the_evaluation(tmp_path, tiny_r
             evaluate(tiny_run, suites=["torchattacks:FGSM(eps=0.2)"], n=32, check_samples=32, surrogate=None,
                      progress=False, out=tmp_path / "eval")
     finally:
-        checks._CHECKS.pop("sends SIGINT")
+        checks.CHECKS._builtin.pop("sends SIGINT")
     assert info.value.exit_code == 130 and not (tmp_path / "eval" / "report.json").exists()
 
 
 def test_a_signal_after_the_report_says_the_report_is_written(tmp_path):
-    from regdefense.evaluate import _signals_stop
+    from regdefense.evaluation.runner import _signals_stop
 
     with pytest.raises(Interrupted, match=r"the report is written \(R.json\) but not yet in the best-known ledger"):
         with _signals_stop(tmp_path, "RUN", {"resume": True, "report": "R.json"}):
@@ -539,7 +540,7 @@ def test_evaluate_never_writes_over_a_users_report(tmp_path, tiny_run):
 def test_a_run_never_inherits_determinism_from_an_earlier_run_in_the_same_process():
     """train.deterministic=true switched torch's deterministic algorithms on for the rest of the process: a later
     run's kernels (and weights) then depended on what ran before it (a test session's order, a notebook)."""
-    from regdefense.runtime import seed_everything
+    from regdefense.base.runtime import seed_everything
 
     before = torch.are_deterministic_algorithms_enabled()
     try:

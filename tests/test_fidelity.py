@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from regdefense import contract, hookimpl
-from regdefense.attack_fixes import CW, UPGD, margin
-from regdefense.attacks import resolve_attack
-from regdefense.errors import PluginError
-from regdefense.evaluate import accuracy
-from regdefense.plugins import activate, call_order, catalogue
-from regdefense.step import Step
+from regdefense import hookimpl
+from regdefense.host import contract
+from regdefense.attacks.fixes import CW, UPGD, margin
+from regdefense.attacks.adapter import resolve_attack
+from regdefense.base.errors import PluginError
+from regdefense.evaluation.runner import accuracy
+from regdefense.host.discovery import activate, call_order, catalogue
+from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, far_apart, make_trainer
 from regdefense_baselines.mail import mail_weights
 
@@ -123,8 +124,8 @@ class Centroids(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def centroid_data():
-    from regdefense.data import load_data
-    from regdefense.config import DataConfig
+    from regdefense.data.sources import load_data
+    from regdefense.base.config import DataConfig
 
     data = load_data(DataConfig(name="digits"), 0)
     x, y = data.train.floats(torch.arange(len(data.train))), data.train.y
@@ -413,7 +414,7 @@ def test_label_smoothing_reaches_every_objective():
 
 
 def test_warmup_scales_the_schedule_without_moving_its_milestones():
-    from regdefense.schedule import build_scheduler
+    from regdefense.training.schedule import build_scheduler
     from regdefense.testing import tiny_config
 
     def rates(extra):
@@ -438,7 +439,7 @@ def test_warmup_scales_the_schedule_without_moving_its_milestones():
 def test_adam_betas_are_configurable_and_checked():
     trainer = make_trainer(["pgd_at"], ["train.optimizer=adam", "train.betas=[0.5, 0.999]"])
     assert trainer.optimizer.param_groups[0]["betas"] == (0.5, 0.999)
-    from regdefense.errors import ConfigError
+    from regdefense.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.betas"):
         make_trainer(["pgd_at"], ["train.betas=[0.5]"])

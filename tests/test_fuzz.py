@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from regdefense.cli import cli
-from regdefense.config import DataConfig, EvalConfig, ModelConfig, ThreatConfig, TrainConfig
+from regdefense.base.config import DataConfig, EvalConfig, ModelConfig, ThreatConfig, TrainConfig
 
 # keys that reach the network or the whole file system are fuzzed in test_cli.py with chosen values instead
 OFF_LIMITS = {"data.name", "data.download", "data.data_dir", "model.pretrained", "train.init", "train.out_dir"}
@@ -96,8 +96,8 @@ SPEC = st.one_of(
 @given(spec=SPEC)
 def test_fuzzed_attack_specs_resolve_or_give_a_user_error(spec):
     """Attack specs come from users' command lines and run files: parsed, never executed."""
-    from regdefense.attacks import resolve_attack
-    from regdefense.errors import UserError
+    from regdefense.attacks.adapter import resolve_attack
+    from regdefense.base.errors import UserError
 
     try:
         attack = resolve_attack(spec)

@@ -3,10 +3,10 @@ honest part of it, and no module of the host layer depends on the loop, even for
 
 import grimp
 
-from regdefense.host import Host, TrainingHost
-from regdefense.parts import Assembly
-from regdefense.run import load_config
-from regdefense.trainer import Trainer
+from regdefense.host.interface import Host, TrainingHost
+from regdefense.training.assembly import Assembly
+from regdefense.training.run import load_config
+from regdefense.training.loop import Trainer
 
 
 def test_the_trainer_is_a_training_host_and_the_rebuild_assembly_a_host():
@@ -29,5 +29,5 @@ def test_no_circle_even_counting_type_only_imports():
             if back:
                 circles.append((importer, *back))
     assert circles == []
-    for module in ("regdefense.hookspecs", "regdefense.core", "regdefense.services", "regdefense.host"):
-        assert not graph.chain_exists(importer=module, imported="regdefense.trainer"), module
+    for module in ("regdefense.host.hookspecs", "regdefense.host.core", "regdefense.training.services", "regdefense.host.interface"):
+        assert not graph.chain_exists(importer=module, imported="regdefense.training.loop"), module

@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from regdefense.cli import cli
-from regdefense.errors import UserError
-from regdefense.run import train
+from regdefense.base.errors import UserError
+from regdefense.training.run import train
 
 COMMON = ["train.progress=false", "train.device=cpu", "eval.val_samples=32", "eval.pgd_steps=1", "data.limit=200"]
 
@@ -26,7 +26,7 @@ def offline_hub(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from regdefense.evaluate import evaluate
+    from regdefense.evaluation.runner import evaluate
 
     out = tmp_path_factory.mktemp("hub") / "run"
     run_dir = train(defenses=["pgd_at"], overrides=[*COMMON, "train.epochs=2", "train.seed=3"], out=out,
@@ -36,8 +36,8 @@ def run(tmp_path_factory):
 
 
 def test_a_push_to_the_local_cache_loads_back_offline_bit_for_bit(run, offline_hub):
-    from regdefense.evaluate import load_target
-    from regdefense.hub import push
+    from regdefense.evaluation.runner import load_target
+    from regdefense.interop.hub import push
 
     result = CliRunner().invoke(cli, ["push", str(run), "lab/digits-pgd", "--to-cache"])
     assert result.exit_code == 0, result.output
@@ -70,11 +70,11 @@ def test_a_push_to_the_local_cache_loads_back_offline_bit_for_bit(run, offline_h
                                    "--no-checks", "--quiet", "--json", "--out", str(run.parent / "hf-eval")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["meta"]["target"] == "hf:lab/digits-pgd"
-    from regdefense.run import load_config
-    from regdefense.trainer import Trainer
+    from regdefense.training.run import load_config
+    from regdefense.training.loop import Trainer
 
     trainer = Trainer(load_config(overrides=[*COMMON, "train.init=hf:lab/digits-pgd"]))
-    from regdefense import checkpoint
+    from regdefense.base import checkpoint
 
     state = checkpoint.load(run / "checkpoints" / "best.pt")["model"]
     assert all(torch.equal(v, state[k]) for k, v in trainer.raw_model.state_dict().items())
@@ -85,8 +85,8 @@ def test_a_push_to_the_local_cache_loads_back_offline_bit_for_bit(run, offline_h
 
 
 def test_hub_errors_say_what_to_do(run, offline_hub):
-    from regdefense.evaluate import load_target
-    from regdefense.hub import push
+    from regdefense.evaluation.runner import load_target
+    from regdefense.interop.hub import push
 
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         load_target("hf:lab/never-pushed", device="cpu")
@@ -117,7 +117,7 @@ def zoo_weights(tmp_path, monkeypatch):
 def test_a_robustbench_zoo_model_loads_from_a_local_weights_file(zoo_weights, tmp_path):
     import numpy as np
 
-    from regdefense.export import read_weights
+    from regdefense.interop.export import read_weights
     from regdefense.models.robustbench_zoo import load
 
     assert type(zoo_weights).__module__.startswith("robustbench.")
@@ -134,8 +134,8 @@ def test_a_robustbench_zoo_model_loads_from_a_local_weights_file(zoo_weights, tm
     for split, n in (("train", 16), ("test", 8)):
         np.savez(data / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                  y=np.arange(n) % 10)
-    from regdefense.run import load_config
-    from regdefense.trainer import Trainer
+    from regdefense.training.run import load_config
+    from regdefense.training.loop import Trainer
 
     cfg = load_config(overrides=["train.device=cpu", "train.progress=false", f"data.name={data}",
                                  f"model.name={ZOO}", f"train.init={ZOO}", "data.val_fraction=0"])
@@ -182,9 +182,9 @@ def test_one_call_loads_the_evaluated_model_from_every_target_form(run, offline_
     """regdefense.load_model: a run, an export (safetensors and torch-export), hf: from the local cache, and a
     RobustBench-format checkpoint ({"state_dict": ...} with DataParallel's module. prefixes) — the same logits."""
     import regdefense
-    from regdefense.evaluate import load_target
-    from regdefense.export import export, load
-    from regdefense.hub import push
+    from regdefense.evaluation.runner import load_target
+    from regdefense.interop.export import export, load
+    from regdefense.interop.hub import push
 
     t = load_target(run, n=32, device="cpu")
     push(run, "lab/one-call", to_cache=True)

@@ -2,7 +2,7 @@
 a W⁺/W⁻ restatement written here), that no point of the ball escapes; refusals by name; the elided margins of Gowal
 et al.; the verified accuracy in ``evaluate --certify ibp``; IBP training's schedule and loss.
 
-The expected side never calls ``regdefense.bounds``: :func:`ref_bounds` and :func:`ref_margins` restate it."""
+The expected side never calls ``regdefense.evaluation.bounds``: :func:`ref_bounds` and :func:`ref_margins` restate it."""
 
 from types import SimpleNamespace
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from regdefense.bounds import UnsupportedLayer, interval_bounds, last_linear, margin_bounds, trace, verified
+from regdefense.evaluation.bounds import UnsupportedLayer, interval_bounds, last_linear, margin_bounds, trace, verified
 from regdefense.models._registry import Normalize
 from regdefense.testing import make_trainer
 
@@ -311,7 +311,7 @@ def test_flatten_with_keyword_arguments_on_a_batch():  # issue 33 item 7: kwargs
 
 def _certify(net, n=8):
     """``_add_certified`` on a report stand-in: the rows and warnings it adds."""
-    from regdefense.evaluate import _add_certified
+    from regdefense.evaluation.runner import _add_certified
 
     torch.manual_seed(6)
     x, y = torch.rand(n, 1, 4, 4), torch.randint(0, 3, (n,))
@@ -492,7 +492,7 @@ def test_no_point_of_the_ball_leaves_the_bounds_on_random_networks(seed, blocks,
 
 
 def test_ibp_training_schedule_and_loss():
-    from regdefense.step import Step
+    from regdefense.host.step import Step
 
     for elide in (True, False):
         trainer = make_trainer(
@@ -519,8 +519,8 @@ def test_ibp_training_schedule_and_loss():
 
 
 def test_ibp_training_and_certified_evaluation(tmp_path):
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
     from regdefense.testing import TINY
 
     run = train(
@@ -542,7 +542,7 @@ def test_ibp_training_and_certified_evaluation(tmp_path):
     assert 0 < row.robust <= report.worst_case + 1e-9  # a certificate never exceeds what attacks leave
     assert report.meta["certified"]["verified"] == row.robust and naive.robust <= row.robust
     t_model = __import__("regdefense").load_model(run, which="last")
-    t = __import__("regdefense.targets", fromlist=["load_target"]).load_target(run, which="last", n=64)
+    t = __import__("regdefense.evaluation.targets", fromlist=["load_target"]).load_target(run, which="last", n=64)
     ok = verified(t_model, t.x, t.y, 0.02)
     d = torch.zeros_like(t.x[ok], requires_grad=True)  # PGD on the verified points: none is broken
     for _ in range(20):
@@ -554,7 +554,7 @@ def test_ibp_training_and_certified_evaluation(tmp_path):
 
 
 def test_certify_on_a_model_ibp_cannot_bound_warns_and_completes(tmp_path):
-    from regdefense.evaluate import evaluate
+    from regdefense.evaluation.runner import evaluate
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Tanh(), nn.Linear(10, 10)).eval()
     path = tmp_path / "tanh.pt2"

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
-from regdefense.checks import MASKING
-from regdefense.evaluate import evaluate_model
-from regdefense.report import markdown
+from regdefense.evaluation.checks import MASKING
+from regdefense.evaluation.runner import evaluate_model
+from regdefense.evaluation.report import markdown
 
 N, N_CHECK = 160, 96
 
@@ -158,7 +158,7 @@ def test_pgd_at_and_clean_models_get_no_masking_warning(zoo, name):
 
 
 def test_bpda_view_straightens_only_the_non_differentiable_step(digits_models):
-    from regdefense.masking import bpda_view, find_nondifferentiable
+    from regdefense.attacks.bpda import bpda_view, find_nondifferentiable
 
     clean = digits_models["clean"]
     x = digits_models["data"].test.floats()[:8]

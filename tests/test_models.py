@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
 from regdefense.models import Normalize, create_model, list_models
 
 

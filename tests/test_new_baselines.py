@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regdefense.attacks import early_stopped_pgd
-from regdefense.step import Step
+from regdefense.attacks.adapter import early_stopped_pgd
+from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, far_apart, make_trainer
 
 
@@ -44,8 +44,8 @@ def _reference_fat(model, x, y, eps, alpha, steps, tau):
 
 @pytest.mark.parametrize("tau", [0, 1, 3])
 def test_early_stopped_pgd_matches_the_authors_loop(tau):
-    from regdefense.config import DataConfig
-    from regdefense.data import load_data
+    from regdefense.base.config import DataConfig
+    from regdefense.data.sources import load_data
 
     data = load_data(DataConfig(name="digits"), 0)
     x, y = data.test.floats(torch.arange(64)), data.test.y[:64]
@@ -142,7 +142,7 @@ def test_distillation_losses_are_the_papers_with_the_teacher_in_inference_mode(t
     """Teacher run: CE(softmax(z/T), y); student run: CE of softmax(z/T) against the teacher's softmax(z_t/T), the
     teacher in inference mode (Keras' predict in Carlini's train_models.py, which restates the paper's procedure),
     the student's forward in train mode — on BatchNorm networks with skewed running statistics."""
-    from regdefense import checkpoint
+    from regdefense.base import checkpoint
 
     teacher_run = bn_trainer(["distillation"], ["distillation.temperature=20"])
     x, y, idx = next(iter(teacher_run.train_loader))
@@ -172,7 +172,7 @@ def test_distillation_losses_are_the_papers_with_the_teacher_in_inference_mode(t
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     base = tmp_path_factory.mktemp("distill")
     common = ["train.progress=false", "train.device=cpu", "train.epochs=12", "eval.val_samples=32",
@@ -188,7 +188,7 @@ def test_the_student_learns_the_teachers_soft_labels(distilled):
 
 
 def test_defensive_distillation_is_flagged_by_the_evaluation(distilled):
-    from regdefense.evaluate import evaluate
+    from regdefense.evaluation.runner import evaluate
 
     report, _ = evaluate(distilled.run_dir, suites=["quick"], n=200, progress=False, adaptive="off")
     warned = {c["name"] for c in report.checks if c["status"] == "warn"}

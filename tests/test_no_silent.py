@@ -10,10 +10,10 @@ from torch import nn
 
 from art.estimators.classification import PyTorchClassifier
 
-from regdefense.art import RegDefenseTrainer
-from regdefense.config import DataConfig
-from regdefense.data import load_data
-from regdefense.errors import ConfigError, UserError
+from regdefense.interop.art import RegDefenseTrainer
+from regdefense.base.config import DataConfig
+from regdefense.data.sources import load_data
+from regdefense.base.errors import ConfigError, UserError
 from regdefense.models import create_model
 
 DATA = load_data(DataConfig(val_fraction=0.0))
@@ -61,7 +61,7 @@ def test_art_label_forms_that_cannot_be_meant_are_refused_saying_what_was_found(
 
 def test_none_is_plain_training_in_every_door(tmp_path):
     """`--defense none` worked in the CLI only; the Python API and the ART bridge refused it as unknown."""
-    from regdefense.run import train
+    from regdefense.training.run import train
     from regdefense.testing import TINY
 
     res = train(defenses=["none"], overrides=TINY, out=tmp_path / "run", echo=lambda _m: None)
@@ -77,13 +77,13 @@ def test_none_is_plain_training_in_every_door(tmp_path):
 
 
 def test_an_linf_budget_of_one_or_more_is_refused_with_the_likely_meaning(tmp_path):
-    from regdefense.parts import load_config
+    from regdefense.training.assembly import load_config
 
     with pytest.raises(ConfigError, match=r"threat.eps=8 .* 8/255 = 0.0314"):
         load_config(defenses=["pgd_at"], overrides=["threat.eps=8"])
     assert load_config(defenses=["pgd_at"], overrides=["threat.norm=l2", "threat.eps=8"]).threat.eps == 8  # L2: fine
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
     from regdefense.testing import TINY
 
     run = train(defenses=[], overrides=TINY, out=tmp_path / "run", echo=lambda _m: None).run_dir
@@ -93,7 +93,7 @@ def test_an_linf_budget_of_one_or_more_is_refused_with_the_likely_meaning(tmp_pa
 
 def test_labels_with_empty_classes_are_said_out_loud(tmp_path):
     """A label 57 in 10-class data silently made a 58-class model."""
-    from regdefense.data import DataWarning
+    from regdefense.data.sources import DataWarning
 
     rng = np.random.default_rng(0)
     x = rng.random((40, 1, 8, 8)).astype(np.float32)
@@ -122,7 +122,7 @@ def test_an_empty_npz_file_is_named_not_aborted(tmp_path):
 
 
 def test_an_npz_with_no_samples_is_refused(tmp_path):
-    from regdefense.errors import DataError
+    from regdefense.base.errors import DataError
 
     np.savez(tmp_path / "train.npz", x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros(0, np.int64))
     np.savez(tmp_path / "test.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.arange(4))
@@ -133,8 +133,8 @@ def test_an_npz_with_no_samples_is_refused(tmp_path):
 def test_a_corrupt_image_in_an_in_memory_folder_is_named_or_skipped_and_counted(tmp_path):
     from PIL import Image
 
-    from regdefense.data import DataWarning
-    from regdefense.errors import DataError
+    from regdefense.data.sources import DataWarning
+    from regdefense.base.errors import DataError
 
     for split in ("train", "test"):
         for cls in ("a", "b"):
@@ -151,7 +151,7 @@ def test_a_corrupt_image_in_an_in_memory_folder_is_named_or_skipped_and_counted(
 
 def test_switch_on_epochs_the_run_never_reaches_are_reported_at_start_and_by_check(capsys):
     """GAIRAT's burn-in 59 and AWP's warm-up 10 in a 2-epoch run trained exactly PGD-AT, without a word."""
-    from regdefense.run import check
+    from regdefense.training.run import check
     from regdefense.testing import make_trainer, tiny_config
 
     overrides = ["train.epochs=2", "train.eps_warmup_epochs=3"]
@@ -173,8 +173,8 @@ def test_resume_refuses_edits_that_change_what_the_run_measures_and_allows_more_
     then showed an epoch trained at 0.2 evaluated at 0.5."""
     import json
 
-    from regdefense.errors import UserError
-    from regdefense.run import train
+    from regdefense.base.errors import UserError
+    from regdefense.training.run import train
     from regdefense.testing import TINY
 
     run = train(defenses=["pgd_at"], overrides=TINY + ["train.schedule=constant", "pgd_at.steps=1"],
@@ -236,7 +236,7 @@ def test_a_torch_preprocessor_applied_at_fit_trains_through_it():
 
 
 def test_first_line_of_an_exception_without_a_message_is_its_type():
-    from regdefense.errors import first_line
+    from regdefense.base.errors import first_line
 
     assert first_line(NotImplementedError()) == "NotImplementedError"
     assert first_line(RuntimeError("shape mismatch\ndetails")) == "shape mismatch"
@@ -245,7 +245,7 @@ def test_first_line_of_an_exception_without_a_message_is_its_type():
 def test_an_attack_returning_points_outside_the_ball_is_projected_and_said(digits_models):
     """art:HopSkipJump counted examples far outside the ε-ball as successes (robust 4 % at ε 0.2 with L∞ up to 0.96);
     any library's output is now checked against the evaluation's threat model."""
-    from regdefense.evaluate import evaluate_model
+    from regdefense.evaluation.runner import evaluate_model
 
     model, data = digits_models["pgd_at"], digits_models["data"]
     x, y = data.test.floats(list(range(48))), data.test.y[:48]
@@ -260,7 +260,7 @@ def test_an_attack_returning_points_outside_the_ball_is_projected_and_said(digit
 
 
 def test_score_and_decision_based_attacks_are_marked_black_box():
-    from regdefense.attacks import attack_kind, parse_spec
+    from regdefense.attacks.adapter import attack_kind, parse_spec
 
     assert attack_kind(parse_spec("art:HopSkipJump(max_iter=2)")).black_box
     assert not attack_kind(parse_spec("art:ProjectedGradientDescent(eps=0.1)")).black_box
@@ -347,7 +347,7 @@ def test_dynat_defaults_fit_the_data_and_the_budget(tmp_path):
 
     mod.pgd = spy
     try:
-        from regdefense.step import Step
+        from regdefense.host.step import Step
 
         step = Step.from_batch(next(iter(trainer.train_loader)), trainer.device)
         trainer.hook.regdefense_batch_start(trainer=trainer, step=step)

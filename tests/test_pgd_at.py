@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 
-from regdefense.step import Step
+from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, far_apart
 
 

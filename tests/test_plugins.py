@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from regdefense import hookimpl
-from regdefense.errors import PluginError, UserError
-from regdefense.plugins import activate, catalogue, providers
+from regdefense.base.errors import PluginError, UserError
+from regdefense.host.discovery import activate, catalogue, providers
 
 
 
@@ -121,8 +121,8 @@ def test_core_is_registered_and_runs_last():
 
 
 def test_config_classes_are_typed_and_validated():
-    from regdefense.config import build
-    from regdefense.errors import ConfigError
+    from regdefense.base.fields import build
+    from regdefense.base.errors import ConfigError
 
     cls = catalogue()["pgd_at"].cls.Config
     assert build(cls, {"steps": "7", "eps": "8/255"}, "pgd_at").eps == pytest.approx(8 / 255)
@@ -311,8 +311,8 @@ class Averaged:
 def test_a_run_evaluates_after_its_training_only_defense_is_uninstalled(make_dist, tmp_path):
     import importlib
 
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     site = make_dist("regdefense-curvelog", {"thirdparty_curvelog": CURVELOG},
                      {"curvelog": "thirdparty_curvelog:CurveLog", "averaged": "thirdparty_curvelog:Averaged"},

@@ -4,10 +4,11 @@ the inner attack in fp32 on request."""
 import pytest
 import torch
 
-from regdefense import checkpoint, hookimpl
-from regdefense.plugins import activate
+from regdefense import hookimpl
+from regdefense.base import checkpoint
+from regdefense.host.discovery import activate
 from regdefense.testing import tiny_config
-from regdefense.trainer import Trainer
+from regdefense.training.loop import Trainer
 
 
 class InStep:

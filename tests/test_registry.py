@@ -7,17 +7,17 @@ import torch
 from click.testing import CliRunner
 
 from regdefense.cli import cli
-from regdefense.config import DataConfig
-from regdefense.data import load_data
-from regdefense.datasets import DATASETS
-from regdefense.errors import ConfigError, DataError
+from regdefense.base.config import DataConfig
+from regdefense.data.sources import load_data
+from regdefense.data.registry import DATASETS
+from regdefense.base.errors import ConfigError, DataError
 from regdefense.models import default_model
-from regdefense.registry import Registry
+from regdefense.base.registry import Registry
 
 SHAPES_PACKAGE = '''
 """A throwaway third-party dataset: 6×6 images of a bar in one of three places (the class)."""
 import torch
-from regdefense.datasets import DatasetSpec, Split
+from regdefense.data.registry import DatasetSpec, Split
 
 def _make(n, seed):
     g = torch.Generator().manual_seed(seed)
@@ -48,13 +48,13 @@ def test_a_dataset_from_another_package_is_one_entry_everywhere(bars, tmp_path):
     listing = CliRunner().invoke(cli, ["datasets"])
     assert listing.exit_code == 0 and "bars" in listing.output and "1×6×6" in listing.output
     # and a run trains on it by name alone: ε, augmentation and architecture from the entry
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     said: list[str] = []
     res = train(None, overrides=["data.name=bars", "train.epochs=1", "train.progress=false", "eval.val_samples=8",
                                  "eval.pgd_steps=1", "eval.test_samples=8", "train.device=cpu"],
                 out=tmp_path / "run", echo=said.append)
-    from regdefense import checkpoint
+    from regdefense.base import checkpoint
 
     state = checkpoint.load(res.run_dir / "checkpoints" / "last.pt")
     assert state["model"]["0.weight"].shape[1] == 1  # digits_cnn's first conv, for the entry's 1 channel

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regdefense.errors import PluginError
-from regdefense.step import Step
+from regdefense.base.errors import PluginError
+from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, make_trainer
 from regdefense_regmix.regmix import RegMix
 

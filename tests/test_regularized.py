@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regdefense.step import Step
+from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, far_apart, make_trainer
 from regdefense_regularized.penalties import input_gradient_penalty, weight_l2
 
@@ -153,12 +153,12 @@ def test_eatr_examples_loss_and_batch_modes():
 
 @pytest.mark.parametrize("stack", [["pgd_at", "atwr"], ["pgd_at", "atgr"], ["eatr"]])
 def test_fine_tune_from_a_clean_trained_start(tmp_path, stack):
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     clean = train(defenses=[], overrides=["train.epochs=2", "data.limit=256", "train.progress=false",
                                           "eval.pgd_steps=1", "eval.test_samples=16"], out=tmp_path / "clean",
                   echo=lambda s: None)
-    from regdefense import checkpoint
+    from regdefense.base import checkpoint
 
     start = checkpoint.load(clean.run_dir / "checkpoints" / "best.pt")["model"]
     ov = ["train.epochs=1", "data.limit=256", f"train.init={clean.run_dir}", "pgd_at.steps=2", "eatr.pgd_steps=2",
@@ -172,8 +172,8 @@ def test_fine_tune_from_a_clean_trained_start(tmp_path, stack):
 
 
 def test_init_from_a_mismatched_model_is_a_clear_error(tmp_path):
-    from regdefense.errors import UserError
-    from regdefense.run import train
+    from regdefense.base.errors import UserError
+    from regdefense.training.run import train
 
     run = train(defenses=[], overrides=["train.epochs=1", "data.limit=64", "train.progress=false",
                                         "eval.pgd_steps=1", "eval.test_samples=8"], out=tmp_path / "r", echo=lambda s: None)

@@ -16,14 +16,15 @@ import time
 import pytest
 import torch
 
-from regdefense import checkpoint, hookimpl
-from regdefense.data import Data, Split, load_data
-from regdefense.config import DataConfig
-from regdefense.errors import CheckpointError, DataError, PluginError, UserError
-from regdefense.plugins import activate
-from regdefense.safety import NonFiniteLoss, TrainingInterrupted
+from regdefense import hookimpl
+from regdefense.base import checkpoint
+from regdefense.data.sources import Data, Split, load_data
+from regdefense.base.config import DataConfig
+from regdefense.base.errors import CheckpointError, DataError, PluginError, UserError
+from regdefense.host.discovery import activate
+from regdefense.base.safety import NonFiniteLoss, TrainingInterrupted
 from regdefense.testing import tiny_config
-from regdefense.trainer import Trainer
+from regdefense.training.loop import Trainer
 
 # deterministic kernels, random PGD starts, crop+flip augmentation and a per-batch schedule: everything a
 # resume has to reproduce

@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 
 from regdefense.cli import cli
-from regdefense.evaluate import evaluate, evaluate_model
-from regdefense.targets import load_target
+from regdefense.evaluation.runner import evaluate, evaluate_model
+from regdefense.evaluation.targets import load_target
 
 WORKERS = Path(__file__).parent / "workers"
 #: 16 points in batches of 4: two ranks (or shards) take two whole batches each. At ε = 0.3 the PGD-AT digits model
@@ -145,7 +145,7 @@ def test_shards_merged_equal_one_process_and_bad_merges_are_refused(one_process,
     for row in report["rows"]:
         if row["suite"] == "quick":
             assert row["robust"] == quick[f"quick|{row['label']}"].robust, row["label"]
-    from regdefense.shards import combine
+    from regdefense.evaluation.shards import combine
 
     merged = combine([parts[0], parts[1]])
     for name, r in quick.items():
@@ -178,8 +178,8 @@ def test_shards_merged_equal_one_process_and_bad_merges_are_refused(one_process,
 
 
 def test_a_shard_is_a_whole_number_of_batches_and_bad_shards_are_refused():
-    from regdefense.errors import UserError
-    from regdefense.shards import parse_shard, split_batches
+    from regdefense.base.errors import UserError
+    from regdefense.evaluation.shards import parse_shard, split_batches
 
     assert split_batches(16, 4, 2) == [(0, 8), (8, 16)]
     assert split_batches(10, 4, 3) == [(0, 4), (4, 8), (8, 10)]
@@ -228,7 +228,7 @@ def test_a_submitit_sweep_runs_each_run_as_a_job_requeues_a_preempted_one_and_co
     """Submitit's local executor (real processes, no Slurm): 2 recipes × 2 seeds, four jobs; the first job is
     pre-empted (submitit's USR2, as Slurm sends it) after its first checkpoint, requeued, and resumes from last.pt;
     `compare` and `sweep --status` read all four runs. Marked slow (deselected by default): four processes."""
-    from regdefense import cluster, sweep
+    from regdefense.sweeps import cluster, sweep
 
     recipe = tmp_path / "r" / "pgd_at.toml"
     recipe.parent.mkdir()
@@ -275,7 +275,7 @@ def test_a_submitit_sweep_runs_each_run_as_a_job_requeues_a_preempted_one_and_co
 
 
 def _digest(run: Path) -> str:
-    from regdefense import checkpoint
+    from regdefense.base import checkpoint
 
     h = hashlib.sha256()
     for name, t in sorted(checkpoint.load(run / "checkpoints" / "last.pt")["model"].items()):

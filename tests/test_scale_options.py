@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
 from regdefense.testing import make_trainer
 
 # digits_cnn has neither BatchNorm nor dropout, so a batch split in two gives the same gradient as the whole
@@ -48,7 +48,7 @@ def test_linear_lr_scaling_and_adamw():
 
 
 def test_sync_batchnorm_only_where_torch_can_run_it():
-    from regdefense.trainer import Trainer
+    from regdefense.training.loop import Trainer
 
     trainer = make_trainer([], ["model.name=digits_cnn_bn", "train.sync_bn=on"])
     assert trainer.sync_bn is False  # one process: nothing to synchronise

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from scipy.stats import binom
 from torch import nn
 
-import regdefense.smoothing as sm
-from regdefense.errors import ConfigError
-from regdefense.smoothing import ABSTAIN, Progress, Settings, certify, predict
+import regdefense.evaluation.smoothing as sm
+from regdefense.base.errors import ConfigError
+from regdefense.evaluation.smoothing import ABSTAIN, Progress, Settings, certify, predict
 
 # --- (a) counts -> Clopper-Pearson bound -> radius, restated ------------------------------------------------------
 
@@ -193,7 +193,7 @@ def _bn_dropout_net():
 
 @pytest.fixture(scope="module")
 def batch():
-    from regdefense.step import Step
+    from regdefense.host.step import Step
     from regdefense.testing import make_trainer
 
     trainer = make_trainer(["gaussian_aug"])
@@ -202,7 +202,7 @@ def batch():
 
 
 def _plugin(name, **config):
-    from regdefense.plugins import catalogue
+    from regdefense.host.discovery import catalogue
 
     cls = catalogue()[name].cls
     return cls(cls.Config(**config))
@@ -320,7 +320,7 @@ def test_nonsense_stacks_are_refused_by_name():
 
 def test_evaluate_certify_smoothing_from_the_cli(tmp_path, digits_models):
     from regdefense.cli import cli
-    from regdefense.ledger import home
+    from regdefense.evaluation.ledger import home
 
     run = tmp_path / "g"
     run.mkdir()

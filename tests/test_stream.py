@@ -10,15 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from regdefense import checkpoint, hookimpl
-from regdefense.data import load_data
-from regdefense.config import DataConfig
-from regdefense.errors import DataError
-from regdefense.plugins import activate
-from regdefense.run import load_config
-from regdefense.safety import TrainingInterrupted
-from regdefense.stream import FileSplit, StreamLoader
-from regdefense.trainer import Trainer
+from regdefense import hookimpl
+from regdefense.base import checkpoint
+from regdefense.data.sources import load_data
+from regdefense.base.config import DataConfig
+from regdefense.base.errors import DataError
+from regdefense.host.discovery import activate
+from regdefense.training.run import load_config
+from regdefense.base.safety import TrainingInterrupted
+from regdefense.data.stream import FileSplit, StreamLoader
+from regdefense.training.loop import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +247,8 @@ def test_fgsm_pgk_buffers_memory_mapped_on_disk_train_exactly_as_in_host_memory(
 def test_train_check_says_how_much_memory_a_stack_needs_and_where():
     import re
 
-    from regdefense.buffers import human, place
-    from regdefense.run import check
+    from regdefense.base.buffers import human, place
+    from regdefense.training.run import check
 
     text = check(defenses=["fgsm_pgk"], overrides=["fgsm_pgk.precision=float16", "train.device=cpu"])
     n = int(re.search(r"data   train (\d+)", text).group(1))
@@ -266,7 +267,7 @@ def test_train_check_says_how_much_memory_a_stack_needs_and_where():
 def imagenet_like(tmp_path_factory):
     """ImageNet's layout, tiny: train/ with the 1000 WordNet-id class folders (one image each) and val/ with the
     5 000 files RobustBench's list names (10-px JPEGs) plus one it does not."""
-    from regdefense.stream import robustbench_imagenet
+    from regdefense.data.stream import robustbench_imagenet
 
     ids, classes = robustbench_imagenet()  # the installed robustbench package's own files
     root = tmp_path_factory.mktemp("imagenet")
@@ -281,9 +282,9 @@ def imagenet_like(tmp_path_factory):
 
 
 def test_the_robustbench_subset_selects_its_images_in_its_order_with_its_labels(imagenet_like, tmp_path):
-    from regdefense.evaluate import evaluate
+    from regdefense.evaluation.runner import evaluate
     from regdefense.models import create_model
-    from regdefense.stream import subset_of
+    from regdefense.data.stream import subset_of
 
     root, ids, classes = imagenet_like
     data = load_data(DataConfig(name=str(root), stream="on", val_fraction=0))
@@ -316,7 +317,7 @@ def test_the_imagenet_recipes_run_on_a_small_image_folder(folder, tmp_path, reci
     """Each ImageNet recipe as written (streamed folders, ImageNet augmentation, its defenses, optimizer, schedule,
     label smoothing), shrunk in size only: this folder, 12 px, one epoch, CPU, and a small network in place of the
     recipe's (timm and torchvision architectures are tested on their own)."""
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     path = Path(__file__).parent.parent / "recipes" / "imagenet" / f"{recipe}.toml"
     small = [f"data.name={folder}", "data.image_size=12", "data.workers=1", "train.epochs=1", "train.batch_size=16",

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from regdefense.errors import UserError
-from regdefense.template import new_plugin
+from regdefense.base.errors import UserError
+from regdefense.host.template import new_plugin
 
 
 def test_the_generated_plugin_installs_lists_and_passes_its_test(tmp_path):

@@ -3,21 +3,21 @@
 import pytest
 import torch
 
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
 from regdefense.models import create_model
 
 timm = pytest.importorskip("timm")
 
 
 def test_a_timm_model_trains_and_evaluates_in_a_stack_with_a_timm_guide(tmp_path):
-    from regdefense.evaluate import evaluate
-    from regdefense.run import train
+    from regdefense.evaluation.runner import evaluate
+    from regdefense.training.run import train
 
     run = train(defenses=["lbgat"], overrides=["model.name=timm:resnet10t", "lbgat.guide=timm:convnext_atto",
                                                "lbgat.steps=1", "train.epochs=1", "data.limit=64", "train.batch_size=32",
                                                "eval.pgd_steps=1", "eval.test_samples=16", "eval.val_samples=16",
                                                "train.progress=false"], out=tmp_path / "run", echo=lambda s: None)
-    from regdefense import checkpoint
+    from regdefense.base import checkpoint
 
     payload = checkpoint.load(run.run_dir / "checkpoints" / "last.pt")
     assert any(k.startswith("net.") for k in payload["model"])  # the timm network, behind our input adapter

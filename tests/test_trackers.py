@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from regdefense.errors import UserError
-from regdefense.run import train
+from regdefense.base.errors import UserError
+from regdefense.training.run import train
 
 COMMON = ["train.epochs=2", "train.progress=false", "train.device=cpu", "eval.val_samples=32", "eval.pgd_steps=1",
           "data.limit=200"]
@@ -92,7 +92,7 @@ def test_an_mlflow_file_store_holds_metrics_params_and_artifacts(logged):
 
 
 TRACKER = '''
-from regdefense.trackers import Tracker
+from regdefense.interop.trackers import Tracker
 
 SEEN = []
 
@@ -115,7 +115,7 @@ def test_a_third_party_tracker_sees_every_epoch_and_finishes_even_when_the_run_f
                                                                                         monkeypatch):
     import sys
 
-    from regdefense.trainer import Trainer
+    from regdefense.training.loop import Trainer
 
     make_dist("regdefense-echo", {"thirdparty_echo": TRACKER}, {"echo": "thirdparty_echo:Echo"},
               group="regdefense.trackers")

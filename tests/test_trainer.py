@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from regdefense import checkpoint, hookimpl
-from regdefense.hookspecs import EXCLUSIVE
-from regdefense.plugins import activate
+from regdefense import hookimpl
+from regdefense.base import checkpoint
+from regdefense.host.hookspecs import EXCLUSIVE
+from regdefense.host.discovery import activate
 from regdefense.testing import HookRecorder, tiny_config
-from regdefense.trainer import Trainer
+from regdefense.training.loop import Trainer
 
 ONE_BATCH = ["data.limit=70", "data.val_fraction=0.1", "train.batch_size=64"]
 
@@ -25,7 +26,7 @@ def test_hook_order_of_one_epoch():
     assert names == ["add_modules", "batch_replays", "fit_start", "epoch_start", "batch_start", "make_adversarial",
                      "forward_backward", "compute_loss", "before_optimizer_step", "batch_end", "eval_model",
                      "epoch_end", "log_metrics", "fit_end"]
-    import regdefense.hookspecs as specs
+    import regdefense.host.hookspecs as specs
     every = {n for n in dir(specs) if n.startswith("regdefense_")} - {"regdefense_log_summary"}  # run.train's
     assert {"regdefense_" + n for n in names} == every  # the loop calls every hook
     assert set(EXCLUSIVE) <= every
@@ -151,7 +152,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
 
     cfg = tiny_config([], [])
     trainer = Trainer(cfg, pm=activate([Poison()]), run_dir=tmp_path)
-    from regdefense.errors import UserError
+    from regdefense.base.errors import UserError
 
     with pytest.raises(UserError, match=r"bad became NaN or infinite at epoch 1, batch 1 "):
         trainer.fit()

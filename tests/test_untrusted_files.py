@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 
 import regdefense
-from regdefense import checkpoint
+from regdefense.base import checkpoint
 from regdefense.cli import cli
-from regdefense.errors import UserError
+from regdefense.base.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
@@ -98,7 +98,7 @@ def marker(tmp_path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny real run (one epoch on 64 digits)."""
-    from regdefense.run import train
+    from regdefense.training.run import train
 
     return train(defenses=[], overrides=["train.epochs=1", "data.limit=64", "eval.pgd_steps=1", "eval.test_samples=16",
                                          "eval.val_samples=16", "train.progress=false", "train.device=cpu"],
@@ -180,7 +180,7 @@ def test_hf_target_of_a_program_format_is_refused(tmp_path, marker, monkeypatch)
 
 def test_the_art_bridge_refuses_programs(tmp_path, marker):
     pytest.importorskip("art")
-    from regdefense.art import to_art_classifier
+    from regdefense.interop.art import to_art_classifier
 
     with pytest.raises(UserError, match=PROGRAM):
         to_art_classifier(evil_pt2(tmp_path / "evil.pt2", marker))
@@ -200,8 +200,8 @@ def test_init_reads_weights_only(tmp_path, marker):
 
 
 def test_a_trusted_pt2_export_loads_and_evaluates(run, tmp_path, capsys):
-    from regdefense.export import export, load
-    from regdefense.targets import load_target
+    from regdefense.interop.export import export, load
+    from regdefense.evaluation.targets import load_target
 
     files = export(run, fmt="torch-export", out=tmp_path / "pt2")
     t = load_target(run, n=8, device="cpu")
@@ -275,7 +275,7 @@ def test_a_robustbench_zoo_file_is_read_weights_only(tmp_path, marker, monkeypat
 
 @pytest.mark.parametrize("drop", ["input_shape", "threat", "architecture", "num_classes"])
 def test_an_export_config_with_a_key_missing_is_a_clean_error(run, tmp_path, drop):
-    from regdefense.export import export
+    from regdefense.interop.export import export
 
     files = export(run, out=tmp_path / "st")
     info = json.loads(files["config"].read_text())

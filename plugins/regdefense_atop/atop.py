@@ -22,11 +22,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from regdefense import checkpoint, hookimpl, option
-from regdefense.attacks import model_mode, pgd
-from regdefense.contract import APPLIES_WEIGHTS, Key
-from regdefense.defense import Defense, step_size
-from regdefense.errors import ConfigError
+from regdefense import hookimpl, option
+from regdefense.attacks.adapter import model_mode, pgd
+from regdefense.base import checkpoint
+from regdefense.base.errors import ConfigError
+from regdefense.host.contract import APPLIES_WEIGHTS, Key
+from regdefense.host.defense import Defense, step_size
 from regdefense_atop.networks import Discriminator, build_purifier
 from regdefense_atop.transforms import Defended, Purified, RandomTransform
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

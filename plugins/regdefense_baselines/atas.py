@@ -27,11 +27,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from regdefense import buffers, hookimpl, option
-from regdefense.attacks import model_mode
-from regdefense.contract import adversary
-from regdefense.defense import Defense, resolve_eps
-from regdefense.errors import ConfigError
+from regdefense import hookimpl, option
+from regdefense.attacks.adapter import model_mode
+from regdefense.base import buffers
+from regdefense.base.errors import ConfigError
+from regdefense.host.contract import adversary
+from regdefense.host.defense import Defense, resolve_eps
 
 
 class ATAS(Defense):

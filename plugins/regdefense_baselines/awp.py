@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.defense import Defense
+from regdefense.host.defense import Defense
 
 
 def perturbable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.augment import augment_batch, draw_augment
-from regdefense.contract import Key
-from regdefense.data import Split
-from regdefense.defense import Defense
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
+from regdefense.data.augment import augment_batch, draw_augment
+from regdefense.data.sources import Split
+from regdefense.host.contract import Key
+from regdefense.host.defense import Defense
 
 #: defenses keeping per-sample state by dataset index: the two views of one image would share (and fight over) a row
 PER_SAMPLE = ("fgsm_pgk", "atas")

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from regdefense import checkpoint, hookimpl, option
-from regdefense.contract import Key
-from regdefense.defense import Defense
-from regdefense.errors import ConfigError, first_line
-from regdefense.losses import soft_ce
+from regdefense import hookimpl, option
+from regdefense.base import checkpoint
+from regdefense.base.errors import ConfigError, first_line
+from regdefense.host.contract import Key
+from regdefense.host.defense import Defense
+from regdefense.host.losses import soft_ce
 
 
 class Distillation(Defense):

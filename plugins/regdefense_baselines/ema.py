@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.contract import Key
-from regdefense.defense import Defense
+from regdefense.host.contract import Key
+from regdefense.host.defense import Defense
 
 
 class EMA(Defense):

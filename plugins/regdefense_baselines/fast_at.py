@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from regdefense import hookimpl, option
-from regdefense.attacks import pgd
-from regdefense.contract import PGD_GRAD, PGD_INFO, adversary
-from regdefense.defense import Defense, SingleStepBudget
+from regdefense.attacks.adapter import pgd
+from regdefense.host.contract import PGD_GRAD, PGD_INFO, adversary
+from regdefense.host.defense import Defense, SingleStepBudget
 
 
 class FastAT(Defense):

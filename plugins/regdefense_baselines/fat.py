@@ -1,7 +1,7 @@
 """FAT: friendly adversarial training (Zhang et al., ICML 2020), a baseline of seed 002's tables.
 
 Trains on "friendly" adversarial examples: PGD-K-τ stops each point τ steps after it is first misclassified
-(:func:`regdefense.attacks.early_stopped_pgd`), so the model learns from points just across the boundary
+(:func:`regdefense.attacks.adapter.early_stopped_pgd`), so the model learns from points just across the boundary
 instead of the most adversarial ones. The outer loss is the active objective on those points (cross-entropy
 by default: FAT for AT). τ grows during training (the authors' ``dynamictau``: 0 up to epoch 50, 1 up to 90,
 then 2, counting epochs from 1).
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from regdefense import hookimpl, option
-from regdefense.attacks import early_stopped_pgd
-from regdefense.contract import PGD_INFO, adversary
-from regdefense.defense import Defense, StepBudget
-from regdefense.errors import ConfigError
+from regdefense.attacks.adapter import early_stopped_pgd
+from regdefense.base.errors import ConfigError
+from regdefense.host.contract import PGD_INFO, adversary
+from regdefense.host.defense import Defense, StepBudget
 
 
 class FAT(Defense):

@@ -16,7 +16,7 @@ Per-sample buffers indexed by dataset index: a prior perturbation Δ and a momen
 Defaults: CIFAR-10 reference values: α = ε = 8/255, smoothing 0.5, λ = 5.6, μ = 0.3, reset every 10 epochs
 (CIFAR-100/Tiny-ImageNet: 0.8, 1, 0.1, 40). Buffers cost 2·N·C·H·W numbers (≈1.2 GB for CIFAR-10 in float32,
 ≈1.5 TB for ImageNet at 224 px): ``buffers`` puts them on the device, in host memory or memory-mapped on disk
-(``auto``: where they fit, see :mod:`regdefense.buffers`), ``precision=float16`` halves them. `regdefense train
+(``auto``: where they fit, see :mod:`regdefense.base.buffers`), ``precision=float16`` halves them. `regdefense train
 --check` prints the size and the place before training. Buffers off the device are refilled at a reset from a
 generator seeded by (train.seed, epoch), identical on every process, instead of drawn on rank 0 and broadcast; disk
 buffers are not copied into checkpoints (the checkpoint names their files), so a resumed run continues from the
@@ -31,11 +31,12 @@ from typing import Literal
 
 import torch
 
-from regdefense import buffers, hookimpl, option
-from regdefense.attacks import project
-from regdefense.contract import APPLIES_WEIGHTS, Key, adversary
-from regdefense.defense import Defense, StepBudget
-from regdefense.losses import smooth_one_hot, soft_ce
+from regdefense import hookimpl, option
+from regdefense.attacks.adapter import project
+from regdefense.base import buffers
+from regdefense.host.contract import APPLIES_WEIGHTS, Key, adversary
+from regdefense.host.defense import Defense, StepBudget
+from regdefense.host.losses import smooth_one_hot, soft_ce
 
 
 class FGSMPGK(Defense):

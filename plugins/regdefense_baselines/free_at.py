@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.contract import adversary
-from regdefense.defense import Defense, resolve_eps
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
+from regdefense.host.contract import adversary
+from regdefense.host.defense import Defense, resolve_eps
 
 #: defenses whose backward is not the trained network's: Free-AT's δ would climb another network's loss
 NOT_WITH = {

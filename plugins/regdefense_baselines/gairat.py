@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.contract import Key
-from regdefense.defense import Defense
-from regdefense.errors import PluginError
+from regdefense.base.errors import PluginError
+from regdefense.host.contract import Key
+from regdefense.host.defense import Defense
 
 
 def gair_weights(kappa: torch.Tensor, steps: int, lam: float, fn: str = "tanh") -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.contract import PGD_GRAD, Key
-from regdefense.defense import Defense, resolve_eps
+from regdefense.host.contract import PGD_GRAD, Key
+from regdefense.host.defense import Defense, resolve_eps
 
 
 def alignment(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.defense import Defense
-from regdefense.errors import ConfigError
-from regdefense.restore import load_model
+from regdefense.base.errors import ConfigError
+from regdefense.host.defense import Defense
+from regdefense.training.restore import load_model
 
 
 class HAT(Defense):

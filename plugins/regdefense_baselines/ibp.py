@@ -4,7 +4,7 @@ L = κ·CE(f(x), y) + (1 − κ)·CE(ẑ, y), ẑ the worst-case logits interval
 radius ε_t around x, as the reference code builds them: ẑ_j the upper bound of z_j − z_y, ẑ_y = 0, with the last Linear
 layer folded into the margins (specification elision, the default). ``elide = false``: the naive per-logit bounds (the
 upper bound of z_j less the lower bound of z_y: the same loss as ART's ``AdversarialTrainerCertifiedIBPPyTorch``); a
-model whose output is not a Linear layer gets them too, with a warning. See :mod:`regdefense.bounds`.
+model whose output is not a Linear layer gets them too, with a warning. See :mod:`regdefense.evaluation.bounds`.
 
 After ``warmup_epochs`` of clean training (ε_t = 0, κ = 1), ε_t grows linearly to ε and κ falls linearly to
 ``kappa_end`` over ``ramp_epochs``, per batch, then both stay. No adversary runs: the bound is the adversary.
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.bounds import UnsupportedLayer, last_linear, trace, worst_case_logits
-from regdefense.contract import Key
-from regdefense.defense import Defense, resolve_eps
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
+from regdefense.evaluation.bounds import UnsupportedLayer, last_linear, trace, worst_case_logits
+from regdefense.host.contract import Key
+from regdefense.host.defense import Defense, resolve_eps
 
 
 class IBP(Defense):

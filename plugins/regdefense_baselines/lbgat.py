@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from regdefense import hookimpl, option
-from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
-from regdefense.defense import Budget, Defense
-from regdefense.losses import kl
+from regdefense.host.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
+from regdefense.host.defense import Budget, Defense
+from regdefense.host.losses import kl
 
 
 class LBGAT(Defense):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.contract import Key
-from regdefense.defense import Defense
+from regdefense.host.contract import Key
+from regdefense.host.defense import Defense
 
 
 def mail_weights(

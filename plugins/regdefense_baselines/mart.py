@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
-from regdefense.defense import Budget, Defense
-from regdefense.losses import kl
+from regdefense.host.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
+from regdefense.host.defense import Budget, Defense
+from regdefense.host.losses import kl
 
 
 def boosted_ce(adv_logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.attacks import model_mode
-from regdefense.contract import adversary
-from regdefense.defense import Defense, SingleStepBudget
+from regdefense.attacks.adapter import model_mode
+from regdefense.host.contract import adversary
+from regdefense.host.defense import Defense, SingleStepBudget
 
 
 class NFGSM(Defense):

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from regdefense import hookimpl, option
-from regdefense.attacks import resolve_attack
-from regdefense.contract import PGD_GRAD, PGD_INFO, adversary
-from regdefense.defense import Budget, Defense
+from regdefense.attacks.adapter import resolve_attack
+from regdefense.host.contract import PGD_GRAD, PGD_INFO, adversary
+from regdefense.host.defense import Budget, Defense
 
 
 class PGDAT(Defense):

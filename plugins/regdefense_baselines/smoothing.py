@@ -1,7 +1,8 @@
 """Training for randomized smoothing: Gaussian augmentation, SmoothAdv and MACER.
 
 The three train a base classifier f whose Gaussian-smoothed classifier g(x) = argmax_c P(f(x + N(0, σ²I)) = c) is
-certified by ``regdefense evaluate RUN --certify smoothing --sigma σ`` (:mod:`regdefense.smoothing`). Each is one
+certified by ``regdefense evaluate RUN --certify smoothing --sigma σ`` (:mod:`regdefense.evaluation.smoothing`). Each
+is one
 defense on the loop; the pages under ``docs/defenses/`` give the papers' settings.
 
 * ``gaussian_aug`` (Cohen, Rosenfeld & Kolter 2019, ``locuslab/smoothing`` ``train.py``): the adversary's place is
@@ -25,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.defense import Defense, step_size
-from regdefense.errors import ConfigError
-from regdefense.plugins import providers
+from regdefense.base.errors import ConfigError
+from regdefense.host.defense import Defense, step_size
+from regdefense.host.discovery import providers
 
 #: defenses that make no sense under a smoothing defense, and why (checked at the start of training)
 NOT_WITH = {

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.attacks import model_mode
-from regdefense.contract import adversary
-from regdefense.defense import Defense, SingleStepBudget
-from regdefense.errors import ConfigError
+from regdefense.attacks.adapter import model_mode
+from regdefense.base.errors import ConfigError
+from regdefense.host.contract import adversary
+from regdefense.host.defense import Defense, SingleStepBudget
 
 
 def _random_start(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -30,9 +30,9 @@ from typing import Literal
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.attacks import model_mode, pgd
-from regdefense.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
-from regdefense.defense import Defense, resolve_eps
+from regdefense.attacks.adapter import model_mode, pgd
+from regdefense.host.contract import APPLIES_WEIGHTS, PGD_INFO, Key, adversary
+from regdefense.host.defense import Defense, resolve_eps
 from regdefense.models import default_model
 
 

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from regdefense import hookimpl, option
-from regdefense.contract import Key
-from regdefense.defense import Defense
-from regdefense.errors import PluginError
-from regdefense.losses import kl, soft_ce
+from regdefense.base.errors import PluginError
+from regdefense.host.contract import Key
+from regdefense.host.defense import Defense
+from regdefense.host.losses import kl, soft_ce
 
 
 class RegMix(Defense):

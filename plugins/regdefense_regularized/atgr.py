@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from regdefense import hookimpl, option
-from regdefense.contract import Key
-from regdefense.defense import Defense
+from regdefense.host.contract import Key
+from regdefense.host.defense import Defense
 from regdefense_regularized.penalties import input_gradient_penalty
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from regdefense import hookimpl, option
-from regdefense.defense import Defense
+from regdefense.host.defense import Defense
 from regdefense_regularized.penalties import weight_l2
 
 

@@ -16,9 +16,9 @@ from typing import Literal
 import torch
 
 from regdefense import hookimpl, option
-from regdefense.attacks import resolve_attack
-from regdefense.contract import APPLIES_WEIGHTS
-from regdefense.defense import Defense, resolve_eps
+from regdefense.attacks.adapter import resolve_attack
+from regdefense.host.contract import APPLIES_WEIGHTS
+from regdefense.host.defense import Defense, resolve_eps
 from regdefense_regularized.penalties import input_gradient_penalty, weight_l2
 
 ATTACKS = ("fgsm", "pgd", "bim", "cw")
@@ -53,7 +53,7 @@ class EATR(Defense):
 
         def __post_init__(self) -> None:
             if len(self.gammas) != 4 or min(self.gammas) < 0:
-                from regdefense.errors import ConfigError
+                from regdefense.base.errors import ConfigError
 
                 raise ConfigError(
                     f"eatr.gammas must be four non-negative weights (FGSM, PGD, BIM, C&W), got {self.gammas}"

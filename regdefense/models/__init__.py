@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from regdefense.datasets import spec_of
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
+from regdefense.data.registry import spec_of
 from regdefense.models import cifar, small, tv  # noqa: F401  (the zoo's architectures register themselves)
 from regdefense.models._registry import MODELS, Normalize, register_model
 from regdefense.models.robustbench_zoo import architecture

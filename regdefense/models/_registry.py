@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from regdefense.errors import ConfigError
-from regdefense.registry import Registry
+from regdefense.base.errors import ConfigError
+from regdefense.base.registry import Registry
 
 #: architectures by name; a third party adds one under the ``regdefense.models`` entry-point group (a factory taking
 #: ``in_channels, num_classes, image_size, pretrained`` and its own options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
 from regdefense.models._registry import register_model
 from regdefense.models.small import _no_pretrained
 

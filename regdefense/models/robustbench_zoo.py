@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from regdefense.errors import ConfigError, UserError, first_line
+from regdefense.base.errors import ConfigError, UserError, first_line
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 THREATS = ("Linf", "L2", "corruptions")

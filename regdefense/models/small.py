@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
 from regdefense.models._registry import register_model
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regdefense import checkpoint
-from regdefense.errors import ConfigError, first_line
+from regdefense.base import checkpoint
+from regdefense.base.errors import ConfigError, first_line
 from regdefense.models._registry import Normalize
 
 #: inputs smaller than this are resized up inside the model (timm's networks downsample by 32)

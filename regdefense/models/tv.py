@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from regdefense.errors import ConfigError
+from regdefense.base.errors import ConfigError
 from regdefense.models._registry import Normalize, register_model
 
 #: smallest input side each architecture accepts (alexnet's pooling, inception's stem)

@@ -9,10 +9,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from regdefense import distributed, hookimpl
-from regdefense.plugins import activate
+from regdefense import hookimpl
+from regdefense.base import distributed
+from regdefense.host.discovery import activate
 from regdefense.testing import tiny_config
-from regdefense.trainer import Trainer
+from regdefense.training.loop import Trainer
 
 
 class Drift:

@@ -12,8 +12,9 @@ import sys
 
 import torch
 
-from regdefense import distributed, shards
-from regdefense.evaluate import evaluate
+from regdefense.base import distributed
+from regdefense.evaluation import shards
+from regdefense.evaluation.runner import evaluate
 
 target, out, dump, suites, n, batch = sys.argv[1:7]
 torch.set_num_threads(1)
