@@ -167,6 +167,7 @@ def test_shards_merged_equal_one_process_and_bad_merges_are_refused(one_process,
         ("seed", 1, "seed"),
         ("suites", ["paper-001"], "suites"),
         ("points", ["digits", None, 99], "point set"),
+        ("labels", "0" * 16, "labels"),  # the same dataset name, another copy's labels
     ):
         payload = torch.load(parts[1] / "partial.pt")
         payload["key"][field] = value

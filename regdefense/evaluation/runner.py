@@ -10,6 +10,7 @@ taken per point (mean over points of the minimum over attacks), never as the min
 from __future__ import annotations
 
 import functools
+import hashlib
 import shlex
 import signal
 import sys
@@ -314,6 +315,13 @@ def _evaluate_chunks(
     return _write_report(rep, out, files, stage)
 
 
+def _labels_digest(t: Target) -> str:
+    """A digest of the labels of every evaluated point (not only this shard's): shards of one evaluation agree on it
+    whatever their span, and a copy of the dataset with other labels under the same name does not."""
+    labels = (t.split.y if t.split is not None and hasattr(t.split, "y") else t.y)[: t.count]
+    return hashlib.sha256(labels.to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+
+
 def _write_partial(rep, t, out, files, part, span, suites, eps, seed, batch_size, subset) -> dict[str, Path]:
     """A shard's partial: its report per point, and what every shard of the evaluation must share."""
     weights = Path(str(t.meta.get("target", "")))
@@ -326,6 +334,7 @@ def _write_partial(rep, t, out, files, part, span, suites, eps, seed, batch_size
         "suites": list(suites or ["quick"]),
         "seed": seed,
         "points": [str(t.meta.get("dataset", "")), subset, t.count],
+        "labels": _labels_digest(t),
         "batch_size": batch_size,
         "shard": list(part),
         "span": list(span),

@@ -43,6 +43,7 @@ AGREE = {
     "suites": "suites",
     "seed": "seed",
     "points": "point set",
+    "labels": "labels",
     "batch_size": "batch size",
 }
 
@@ -144,7 +145,7 @@ def load_partial(folder: str | Path) -> tuple[dict[str, Any], Report]:
 
 def combine(folders: list[str | Path]) -> Report:
     """One report from every shard's partial: refused, by name, when they are not shards of one evaluation
-    (weights, ε, norm, suites, seed, point set, batch size) or when shards are missing or given twice."""
+    (weights, ε, norm, suites, seed, point set, labels, batch size) or when shards are missing or given twice."""
     if not folders:
         raise UserError("give the folders of the shards' partials to merge")
     parts = [(Path(f), *load_partial(f)) for f in folders]
