@@ -14,7 +14,7 @@ import importlib.util
 import sys
 import types
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 MOVED: dict[str, str] = {
     "errors": "base.errors",
@@ -105,3 +105,18 @@ def install() -> None:
     """Put the finder on ``sys.meta_path`` once (the package face calls it)."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.append(_Finder())
+
+
+def forward(package: str, module: str) -> Callable[[str], Any]:
+    """A ``__getattr__`` for ``package``'s face that hands out ``module``'s names (the names ``package`` had when it
+    was that one module), imported on first use; dunders and the package's own modules are not forwarded."""
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is not None:
+            raise AttributeError(name)
+        try:
+            return getattr(importlib.import_module(module), name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__

@@ -25,11 +25,6 @@ LINT = str(Path(sys.executable).parent / "lint-imports")  # import-linter's comm
 DEFERRED = {
     "regdefense.cli": "every command imports what it runs, so `regdefense --help` does not load torch",
     "regdefense.evaluation.surrogate": "the training loop, only when a clean surrogate must be trained",
-    # the faces of the packages that were modules forward the old names lazily: the torch-free data registry and the
-    # hook specs stay importable without torch
-    "regdefense.data": "the package face forwards regdefense.data's old names (from data.sources) on first use",
-    "regdefense.attacks": "the package face forwards regdefense.attacks's old names (from attacks.adapter)",
-    "regdefense.host": "the package face forwards regdefense.host's old names (from host.interface)",
     "regdefense.attacks.adapter": "attacks.fixes subclasses torchattacks' attacks and is imported with torchattacks",
 }
 

@@ -7,16 +7,6 @@ module (``Host``, ``TrainingHost``): they come from :mod:`regdefense.host.interf
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import Any
+from regdefense._moved import forward
 
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__") or importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        raise AttributeError(name)  # dunders (copy, pickle) and this package's own modules are not forwarded
-    module = importlib.import_module("regdefense.host.interface")
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module 'regdefense.host' has no attribute {name!r}") from None
+__getattr__ = forward(__name__, "regdefense.host.interface")
