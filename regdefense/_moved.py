@@ -1,7 +1,7 @@
 """Old module names (from before the layer subpackages) still import, with a DeprecationWarning naming the new one.
 
-``import regdefense.defense`` gives a module with every name of :mod:`regdefense.host.defense`; the classes and
-functions are the same objects, so ``isinstance`` and subclassing work across both names. docs/changelog.md lists
+``import regdefense.defense`` gives :mod:`regdefense.host.defense` itself (the same module object), so ``isinstance``,
+subclassing and monkeypatching work across both names. docs/changelog.md lists
 every move; the old names go in a later release.
 """
 
@@ -95,10 +95,9 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             DeprecationWarning,
             stacklevel=2,
         )
-        target = importlib.import_module(new)
-        skip = {"__name__", "__spec__", "__loader__", "__file__", "__path__", "__package__", "__cached__"}
-        module.__dict__.update({k: v for k, v in vars(target).items() if k not in skip})
-        module.__getattr__ = lambda name: getattr(target, name)  # type: ignore[method-assign]
+        # the old name becomes the new module itself (the import system hands out what sys.modules holds after
+        # exec_module), so a setattr or a monkeypatch through the old name reaches the module the code uses
+        sys.modules[module.__name__] = importlib.import_module(new)
 
 
 def install() -> None:
@@ -112,6 +111,8 @@ def forward(package: str, module: str) -> Callable[[str], Any]:
     was that one module), imported on first use; dunders and the package's own modules are not forwarded."""
 
     def __getattr__(name: str) -> Any:
+        if name == "__all__":  # ``from package import *`` gives what the module's star import gave
+            return [n for n in vars(importlib.import_module(module)) if not n.startswith("_")]
         if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is not None:
             raise AttributeError(name)
         try:

@@ -161,8 +161,8 @@ def test_imports_inside_functions_are_only_the_declared_ones():
 
 
 def test_evaluating_a_run_imports_no_training_code(tmp_path):
-    from regdefense.training.run import train
     from regdefense.testing import TINY
+    from regdefense.training.run import train
 
     run = train(defenses=["pgd_at"], overrides=TINY + ["train.epochs=1"], out=tmp_path / "run",
                 echo=lambda _m: None).run_dir
@@ -205,8 +205,8 @@ def test_a_third_party_check_and_suite_appear_in_evaluate(tmp_path, make_dist):
     from click.testing import CliRunner
 
     from regdefense.cli import cli
-    from regdefense.training.run import train
     from regdefense.testing import TINY
+    from regdefense.training.run import train
 
     make_dist("regdefense-paper-check", {"thirdparty_check": THIRD_PARTY_CHECK},
               {"noise-probe": "thirdparty_check:always_flags"}, group="regdefense.checks")

@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from regdefense.base.errors import ConfigError, did_you_mean
-from regdefense.base.fields import build, option  # the typed-field engine the schema is written in
+
+# the typed-field engine the schema is written in; its names stay importable from here, as before the split
+from regdefense.base.fields import MISSING, build, check_limits, coerce, describe, option, replace, safe_eval
+
+__all__ = [
+    "MISSING", "SEED_MAX", "DataConfig", "EvalConfig", "ModelConfig", "RunConfig", "ThreatConfig", "TrainConfig",
+    "build", "check_limits", "check_linf_eps", "coerce", "describe", "load_toml", "option", "parse_overrides",
+    "replace", "resolve", "safe_eval", "unreached",
+]  # fmt: skip
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -181,7 +181,7 @@ class Session:
             adv_i, ok_i, seconds, outside = self.run_attack(suite, a, idx)
             adv = self.x.clone() if adv is None else adv
             adv[idx] = adv_i
-            if a.group is None:
+            if not a.group:
                 ok_i = ok_i & self.clean_ok  # a point misclassified before the attack is not made robust by it
                 self.worst &= ok_i
                 pp = self.point_metrics(adv)
