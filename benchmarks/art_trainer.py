@@ -19,10 +19,10 @@ from art.defences.trainer import AdversarialTrainerMadryPGD
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from regdefense.interop.art import RegDefenseTrainer
 from regdefense.base.config import DataConfig
 from regdefense.data.sources import load_data
 from regdefense.evaluation.runner import evaluate_model
+from regdefense.interop.art import RegDefenseTrainer
 from regdefense.models import create_model
 
 EPS, STEPS = 0.2, 7

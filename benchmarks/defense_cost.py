@@ -15,8 +15,8 @@ import statistics
 import torch
 
 from regdefense.host.discovery import activate
-from regdefense.training.run import load_config
 from regdefense.training.loop import Trainer
+from regdefense.training.run import load_config
 
 STACKS = [["pgd_at"], [], ["fast_at"], ["fgsm_pgk"], ["fgsm_pgk", "ema"], ["trades"], ["mart"], ["lbgat"],
           ["pgd_at", "awp"], ["trades", "awp"], ["pgd_at", "gairat"], ["pgd_at", "mail"], ["trades", "mail"],

@@ -19,8 +19,8 @@ import torch
 
 from regdefense.data.sources import Data, Split
 from regdefense.host.discovery import activate
-from regdefense.training.run import load_config
 from regdefense.training.loop import Trainer
+from regdefense.training.run import load_config
 
 MODES = {  # name: (train.amp, train.channels_last, train.compile)
     "fp32": ("off", False, False),

@@ -96,8 +96,8 @@ def step_speed(batch: int = 8, steps: int = 3) -> float:
     from regdefense import hookimpl
     from regdefense.data.sources import Data, Split
     from regdefense.host.discovery import activate
-    from regdefense.training.run import load_config
     from regdefense.training.loop import Trainer
+    from regdefense.training.run import load_config
 
     x = torch.randint(0, 256, (batch * (steps + 1), 3, 224, 224), dtype=torch.uint8)
     y = torch.randint(0, 1000, (len(x),))

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from regdefense.evaluation.runner import evaluate
-from regdefense.training.run import train
 from regdefense.evaluation.smoothing import Settings
+from regdefense.training.run import train
 
 RADII = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 CHEAP = "torchattacks:FGSM(eps=0.0)"  # the empirical part of a certification run: nothing, quickly

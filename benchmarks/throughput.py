@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from regdefense.attacks.adapter import model_mode
 from regdefense.data.sources import BatchLoader
 from regdefense.host.discovery import activate
-from regdefense.training.run import load_config
 from regdefense.training.loop import Trainer
+from regdefense.training.run import load_config
 
 
 def make_trainer(args) -> Trainer:

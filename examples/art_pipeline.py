@@ -15,9 +15,9 @@ import torch
 from art.attacks.evasion import ProjectedGradientDescent
 from art.estimators.classification import PyTorchClassifier
 
-from regdefense.interop.art import RegDefenseTrainer
 from regdefense.base.config import DataConfig
 from regdefense.data.sources import load_data
+from regdefense.interop.art import RegDefenseTrainer
 from regdefense.models import create_model
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from regdefense import hookimpl, option
 from regdefense.host.defense import Defense
 from regdefense.host.discovery import activate
-from regdefense.training.run import load_config
 from regdefense.training.loop import Trainer
+from regdefense.training.run import load_config
 
 
 class WeightPenalty(Defense):

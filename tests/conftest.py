@@ -90,8 +90,8 @@ def digits_models(tmp_path_factory):
     epochs the PGD-AT model's PGD-20 accuracy was 3.5 points above PGD-100 × 3 restarts under torch 2.14, which the
     convergence check rightly flags.)"""
     from regdefense.host.discovery import activate
-    from regdefense.training.run import load_config
     from regdefense.training.loop import Trainer
+    from regdefense.training.run import load_config
 
     out = {}
     threads = torch.get_num_threads()

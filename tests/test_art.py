@@ -4,14 +4,13 @@ nn.Sequential, DataGenerator, classifier export, the purifier preprocessor, ART 
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from art.attacks.evasion import ProjectedGradientDescent
 from art.estimators.classification import PyTorchClassifier
+from torch import nn
 
-from regdefense.interop.art import PurifierPreprocessor, RegDefenseTrainer, to_art_classifier
 from regdefense.base.config import DataConfig
 from regdefense.data.sources import load_data
+from regdefense.interop.art import PurifierPreprocessor, RegDefenseTrainer, to_art_classifier
 from regdefense.models import create_model
 
 DATA = load_data(DataConfig(val_fraction=0.0))

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from regdefense.attacks.adapter import pgd
 from regdefense.base.errors import PluginError
-from regdefense.host.losses import kl
 from regdefense.host.discovery import activate
+from regdefense.host.losses import kl
 from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, far_apart, make_trainer, skew_bn
 from regdefense_baselines.awp import perturbable

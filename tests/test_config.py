@@ -5,8 +5,8 @@ import json
 import pytest
 
 from regdefense.base.config import parse_overrides
-from regdefense.base.fields import coerce, safe_eval
 from regdefense.base.errors import ConfigError
+from regdefense.base.fields import coerce, safe_eval
 from regdefense.training.run import load_config
 
 

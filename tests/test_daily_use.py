@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import pytest
 
 from regdefense import hookimpl, option
-from regdefense.host.defense import Defense
 from regdefense.base.errors import UserError
-from regdefense.training.run import train
+from regdefense.host.defense import Defense
 from regdefense.testing import TINY, make_trainer
+from regdefense.training.run import train
 
 
 def test_summary_epochs_counts_the_epochs_trained_not_the_best_one(tmp_path):
@@ -263,8 +263,8 @@ def test_train_check_refuses_the_trackers_the_run_would_refuse(monkeypatch):
 def test_compare_survives_real_folders(tmp_path):
     from click.testing import CliRunner
 
-    from regdefense.sweeps import compare as cmp
     from regdefense.cli import cli
+    from regdefense.sweeps import compare as cmp
 
     sweep = tmp_path / "sweep"
     quiet = {"echo": lambda _m: None}

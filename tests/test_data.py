@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from regdefense.base.config import DataConfig
-from regdefense.data.sources import BatchLoader, augment_batch, draw_augment, load_data
 from regdefense.base.errors import DataError
+from regdefense.data.sources import BatchLoader, augment_batch, draw_augment, load_data
 
 
 def test_digits_are_embedded_with_a_fixed_split():

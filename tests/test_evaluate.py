@@ -11,10 +11,10 @@ import torchattacks
 from torch import nn
 
 from regdefense.attacks.adapter import resolve_attack
-from regdefense.evaluation.checks import input_gradient_norms
 from regdefense.base.errors import ConfigError
-from regdefense.evaluation.runner import evaluate_model
+from regdefense.evaluation.checks import input_gradient_norms
 from regdefense.evaluation.metrics import auroc, psnr, wilson_interval
+from regdefense.evaluation.runner import evaluate_model
 from regdefense.evaluation.suites import build_suite
 
 

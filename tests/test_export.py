@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from regdefense.cli import cli
 from regdefense.base.errors import UserError
+from regdefense.cli import cli
 from regdefense.interop.export import export, load
 
 
@@ -102,8 +102,8 @@ def test_summary_json_says_what_the_run_cost(run):
     summary = json.loads((run / "summary.json").read_text())
     cost = summary["cost"]
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    from regdefense.data.sources import load_data
     from regdefense.base.config import DataConfig
+    from regdefense.data.sources import load_data
 
     n_train = len(load_data(DataConfig()).train)  # the default digits' training split after the held-out part
     expected = len(history) * n_train / sum(h["epoch_seconds"] for h in history)
@@ -181,8 +181,8 @@ def test_compare_groups_seeds_by_recipe_and_shows_failed_runs(run, tmp_path):
 def test_art_attacks_a_torch_export(run, tmp_path):
     from art.attacks.evasion import ProjectedGradientDescent
 
-    from regdefense.interop.art import to_art_classifier
     from regdefense.evaluation.runner import load_target
+    from regdefense.interop.art import to_art_classifier
 
     export(run, fmt="torch-export", out=tmp_path / "pt2")
     classifier = to_art_classifier(tmp_path / "pt2", trust_code=True)

@@ -9,12 +9,12 @@ from test_stream import folder, shards  # noqa: F401  (fixtures)
 
 from regdefense.base import checkpoint
 from regdefense.base.config import DataConfig
-from regdefense.data.sources import Split, load_data
 from regdefense.base.errors import DataError
-from regdefense.training.extra import Extra, MixedLoader, load_extra
-from regdefense.host.discovery import activate
 from regdefense.base.safety import TrainingInterrupted
+from regdefense.data.sources import Split, load_data
+from regdefense.host.discovery import activate
 from regdefense.testing import tiny_config
+from regdefense.training.extra import Extra, MixedLoader, load_extra
 from regdefense.training.loop import Trainer
 
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from regdefense.base.errors import ConfigError, UserError
-from regdefense.training.assembly import load_config
 from regdefense.host.step import Step
 from regdefense.testing import BN_MODEL, TINY, make_trainer, skew_bn
+from regdefense.training.assembly import load_config
 from regdefense.training.loop import Trainer
 from regdefense_baselines.gradalign import alignment
 from regdefense_baselines.zerograd import consensus, quantile_mask
@@ -329,8 +329,8 @@ def test_atas_warm_up_step_and_reset_epochs_follow_the_reference(monkeypatch):
 
 @pytest.fixture(scope="module")
 def clean_helper(tmp_path_factory):
-    from regdefense.training.run import train
     from regdefense.testing import TINY
+    from regdefense.training.run import train
 
     return train(
         defenses=["none"],

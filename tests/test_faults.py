@@ -22,16 +22,16 @@ from click.testing import CliRunner
 
 from regdefense import hookimpl
 from regdefense.base import checkpoint
-from regdefense.cli import cli
 from regdefense.base.errors import ConfigError, UserError
-from regdefense.evaluation.runner import evaluate, evaluate_model
 from regdefense.base.files import FolderTaken, WriteError
-from regdefense.host.discovery import activate
-from regdefense.evaluation.resume import EvalState
-from regdefense.training.run import load_config, locate_resume, train
 from regdefense.base.safety import Interrupted, NonFiniteLoss, TrainingInterrupted
+from regdefense.cli import cli
+from regdefense.evaluation.resume import EvalState
+from regdefense.evaluation.runner import evaluate, evaluate_model
+from regdefense.host.discovery import activate
 from regdefense.testing import tiny_config
 from regdefense.training.loop import Trainer
+from regdefense.training.run import load_config, locate_resume, train
 
 TINY = ["train.epochs=2", "data.limit=128", "pgd_at.steps=1", "eval.pgd_steps=1", "eval.test_samples=32",
         "eval.val_samples=32", "train.progress=false"]

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 import torchattacks
 
 from regdefense import hookimpl
-from regdefense.host import contract
-from regdefense.attacks.fixes import CW, UPGD, margin
 from regdefense.attacks.adapter import resolve_attack
+from regdefense.attacks.fixes import CW, UPGD, margin
 from regdefense.base.errors import PluginError
 from regdefense.evaluation.runner import accuracy
+from regdefense.host import contract
 from regdefense.host.discovery import activate, call_order, catalogue
 from regdefense.host.step import Step
 from regdefense.testing import bn_trainer, far_apart, make_trainer
@@ -124,8 +124,8 @@ class Centroids(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def centroid_data():
-    from regdefense.data.sources import load_data
     from regdefense.base.config import DataConfig
+    from regdefense.data.sources import load_data
 
     data = load_data(DataConfig(name="digits"), 0)
     x, y = data.train.floats(torch.arange(len(data.train))), data.train.y
@@ -414,8 +414,8 @@ def test_label_smoothing_reaches_every_objective():
 
 
 def test_warmup_scales_the_schedule_without_moving_its_milestones():
-    from regdefense.training.schedule import build_scheduler
     from regdefense.testing import tiny_config
+    from regdefense.training.schedule import build_scheduler
 
     def rates(extra):
         t = tiny_config(["pgd_at"], ["train.epochs=6", "train.schedule=multistep", "train.milestones=[3, 5]",

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from regdefense.cli import cli
 from regdefense.base.config import DataConfig, EvalConfig, ModelConfig, ThreatConfig, TrainConfig
+from regdefense.cli import cli
 
 # keys that reach the network or the whole file system are fuzzed in test_cli.py with chosen values instead
 OFF_LIMITS = {"data.name", "data.download", "data.data_dir", "model.pretrained", "train.init", "train.out_dir"}

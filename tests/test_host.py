@@ -5,8 +5,8 @@ import grimp
 
 from regdefense.host.interface import Host, TrainingHost
 from regdefense.training.assembly import Assembly
-from regdefense.training.run import load_config
 from regdefense.training.loop import Trainer
+from regdefense.training.run import load_config
 
 
 def test_the_trainer_is_a_training_host_and_the_rebuild_assembly_a_host():

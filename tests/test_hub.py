@@ -8,8 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from regdefense.cli import cli
 from regdefense.base.errors import UserError
+from regdefense.cli import cli
 from regdefense.training.run import train
 
 COMMON = ["train.progress=false", "train.device=cpu", "eval.val_samples=32", "eval.pgd_steps=1", "data.limit=200"]
@@ -70,8 +70,8 @@ def test_a_push_to_the_local_cache_loads_back_offline_bit_for_bit(run, offline_h
                                    "--no-checks", "--quiet", "--json", "--out", str(run.parent / "hf-eval")])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["meta"]["target"] == "hf:lab/digits-pgd"
-    from regdefense.training.run import load_config
     from regdefense.training.loop import Trainer
+    from regdefense.training.run import load_config
 
     trainer = Trainer(load_config(overrides=[*COMMON, "train.init=hf:lab/digits-pgd"]))
     from regdefense.base import checkpoint
@@ -134,8 +134,8 @@ def test_a_robustbench_zoo_model_loads_from_a_local_weights_file(zoo_weights, tm
     for split, n in (("train", 16), ("test", 8)):
         np.savez(data / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                  y=np.arange(n) % 10)
-    from regdefense.training.run import load_config
     from regdefense.training.loop import Trainer
+    from regdefense.training.run import load_config
 
     cfg = load_config(overrides=["train.device=cpu", "train.progress=false", f"data.name={data}",
                                  f"model.name={ZOO}", f"train.init={ZOO}", "data.val_fraction=0"])

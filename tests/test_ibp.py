@@ -520,8 +520,8 @@ def test_ibp_training_schedule_and_loss():
 
 def test_ibp_training_and_certified_evaluation(tmp_path):
     from regdefense.evaluation.runner import evaluate
-    from regdefense.training.run import train
     from regdefense.testing import TINY
+    from regdefense.training.run import train
 
     run = train(
         defenses=["ibp"],

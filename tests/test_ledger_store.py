@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from regdefense.evaluation import ledger
 from regdefense.base.errors import UserError
+from regdefense.evaluation import ledger
 
 SHA = "ab" * 32
 REPO = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ import torchattacks
 from torch import nn
 
 from regdefense.evaluation.checks import MASKING
-from regdefense.evaluation.runner import evaluate_model
 from regdefense.evaluation.report import markdown
+from regdefense.evaluation.runner import evaluate_model
 
 N, N_CHECK = 160, 96
 

@@ -6,14 +6,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from art.estimators.classification import PyTorchClassifier
-
-from regdefense.interop.art import RegDefenseTrainer
 from regdefense.base.config import DataConfig
-from regdefense.data.sources import load_data
 from regdefense.base.errors import ConfigError, UserError
+from regdefense.data.sources import load_data
+from regdefense.interop.art import RegDefenseTrainer
 from regdefense.models import create_model
 
 DATA = load_data(DataConfig(val_fraction=0.0))
@@ -61,8 +60,8 @@ def test_art_label_forms_that_cannot_be_meant_are_refused_saying_what_was_found(
 
 def test_none_is_plain_training_in_every_door(tmp_path):
     """`--defense none` worked in the CLI only; the Python API and the ART bridge refused it as unknown."""
-    from regdefense.training.run import train
     from regdefense.testing import TINY
+    from regdefense.training.run import train
 
     res = train(defenses=["none"], overrides=TINY, out=tmp_path / "run", echo=lambda _m: None)
     assert res.table and (res.run_dir / "checkpoints" / "last.pt").exists()
@@ -83,8 +82,8 @@ def test_an_linf_budget_of_one_or_more_is_refused_with_the_likely_meaning(tmp_pa
         load_config(defenses=["pgd_at"], overrides=["threat.eps=8"])
     assert load_config(defenses=["pgd_at"], overrides=["threat.norm=l2", "threat.eps=8"]).threat.eps == 8  # L2: fine
     from regdefense.evaluation.runner import evaluate
-    from regdefense.training.run import train
     from regdefense.testing import TINY
+    from regdefense.training.run import train
 
     run = train(defenses=[], overrides=TINY, out=tmp_path / "run", echo=lambda _m: None).run_dir
     with pytest.raises(ConfigError, match="--eps=8 for L∞"):
@@ -133,8 +132,8 @@ def test_an_npz_with_no_samples_is_refused(tmp_path):
 def test_a_corrupt_image_in_an_in_memory_folder_is_named_or_skipped_and_counted(tmp_path):
     from PIL import Image
 
-    from regdefense.data.sources import DataWarning
     from regdefense.base.errors import DataError
+    from regdefense.data.sources import DataWarning
 
     for split in ("train", "test"):
         for cls in ("a", "b"):
@@ -151,8 +150,8 @@ def test_a_corrupt_image_in_an_in_memory_folder_is_named_or_skipped_and_counted(
 
 def test_switch_on_epochs_the_run_never_reaches_are_reported_at_start_and_by_check(capsys):
     """GAIRAT's burn-in 59 and AWP's warm-up 10 in a 2-epoch run trained exactly PGD-AT, without a word."""
-    from regdefense.training.run import check
     from regdefense.testing import make_trainer, tiny_config
+    from regdefense.training.run import check
 
     overrides = ["train.epochs=2", "train.eps_warmup_epochs=3"]
     trainer = make_trainer(["pgd_at", "gairat", "awp"], overrides + ["gairat.burn_in_epochs=1", "pgd_at.steps=1"])
@@ -174,8 +173,8 @@ def test_resume_refuses_edits_that_change_what_the_run_measures_and_allows_more_
     import json
 
     from regdefense.base.errors import UserError
-    from regdefense.training.run import train
     from regdefense.testing import TINY
+    from regdefense.training.run import train
 
     run = train(defenses=["pgd_at"], overrides=TINY + ["train.schedule=constant", "pgd_at.steps=1"],
                 out=tmp_path / "run", echo=lambda _m: None).run_dir

@@ -3,13 +3,13 @@
 import json
 import subprocess
 import sys
+
 import pytest
 import torch
 
 from regdefense import hookimpl
 from regdefense.base.errors import PluginError, UserError
 from regdefense.host.discovery import activate, catalogue, providers
-
 
 
 def test_catalogue_lists_builtin_pgd_at_with_distribution():
@@ -121,8 +121,8 @@ def test_core_is_registered_and_runs_last():
 
 
 def test_config_classes_are_typed_and_validated():
-    from regdefense.base.fields import build
     from regdefense.base.errors import ConfigError
+    from regdefense.base.fields import build
 
     cls = catalogue()["pgd_at"].cls.Config
     assert build(cls, {"steps": "7", "eps": "8/255"}, "pgd_at").eps == pytest.approx(8 / 255)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from regdefense.cli import cli
 from regdefense.base.config import DataConfig
-from regdefense.data.sources import load_data
-from regdefense.data.registry import DATASETS
 from regdefense.base.errors import ConfigError, DataError
-from regdefense.models import default_model
 from regdefense.base.registry import Registry
+from regdefense.cli import cli
+from regdefense.data.registry import DATASETS
+from regdefense.data.sources import load_data
+from regdefense.models import default_model
 
 SHAPES_PACKAGE = '''
 """A throwaway third-party dataset: 6×6 images of a bar in one of three places (the class)."""

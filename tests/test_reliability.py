@@ -18,11 +18,11 @@ import torch
 
 from regdefense import hookimpl
 from regdefense.base import checkpoint
-from regdefense.data.sources import Data, Split, load_data
 from regdefense.base.config import DataConfig
 from regdefense.base.errors import CheckpointError, DataError, PluginError, UserError
-from regdefense.host.discovery import activate
 from regdefense.base.safety import NonFiniteLoss, TrainingInterrupted
+from regdefense.data.sources import Data, Split, load_data
+from regdefense.host.discovery import activate
 from regdefense.testing import tiny_config
 from regdefense.training.loop import Trainer
 

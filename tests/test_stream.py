@@ -12,14 +12,14 @@ from PIL import Image
 
 from regdefense import hookimpl
 from regdefense.base import checkpoint
-from regdefense.data.sources import load_data
 from regdefense.base.config import DataConfig
 from regdefense.base.errors import DataError
-from regdefense.host.discovery import activate
-from regdefense.training.run import load_config
 from regdefense.base.safety import TrainingInterrupted
+from regdefense.data.sources import load_data
 from regdefense.data.stream import FileSplit, StreamLoader
+from regdefense.host.discovery import activate
 from regdefense.training.loop import Trainer
+from regdefense.training.run import load_config
 
 
 @pytest.fixture(scope="module")
@@ -282,9 +282,9 @@ def imagenet_like(tmp_path_factory):
 
 
 def test_the_robustbench_subset_selects_its_images_in_its_order_with_its_labels(imagenet_like, tmp_path):
+    from regdefense.data.stream import subset_of
     from regdefense.evaluation.runner import evaluate
     from regdefense.models import create_model
-    from regdefense.data.stream import subset_of
 
     root, ids, classes = imagenet_like
     data = load_data(DataConfig(name=str(root), stream="on", val_fraction=0))

@@ -9,8 +9,8 @@ from torch import nn
 
 from regdefense import hookimpl
 from regdefense.base import checkpoint
-from regdefense.host.hookspecs import EXCLUSIVE
 from regdefense.host.discovery import activate
+from regdefense.host.hookspecs import EXCLUSIVE
 from regdefense.testing import HookRecorder, tiny_config
 from regdefense.training.loop import Trainer
 

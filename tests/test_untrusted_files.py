@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 import regdefense
 from regdefense.base import checkpoint
-from regdefense.cli import cli
 from regdefense.base.errors import UserError
+from regdefense.cli import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
@@ -200,8 +200,8 @@ def test_init_reads_weights_only(tmp_path, marker):
 
 
 def test_a_trusted_pt2_export_loads_and_evaluates(run, tmp_path, capsys):
-    from regdefense.interop.export import export, load
     from regdefense.evaluation.targets import load_target
+    from regdefense.interop.export import export, load
 
     files = export(run, fmt="torch-export", out=tmp_path / "pt2")
     t = load_target(run, n=8, device="cpu")
