@@ -138,6 +138,37 @@ class Noisy(nn.Module):
         return self.net((x + self.sigma * torch.randn_like(x)).clamp(0, 1))
 
 
+class Thermometer(nn.Module):
+    """Hard thermometer encoding (Buckman et al. 2018): each pixel becomes ``levels`` bits [x > k/levels], and the
+    network reads the bits through a first layer that averages them (a thermometer network with tied weights)."""
+
+    def __init__(self, levels=16):
+        super().__init__()
+        self.register_buffer("thresholds", torch.arange(levels, dtype=torch.float32) / levels)
+
+    def forward(self, x):
+        bits = (x.unsqueeze(-1) > self.thresholds).float()  # a step: no gradient reaches x
+        return bits.mean(-1)
+
+
+class ShiftVote(nn.Module):
+    """A vote over random shifts: the softmax averaged over ``votes`` copies of the image, each rolled by one of the
+    nine offsets of up to one pixel, drawn afresh at every forward pass (with tensor ops only, so that a traced
+    TorchScript copy stays randomized)."""
+
+    def __init__(self, net, votes=4):
+        super().__init__()
+        self.net, self.votes = net, votes
+
+    def forward(self, x):
+        offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        shifted = torch.stack([torch.roll(x, shifts=o, dims=(2, 3)) for o in offsets], 1)  # B × 9 × C × H × W
+        pick = torch.randint(0, len(offsets), (self.votes,), device=x.device)
+        logits = self.net(shifted[:, pick].flatten(0, 1))
+        probs = torch.softmax(logits, 1).unflatten(0, (-1, self.votes)).mean(1)
+        return torch.log(probs + 1e-12)
+
+
 def random_decoy(net: nn.Module, seed: int = 123) -> nn.Module:
     """The network's architecture with random weights: a gradient that leads nowhere useful."""
     decoy = copy.deepcopy(net)
@@ -148,8 +179,7 @@ def random_decoy(net: nn.Module, seed: int = 123) -> nn.Module:
 
 
 def zoo(net: nn.Module, decoy: nn.Module) -> dict[str, nn.Module]:
-    """Every category of issue 35 the tests can build cheaply, around the clean network ``net`` (thermometer encoding
-    and shift votes are left out)."""
+    """Every category of issue 35, built cheaply around the clean network ``net``."""
     return {
         "detached forward": Detached(net),
         "zero gradient": ZeroGrad(net),
@@ -160,7 +190,9 @@ def zoo(net: nn.Module, decoy: nn.Module) -> dict[str, nn.Module]:
         "reversed gradient": Reversed(net),
         "quantised input": nn.Sequential(Quantise(), net),
         "binarised input": nn.Sequential(Binarise(), net),
+        "thermometer encoding": nn.Sequential(Thermometer(), net),
         "input noise": Noisy(net),
+        "shift votes": ShiftVote(net),
     }
 
 
@@ -187,7 +219,9 @@ def reference(name: str, masked: nn.Module, net: nn.Module, x, y, eps: float) ->
         return float(_bpda(net, Quantise(), masked, x, y, eps).mean())
     if name == "binarised input":
         return float(_bpda(net, Binarise(), masked, x, y, eps).mean())
-    if name == "input noise":
+    if name == "thermometer encoding":
+        return float(_bpda(net, Thermometer(), masked, x, y, eps).mean())
+    if name in ("input noise", "shift votes"):
         adv = torchattacks.EOTPGD(masked, eps=eps, alpha=2.5 * eps / 20, steps=20, eot_iter=20)(x, y)
         with torch.no_grad():
             votes = sum(F.one_hot(masked(adv).argmax(1), 10) for _ in range(VOTES))
@@ -198,8 +232,8 @@ def reference(name: str, masked: nn.Module, net: nn.Module, x, y, eps: float) ->
 
 def _train() -> dict[str, nn.Module]:
     from regdefense.host.discovery import activate
-    from regdefense.training.run import load_config
     from regdefense.training.loop import Trainer
+    from regdefense.training.run import load_config
 
     out = {}
     torch.set_num_threads(1)
@@ -221,8 +255,8 @@ def main() -> None:
     ap.add_argument("--out", default="escalation_zoo.json")
     ap.add_argument("--off", action="store_true", help="also run each model with --adaptive off (its time)")
     args = ap.parse_args()
-    from regdefense.data.sources import load_data
     from regdefense.base.config import DataConfig
+    from regdefense.data.sources import load_data
 
     models = torch.load(args.models, weights_only=False) if args.models else _train()
     net = models["clean"].eval()

@@ -16,10 +16,10 @@ import torch
 
 from regdefense.evaluation import escalate as esc
 from regdefense.evaluation.checks import CheckContext, result
-from regdefense.evaluation.runner import evaluate_model
 from regdefense.evaluation.metrics import wilson_interval
 from regdefense.evaluation.report import markdown
 from regdefense.evaluation.results import Report, Row
+from regdefense.evaluation.runner import evaluate_model
 
 N = 40
 MARGIN = 2 / N  # two points of the 40
@@ -122,7 +122,7 @@ def test_rays_needs_only_labels_and_stays_within_the_ball(zoo):
         "one-hot with reversed gradient", model, zoo["net"], x, y, eps) + MARGIN
 
 
-@pytest.mark.parametrize("name", ["pgd_at"])
+@pytest.mark.parametrize("name", ["pgd_at", "clean"])
 def test_an_honest_model_gets_no_masking_escalation_and_the_same_numbers(digits_models, name):
     """No masking escalation on the PGD-AT and the clean model; only a convergence escalation may run (PGD-20 not
     converged is a real weakness, docs/evaluation.md), and the suites' rows and the checks are those of
