@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from regdefense._version import __version__
+from regdefense.base.config import SEED_MAX
 from regdefense.base.errors import UserError
 from regdefense.data.registry import DATASETS
 
@@ -83,7 +84,7 @@ def checkpoint_option(fn):
 
 
 def seed_option(help: str, **kw):
-    return click.option("--seed", type=click.IntRange(0, 2**32 - 1), help=help, **kw)
+    return click.option("--seed", type=click.IntRange(0, SEED_MAX), help=help, **kw)
 
 
 def device_option(help: str = "auto, cpu, cuda, cuda:N.", **kw):
@@ -448,7 +449,7 @@ def compare(runs, plot, as_json) -> None:
 @click.option(
     "--seeds",
     "seeds",
-    type=click.IntRange(0, 2**32 - 1),
+    type=click.IntRange(0, SEED_MAX),
     multiple=True,
     metavar="N...",
     help="Seeds to run each recipe with: --seeds 0 1 2 (default 0 1 2).",

@@ -339,3 +339,23 @@ def test_two_nodes_on_localhost_train_the_weights_of_one_node_with_two_processes
     outputs = [p.communicate(timeout=300) for p in nodes]
     assert all(p.returncode == 0 for p in nodes), [err[-2000:] for _, err in outputs]
     assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+
+
+def test_the_shard_key_digests_every_evaluated_label_and_nothing_else():
+    """Shards of one evaluation share the digest whatever their span; another copy's labels (same dataset name, same
+    count) or another count changes it; the images do not enter it (each shard decodes only its own)."""
+    from types import SimpleNamespace
+
+    from regdefense.data.sources import Split
+    from regdefense.evaluation.runner import _labels_digest
+
+    y = torch.arange(20) % 10
+    x = torch.zeros(20, 1, 8, 8, dtype=torch.uint8)
+    target = SimpleNamespace(split=Split(x, y), y=y[:4], count=20)
+    same = _labels_digest(target)
+    assert _labels_digest(SimpleNamespace(split=Split(x + 1, y.clone()), y=y[8:12], count=20)) == same
+    other = y.clone()
+    other[17] = (other[17] + 1) % 10
+    assert _labels_digest(SimpleNamespace(split=Split(x, other), y=y[:4], count=20)) != same
+    assert _labels_digest(SimpleNamespace(split=Split(x, y), y=y[:4], count=19)) != same
+    assert _labels_digest(SimpleNamespace(split=None, y=y, count=20)) == same  # a model file's points: its labels
